@@ -1,0 +1,86 @@
+"""Checkpoint files: atomic writes, ``weights_only`` loads, clear errors.
+
+A checkpoint is one ``torch.save`` file (``checkpoint.pt``) holding plain tensors and
+Python scalars only, so ``torch.load(weights_only=True)`` reads it and a pickle
+payload disguised as a checkpoint is refused:
+
+    {"format": "stylegen-checkpoint-v1", "step": int, "config": {section: {key: value}},
+     "generator": state_dict, "discriminator": state_dict | None,
+     "opt_g": state_dict, "opt_d": state_dict | None, "metrics": {name: float}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from stylegen.errors import UserError
+
+FORMAT = "stylegen-checkpoint-v1"
+FILENAME = "checkpoint.pt"
+log = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically save ``state`` (see module doc) to ``path`` (a file, or a dir -> dir/checkpoint.pt)."""
+    import io
+
+    import torch
+
+    path = Path(path)
+    if path.suffix != ".pt":
+        path = path / FILENAME
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a dir holding ``checkpoint.pt`` (a Ray checkpoint dir or an export)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / FILENAME
+    if not p.is_file():
+        raise UserError(f"checkpoint {str(path)!r} not found; pass a checkpoint.pt file or a directory holding one")
+    return p
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``; anything else than a stylegen checkpoint is a UserError."""
+    import pickle
+
+    import torch
+
+    p = resolve_checkpoint_path(path)
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {str(p)!r} was refused by the safe loader (weights_only=True): {first[:160]}; "
+                        "it is not a stylegen checkpoint or holds code objects") from None
+    except Exception as e:  # truncated zip, random bytes, ...
+        raise UserError(f"checkpoint {str(p)!r} is corrupt or not a checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"checkpoint {str(p)!r} is not a stylegen checkpoint (no format {FORMAT!r}); "
+                        "train one with `stylegen train` or export one with `stylegen best --export`")
+    return state

@@ -1,0 +1,61 @@
+"""``stylegen`` entry point: argparse subcommands, each implemented in its own module.
+
+Each command module provides ``add_arguments(parser)`` and ``run(args) -> int`` and
+imports its heavy dependencies (torch, ray) inside ``run``, so ``stylegen --help``
+stays fast. Importing this file has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from stylegen import __version__
+from stylegen.errors import UserError
+
+# command -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shard": ("stylegen.data.shard", "turn image folders / ImageNet64 npz into WebDataset shards (+ 'shard verify DIR')"),
+    "config": ("stylegen.config_cli", "show the resolved config ('config show')"),
+    "train": ("stylegen.train.cli", "train the generator (--local: one process; else Ray Train DDP)"),
+    "tune": ("stylegen.tune", "Ray Tune sweep over the loss weights"),
+    "best": ("stylegen.experiments", "best trial/checkpoint of a finished (or running) sweep or run, offline"),
+    "stylize": ("stylegen.stylize", "stylize images with a checkpoint (default: the shipped model)"),
+    "eval": ("stylegen.evaluate", "content/style/PSNR metrics of a checkpoint against reference points"),
+    "submit": ("stylegen.submit", "submit a train or tune job to a Ray cluster (token auth)"),
+    "prometheus": ("stylegen.prom", "run Prometheus on loopback with infra/prometheus config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stylegen", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"stylegen {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as e:
+        print(f"stylegen {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"stylegen {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
