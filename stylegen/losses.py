@@ -1,0 +1,157 @@
+"""Pure loss functions. ``loss_terms`` returns named UNWEIGHTED terms; ``weighted_total``
+is the one place the ``loss`` config weights are applied.
+
+Feature maps are (B, C, H, W); every loss is a mean over the batch, so values do not
+depend on batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Names of the terms and the LossConfig field holding each weight (same name).
+TERMS = ("content", "style", "gram", "pixel_l1", "pixel_l2", "tv", "adversarial")
+
+
+def gram_matrix(f: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, C): F Fᵀ / (C·H·W) (Johnson et al.'s normalisation)."""
+    b, c, h, w = f.shape
+    x = f.reshape(b, c, h * w)
+    return torch.bmm(x, x.transpose(1, 2)) / (c * h * w)
+
+
+def calc_mean_std(f: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and std over H, W, each (B, C, 1, 1).
+
+    std = sqrt(population variance + eps): the population (not unbiased) variance keeps a
+    1x1 map finite, and using the same eps on both sides makes ``adain(x, x) == x``.
+    """
+    var, mean = torch.var_mean(f, dim=(2, 3), keepdim=True, correction=0)
+    return mean, (var + eps).sqrt()
+
+
+def adain(content_feat: torch.Tensor, style_feat: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Adaptive instance norm (Huang & Belongie 2017): content normalised per channel, then
+    scaled/shifted to the style's channel std/mean. Sizes of H, W may differ."""
+    c_mean, c_std = calc_mean_std(content_feat, eps)
+    s_mean, s_std = calc_mean_std(style_feat, eps)
+    return (content_feat - c_mean) / c_std * s_std + s_mean
+
+
+def content_loss(out_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
+    """MSE between feature maps at the content layer."""
+    return F.mse_loss(out_feat, target_feat)
+
+
+def style_loss_meanstd(out_feats: Sequence[torch.Tensor], style_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """AdaIN's style loss: sum over layers of MSE(mean) + MSE(std) of channel statistics."""
+    total = out_feats[0].new_zeros(())
+    for o, s in zip(out_feats, style_feats, strict=True):
+        om, os_ = calc_mean_std(o)
+        sm, ss = calc_mean_std(s)
+        total = total + F.mse_loss(om, sm) + F.mse_loss(os_, ss)
+    return total
+
+
+def style_loss_gram(out_feats: Sequence[torch.Tensor], style_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Johnson's style loss: sum over layers of MSE between normalised Gram matrices."""
+    total = out_feats[0].new_zeros(())
+    for o, s in zip(out_feats, style_feats, strict=True):
+        total = total + F.mse_loss(gram_matrix(o), gram_matrix(s))
+    return total
+
+
+def tv_loss(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation: mean |horizontal diff| + mean |vertical diff|."""
+    return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+def pixel_l1(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(output, target)
+
+
+def pixel_l2(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(output, target)
+
+
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator BCE-with-logits: real -> 1, fake -> 0 (mean of the two halves)."""
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return 0.5 * (real + fake)
+
+
+def g_adv_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator's non-saturating adversarial BCE: fake -> 1."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def feature_layers(cfg) -> tuple[str, ...]:
+    """The VGG layers ``loss_terms`` needs (cfg: LossConfig), shallow to deep, no duplicates."""
+    from stylegen.features import LAYERS
+
+    wanted = set(cfg.style_layers) | {cfg.content_layer}
+    return tuple(n for n in LAYERS if n in wanted)
+
+
+def target_features(vgg, content: torch.Tensor, style: torch.Tensor, cfg) -> tuple[dict, dict]:
+    """(content_feats, style_feats) for ``loss_terms``, without autograd: compute once per
+    batch and reuse (e.g. across alphas, or for the D step)."""
+    with torch.no_grad():
+        return vgg(content, [cfg.content_layer]), vgg(style, list(cfg.style_layers))
+
+
+def loss_terms(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor, vgg, cfg,
+               fake_logits: torch.Tensor | None = None, *,
+               content_feats: Mapping[str, torch.Tensor] | None = None,
+               style_feats: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Named unweighted loss terms of ``output`` (B, 3, H, W) in [0, 1].
+
+    cfg: LossConfig. ``content``/``style`` are the batch's inputs (the style image may have
+    another size). Always returns content, style, gram, pixel_l1, pixel_l2 and tv (all cheap
+    once the output's VGG features exist); ``adversarial`` only when ``fake_logits`` (D's
+    logits on ``output``) is given. Pass ``content_feats``/``style_feats`` (see
+    ``target_features``) to skip recomputing the targets' VGG features.
+    """
+    if content_feats is None or style_feats is None:
+        cf, sf = target_features(vgg, content, style, cfg)
+        content_feats = content_feats if content_feats is not None else cf
+        style_feats = style_feats if style_feats is not None else sf
+    out_feats = vgg(output, feature_layers(cfg))
+    layers = list(cfg.style_layers)
+    o_style = [out_feats[n] for n in layers]
+    s_style = [style_feats[n] for n in layers]
+    terms = {
+        "content": content_loss(out_feats[cfg.content_layer], content_feats[cfg.content_layer]),
+        "style": style_loss_meanstd(o_style, s_style),
+        "gram": style_loss_gram(o_style, s_style),
+        "pixel_l1": pixel_l1(output, content),
+        "pixel_l2": pixel_l2(output, content),
+        "tv": tv_loss(output),
+    }
+    if fake_logits is not None:
+        terms["adversarial"] = g_adv_loss(fake_logits)
+    return terms
+
+
+def weighted_total(terms: Mapping[str, torch.Tensor], cfg) -> torch.Tensor:
+    """Σ cfg.<name> · terms[name] over terms with a positive weight (cfg: LossConfig).
+
+    Zero-weight terms are skipped (so they cost no backward pass); a positive-weight term
+    missing from ``terms`` is an error (e.g. adversarial > 0 but no discriminator logits).
+    """
+    total = None
+    for name in TERMS:
+        w = float(getattr(cfg, name))
+        if w <= 0.0:
+            continue
+        if name not in terms:
+            raise KeyError(f"loss.{name} = {w} but no {name!r} term was computed"
+                           + (" (pass fake_logits to loss_terms)" if name == "adversarial" else ""))
+        total = w * terms[name] if total is None else total + w * terms[name]
+    if total is None:
+        raise ValueError("all loss weights are 0; set at least one of loss." + ", loss.".join(TERMS))
+    return total

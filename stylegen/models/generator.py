@@ -1,0 +1,126 @@
+"""Feed-forward style-transfer generator (fully convolutional; H, W divisible by 4).
+
+    content (B,3,H,W) ── encoder ── f1 (C, H) ── f2 (2C, H/2) ── f4 (4C, H/4)
+    style (B,3,h,w)   ── encoder ── s1        ── s2           ── s4
+                 fusion at H/4 ──> res blocks ──> up ×2 (resize + conv) ──> RGB in [0, 1]
+
+Fusion (``ModelConfig.fusion``):
+
+- ``"concat"`` (the original project): a separate style encoder; its deepest features are
+  reduced to global per-channel mean and std (so the style image may have any size),
+  broadcast over the content's grid, concatenated with the content features and mixed by
+  a conv. ``alpha`` interpolates the style *code*: ``alpha·code(style) +
+  (1 − alpha)·code(content)``, so alpha = 0 asks for the content's own style (a
+  reconstruction) and alpha = 1 for the style image's.
+- ``"adain"``: content features get the style's channel mean/std (AdaIN) at H/4, and with
+  ``adain_levels`` 2/3 also at the H/2 and H skip levels, which the decoder concatenates
+  after each upsampling (U-Net style; the skips carry content detail, which is what makes
+  stylize(c, c) a faithful reconstruction). ONE encoder is shared by content and style:
+  AdaIN compares statistics in a single feature space, and sharing makes
+  ``adain(f(c), f(c)) == f(c)`` exactly, so stylize(c, c) is the autoencoder path. ``alpha``
+  blends fused and content features at every level: ``alpha·adain(f, s) + (1 − alpha)·f``.
+
+No normalisation layers after the fusion: an InstanceNorm in the decoder would erase the
+channel statistics AdaIN just injected. Upsampling is nearest resize + 3x3 conv (no
+transposed-conv checkerboards); convs use reflection padding (no dark borders). The output
+is a sigmoid, so it is always in [0, 1] with non-zero gradients everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stylegen.losses import adain, calc_mean_std
+
+
+def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode="reflect")
+
+
+class Encoder(nn.Module):
+    """(B,3,H,W) -> features at H (C), H/2 (2C) and H/4 (4C), all post-ReLU."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv(3, c), nn.ReLU(), conv(c, c), nn.ReLU())  # (B, C, H, W)
+        self.down1 = nn.Sequential(conv(c, 2 * c, stride=2), nn.ReLU())         # (B, 2C, H/2, W/2)
+        self.down2 = nn.Sequential(conv(2 * c, 4 * c, stride=2), nn.ReLU())     # (B, 4C, H/4, W/4)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f1 = self.stem(x)
+        f2 = self.down1(f1)
+        return [f1, f2, self.down2(f2)]
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv(c, c), nn.ReLU(), conv(c, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class Generator(nn.Module):
+    """``Generator(cfg: ModelConfig)``; ``forward(content, style, alpha=1.0)`` -> (B,3,H,W) in [0, 1].
+
+    ``style`` has the content's batch size or batch size 1 (one style for every content).
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        c = cfg.channels
+        self.fusion = cfg.fusion
+        if self.fusion not in ("concat", "adain"):
+            raise ValueError(f"model.fusion must be 'concat' or 'adain', got {self.fusion!r}")
+        self.levels = cfg.adain_levels if self.fusion == "adain" else 1
+        self.content_encoder = Encoder(c)
+        if self.fusion == "concat":
+            self.style_encoder = Encoder(c)
+            # [content (4C) | style mean (4C) | style std (4C)] -> 4C
+            self.fuse = nn.Sequential(conv(12 * c, 4 * c, k=1), nn.ReLU(), conv(4 * c, 4 * c), nn.ReLU())
+        else:
+            self.style_encoder = None  # adain shares content_encoder for the style (see module doc)
+            self.fuse = nn.Sequential(conv(4 * c, 4 * c), nn.ReLU())
+        self.res = nn.Sequential(*[ResBlock(4 * c) for _ in range(cfg.res_blocks)])
+        skip2 = 2 * c if self.levels >= 2 else 0
+        skip1 = c if self.levels >= 3 else 0
+        self.up2 = nn.Sequential(conv(4 * c, 2 * c), nn.ReLU())                      # at H/2
+        self.mix2 = nn.Sequential(conv(2 * c + skip2, 2 * c), nn.ReLU()) if skip2 else nn.Identity()
+        self.up1 = nn.Sequential(conv(2 * c, c), nn.ReLU())                          # at H
+        self.mix1 = nn.Sequential(conv(c + skip1, c), nn.ReLU()) if skip1 else nn.Identity()
+        self.to_rgb = conv(c, 3)
+
+    def _style_code(self, s4: torch.Tensor) -> torch.Tensor:
+        mean, std = calc_mean_std(s4)
+        return torch.cat([mean, std], dim=1)  # (B, 8C, 1, 1)
+
+    def forward(self, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        if content.shape[-1] % 4 or content.shape[-2] % 4:
+            raise ValueError(f"content H, W must be divisible by 4, got {tuple(content.shape[-2:])}")
+        fc = self.content_encoder(content)  # [(B,C,H,W), (B,2C,H/2,W/2), (B,4C,H/4,W/4)]
+        if self.fusion == "concat":
+            s4 = self.style_encoder(style)[2]
+            code = self._style_code(s4)
+            if alpha != 1.0:
+                code = alpha * code + (1.0 - alpha) * self._style_code(self.style_encoder(content)[2])
+            h = torch.cat([fc[2], code.expand(fc[2].shape[0], -1, *fc[2].shape[-2:])], dim=1)  # (B, 12C, H/4, W/4)
+            skips: list[torch.Tensor | None] = [None, None]
+        else:
+            fs = self.content_encoder(style)
+            fused: list[torch.Tensor | None] = [None, None, None]
+            for i in range(3 - self.levels, 3):  # levels=1: only H/4; 2: + H/2; 3: + H
+                t = adain(fc[i], fs[i])
+                fused[i] = t if alpha == 1.0 else alpha * t + (1.0 - alpha) * fc[i]
+            h = fused[2]
+            skips = fused[:2]
+        h = self.res(self.fuse(h))                                        # (B, 4C, H/4, W/4)
+        h = self.up2(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, 2C, H/2, W/2)
+        if skips[1] is not None:
+            h = self.mix2(torch.cat([h, skips[1]], dim=1))
+        h = self.up1(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C, H, W)
+        if skips[0] is not None:
+            h = self.mix1(torch.cat([h, skips[0]], dim=1))
+        return torch.sigmoid(self.to_rgb(h))                              # (B, 3, H, W) in [0, 1]

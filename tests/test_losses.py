@@ -1,0 +1,103 @@
+"""Loss math against hand computations; loss_terms names; weighting applied once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stylegen.config import LossConfig
+from stylegen.features import VGGFeatures
+from stylegen.losses import (TERMS, adain, calc_mean_std, content_loss, d_loss, g_adv_loss, gram_matrix,
+                             loss_terms, pixel_l1, pixel_l2, style_loss_gram, style_loss_meanstd,
+                             target_features, tv_loss, weighted_total)
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return VGGFeatures("random")
+
+
+def test_gram_matrix_by_hand():
+    f = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 2, 1, 2)  # C=2, H=1, W=2
+    # F Fᵀ = [[1+4, 3+8], [3+8, 9+16]] = [[5, 11], [11, 25]]; / (C·H·W = 4)
+    torch.testing.assert_close(gram_matrix(f), torch.tensor([[[1.25, 2.75], [2.75, 6.25]]]))
+
+
+def test_calc_mean_std_by_hand():
+    f = torch.tensor([[1.0, 2.0], [3.0, 4.0], [2.0, 2.0], [2.0, 2.0]]).view(1, 2, 2, 2)
+    mean, std = calc_mean_std(f, eps=1e-5)
+    assert mean.shape == std.shape == (1, 2, 1, 1)
+    torch.testing.assert_close(mean.flatten(), torch.tensor([2.5, 2.0]))
+    # population variance of 1,2,3,4 = 1.25; of 2,2,2,2 = 0
+    torch.testing.assert_close(std.flatten(), torch.tensor([math.sqrt(1.25 + 1e-5), math.sqrt(1e-5)]))
+
+
+def test_adain_carries_style_statistics():
+    g = torch.Generator().manual_seed(0)
+    content = torch.randn(2, 8, 16, 16, generator=g) * 3 + 1
+    style = torch.randn(2, 8, 10, 12, generator=g) * torch.linspace(0.5, 4, 8).view(1, 8, 1, 1) - 2
+    out = adain(content, style)
+    assert out.shape == content.shape
+    om, os_ = calc_mean_std(out)
+    sm, ss = calc_mean_std(style)
+    torch.testing.assert_close(om, sm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(os_, ss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(adain(content, content), content, rtol=1e-5, atol=1e-5)
+
+
+def test_content_and_style_losses_by_hand():
+    a = torch.tensor([[1.0, 3.0]]).view(1, 1, 1, 2)  # mean 2, std ~1
+    b = torch.tensor([[0.0, 0.0]]).view(1, 1, 1, 2)  # mean 0, std ~0
+    assert content_loss(a, b).item() == pytest.approx(5.0)  # (1 + 9) / 2
+    _, std_a = calc_mean_std(a)
+    _, std_b = calc_mean_std(b)
+    expected = 2.0 * (4.0 + (std_a - std_b).item() ** 2)  # two identical layers: (Δmean² + Δstd²) each
+    assert style_loss_meanstd([a, a], [b, b]).item() == pytest.approx(expected, rel=1e-5)
+    # gram of a: (1 + 9) / 2 = 5, of b: 0 -> MSE 25 per layer
+    assert style_loss_gram([a, a], [b, b]).item() == pytest.approx(50.0)
+
+
+def test_tv_pixel_and_adversarial_by_hand():
+    x = torch.tensor([[0.0, 1.0], [3.0, 5.0]]).view(1, 1, 2, 2)
+    assert tv_loss(x).item() == pytest.approx(1.5 + 3.5)  # mean |1|,|2| + mean |3|,|4|
+    y = torch.zeros_like(x)
+    assert pixel_l1(x, y).item() == pytest.approx(9 / 4)
+    assert pixel_l2(x, y).item() == pytest.approx(35 / 4)
+    real, fake = torch.tensor([2.0]), torch.tensor([-1.0])
+    # BCE(real -> 1) = log(1 + e^-2); BCE(fake -> 0) = log(1 + e^-1)
+    assert d_loss(real, fake).item() == pytest.approx(0.5 * (math.log1p(math.exp(-2)) + math.log1p(math.exp(-1))))
+    assert g_adv_loss(fake).item() == pytest.approx(math.log1p(math.exp(1)))
+    assert g_adv_loss(torch.zeros(2, 1, 8, 8)).item() == pytest.approx(math.log(2))
+
+
+def test_loss_terms_names_and_precomputed_targets(vgg):
+    g = torch.Generator().manual_seed(1)
+    c, s, o = (torch.rand(2, 3, 32, 32, generator=g) for _ in range(3))
+    s_big = torch.rand(2, 3, 48, 40, generator=g)
+    cfg = LossConfig()
+    terms = loss_terms(o, c, s_big, vgg, cfg)
+    assert set(terms) == {"content", "style", "gram", "pixel_l1", "pixel_l2", "tv"}
+    assert all(t.ndim == 0 and t.item() > 0 for t in terms.values())
+    cf, sf = target_features(vgg, c, s_big, cfg)
+    again = loss_terms(o, c, s_big, vgg, cfg, content_feats=cf, style_feats=sf)
+    for k in terms:
+        torch.testing.assert_close(again[k], terms[k])
+    with_adv = loss_terms(o, c, s, vgg, cfg, torch.zeros(2, 1, 4, 4))
+    assert set(with_adv) == set(TERMS) and with_adv["adversarial"].item() == pytest.approx(math.log(2))
+    same = loss_terms(c, c, s, vgg, cfg)
+    assert same["content"].item() == 0 and same["pixel_l1"].item() == 0 and same["pixel_l2"].item() == 0
+
+
+def test_weighted_total_is_the_hand_sum():
+    terms = {n: torch.tensor(float(i + 1)) for i, n in enumerate(TERMS)}  # content=1, style=2, ..., adversarial=7
+    cfg = LossConfig(content=0.5, style=10.0, gram=0.0, pixel_l1=2.0, pixel_l2=0.0, tv=3.0, adversarial=0.1)
+    assert weighted_total(terms, cfg).item() == pytest.approx(0.5 * 1 + 10 * 2 + 2 * 4 + 3 * 6 + 0.1 * 7)
+    # a zero-weight term that is NaN does not poison the total; a missing weighted term is an error
+    assert math.isfinite(weighted_total(terms | {"gram": torch.tensor(float("nan"))}, cfg).item())
+    no_adv = {k: v for k, v in terms.items() if k != "adversarial"}
+    with pytest.raises(KeyError, match="fake_logits"):
+        weighted_total(no_adv, cfg)
+    with pytest.raises(ValueError, match="all loss weights are 0"):
+        weighted_total(terms, LossConfig(content=0.0, style=0.0))
