@@ -1,9 +1,257 @@
-"""Placeholder: being written (see the open issues)."""
+"""``stylegen submit {train|tune} --address http://HOST:8265 --config F [--set ...] [--name N] [--wait]``.
+
+Everything that can be checked before talking to the cluster is checked first: the
+config is resolved and validated locally, the name is checked, and a token must be
+found (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) unless
+``--no-token`` says the cluster has no auth. Then one authenticated request with a
+short timeout tells an unreachable address, a missing token (401) and a wrong token
+(403) apart, each as one line. Only then is the job submitted.
+
+What is uploaded is an allow-list, staged in a temp dir: ``stylegen/``, ``jobs/``,
+``pyproject.toml`` and the resolved config as ``_submit/config.toml`` — never ``.venv``,
+``runs/`` (which holds the local cluster's token), ``.git`` or caches. The token only
+travels in the HTTP ``Authorization`` header: it is not in the entrypoint, the
+runtime_env or the job metadata, and nothing here prints or logs it. The job's own
+Ray calls authenticate with the cluster's token from the head node's environment.
+
+The entrypoint runs ``<python> jobs/<kind>.py --config _submit/config.toml ...`` through
+the head node's shell; ``--python`` defaults to ``python`` from the cluster's PATH (the
+image's python on a real cluster; ``cluster/local-up.sh`` puts the venv first on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from stylegen.config_cli import add_config_arguments
+from stylegen.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("train", "tune")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CONFIG_IN_JOB = "_submit/config.toml"
+UPLOAD = ("stylegen", "jobs", "pyproject.toml")
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def add_arguments(p):
-    pass
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=KINDS, help="which job: train (jobs/train.py) or tune (jobs/tune.py)")
+    p.add_argument("--address", default=None, metavar="URL",
+                   help="job server of the head: http://HOST:8265 (default $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS)")
+    add_config_arguments(p)
+    p.add_argument("--name", default=None, help="run name (default: ray.name of the config); part of the submission id")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its final status")
+    p.add_argument("--no-token", action="store_true",
+                   help="send no auth token: only for a cluster started without token auth")
+    p.add_argument("--python", default="python", metavar="EXE",
+                   help="python on the head node that runs the entrypoint (default: 'python' from the cluster's PATH)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect/answer timeout in seconds (default 10)")
+    p.add_argument("--job-args", default="", metavar="'ARGS'",
+                   help="extra arguments for the job's command, one quoted string (e.g. '--workers 4 --storage s3://b/p')")
 
 
-def run(args):
-    raise SystemExit("not implemented yet")
+def run(args: argparse.Namespace) -> int:
+    from stylegen.raycluster import auth_headers, find_token, resolve_job_address
+
+    cfg_text, name = resolve_job_config(args.config, args.overrides, args.name)
+    job_args = split_job_args(args.job_args)
+    address = resolve_job_address(args.address)
+    token = None
+    if not args.no_token:
+        found = find_token()
+        if found is None:
+            raise UserError("no Ray auth token: set RAY_AUTH_TOKEN_PATH to the cluster's token file (or RAY_AUTH_TOKEN, "
+                            "or put it in ~/.ray/auth_token); pass --no-token only if the cluster has no auth")
+        token, source = found
+        log.debug("using the Ray auth token from %s", source)
+    headers = auth_headers(token)
+    check_job_server(address, headers, args.timeout, token_given=token is not None)
+
+    submission_id = make_submission_id(args.kind, name)
+    entrypoint = build_entrypoint(args.python, args.kind, name, job_args)
+    metadata = {"stylegen_kind": args.kind, "stylegen_name": name, "stylegen_config": Path(args.config).name,
+                "submitted_by": "stylegen submit"}
+    with staged_project(cfg_text) as working_dir:
+        client = _client(address, headers)
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
+                              runtime_env={"working_dir": str(working_dir), "env_vars": {"PYTHONUNBUFFERED": "1"}})
+        except Exception as e:  # the SDK raises RuntimeError / AuthenticationError / requests errors
+            raise UserError(f"submitting to {address} failed: {_one_line(e)}") from None
+
+    q = shlex.quote
+    print(submission_id)
+    print(f"  status: ray job status {q(submission_id)} --address {q(address)}")
+    print(f"  logs:   ray job logs {q(submission_id)} --address {q(address)} --follow")
+    print(f"  stop:   ray job stop {q(submission_id)} --address {q(address)}")
+    if token is not None:
+        print("  (the ray CLI sends the token only with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] set)")
+    sys.stdout.flush()
+    return wait_for_job(client, submission_id) if args.wait else 0
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+def resolve_job_config(config: str | None, overrides: list[str], name: str | None) -> tuple[str, str]:
+    """Validate the config locally and return (resolved TOML with ray.name set, run name)."""
+    from stylegen.config import load_config, to_toml
+
+    if not config:
+        raise UserError("--config is required: the TOML the job trains with (e.g. jobs/configs/demo.toml)")
+    cfg = load_config(config, overrides)
+    if name is not None:
+        cfg.ray.name = name
+    if not NAME_RE.fullmatch(cfg.ray.name):
+        raise UserError(f"run name {cfg.ray.name!r}: use 1-64 letters, digits, '.', '_' or '-' (it is part of the "
+                        f"submission id and the storage path)")
+    return to_toml(cfg), cfg.ray.name
+
+
+def split_job_args(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"--job-args {text!r}: {e}; quote it like a shell command line") from None
+
+
+def make_submission_id(kind: str, name: str, now: datetime | None = None) -> str:
+    """``stylegen-<kind>-<name>-<UTC yyyymmddThhmmssZ>``: readable and unique per second."""
+    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"stylegen-{kind}-{name}-{stamp}"
+
+
+def build_entrypoint(python: str, kind: str, name: str, job_args: list[str]) -> str:
+    """The shell command the head runs; every part is quoted (no shell built from raw input)."""
+    argv = [python, f"jobs/{kind}.py", "--config", CONFIG_IN_JOB]
+    if kind == "train":
+        argv += ["--name", name]
+    return shlex.join([*argv, *job_args])
+
+
+def project_root() -> Path:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "jobs" / "train.py").is_file():
+        raise UserError(f"no jobs/ beside the stylegen package in {root}: run stylegen submit from a source checkout")
+    return root
+
+
+@contextlib.contextmanager
+def staged_project(config_toml: str) -> Iterator[Path]:
+    """A temp dir with the allow-listed project files and the resolved config."""
+    root = project_root()
+    with tempfile.TemporaryDirectory(prefix="stylegen-submit-") as tmp:
+        stage = Path(tmp) / "project"
+        stage.mkdir()
+        for item in UPLOAD:
+            src = root / item
+            if src.is_dir():
+                shutil.copytree(src, stage / item, ignore=IGNORE)
+            elif src.is_file():
+                shutil.copy2(src, stage / item)
+        (stage / CONFIG_IN_JOB).parent.mkdir()
+        (stage / CONFIG_IN_JOB).write_text(config_toml, encoding="utf-8")
+        yield stage
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ----------------------------------------------------------------------------- cluster calls
+
+def check_job_server(address: str, headers: dict[str, str], timeout: float, *, token_given: bool) -> str:
+    """One authenticated GET of /api/version; returns the cluster's Ray version or raises UserError."""
+    import ray
+    import requests
+
+    try:
+        r = requests.get(f"{address}/api/version", headers=headers, timeout=timeout)
+    except requests.exceptions.Timeout:
+        raise UserError(f"the Ray job server at {address} did not answer within {timeout:g} s; check the address "
+                        f"and that the cluster (or your SSH tunnel) is up") from None
+    except requests.exceptions.RequestException as e:
+        raise UserError(f"cannot reach the Ray job server at {address} ({type(e).__name__}); check the address/port "
+                        f"and that the cluster (or your SSH tunnel) is up") from None
+    if r.status_code == 401:
+        raise UserError(f"the cluster at {address} requires a token and none was sent; drop --no-token and set "
+                        f"RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the cluster's token")
+    if r.status_code == 403:
+        which = "the token" if token_given else "the request"
+        raise UserError(f"the cluster at {address} rejected {which} (HTTP 403: wrong token); set RAY_AUTH_TOKEN_PATH "
+                        f"(or RAY_AUTH_TOKEN) to this cluster's token")
+    if r.status_code == 404:
+        raise UserError(f"{address} answered but has no Ray job API (HTTP 404); pass the head's dashboard port "
+                        f"(Ray's default is 8265)")
+    try:
+        r.raise_for_status()
+        version = str(r.json()["ray_version"])
+    except (requests.exceptions.HTTPError, ValueError, KeyError, TypeError):
+        raise UserError(f"{address} is not a Ray job server (HTTP {r.status_code} on /api/version)") from None
+    if version != ray.__version__:
+        log.warning("cluster runs Ray %s, this client %s: keep them equal", version, ray.__version__)
+    return version
+
+
+@contextlib.contextmanager
+def _without_env(*names: str) -> Iterator[None]:
+    """The SDK lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override an explicit address: hide them."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _client(address: str, headers: dict[str, str]):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            return JobSubmissionClient(address, headers=dict(headers))
+    except Exception as e:
+        raise UserError(f"connecting to the job server at {address} failed: {_one_line(e)}") from None
+
+
+def wait_for_job(client, submission_id: str, poll: float = 1.0) -> int:
+    """Stream the job's logs to stdout until it ends; 0 if it SUCCEEDED, 1 otherwise."""
+    import time
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        try:
+            asyncio.run(tail())
+        except Exception as e:  # the log stream broke: fall back to polling the status
+            log.warning("log stream ended early (%s); polling the job status", _one_line(e))
+        while (status := str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]) not in TERMINAL:
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        print(f"stylegen submit: stopped following; the job keeps running (ray job stop {submission_id})",
+              file=sys.stderr)
+        raise
+    except Exception as e:
+        raise UserError(f"following job {submission_id} failed: {_one_line(e)}") from None
+    if status == "SUCCEEDED":
+        print(f"job {submission_id}: SUCCEEDED", file=sys.stderr)
+        return 0
+    message = client.get_job_info(submission_id).message or ""
+    print(f"stylegen submit: job {submission_id} ended {status}: {_one_line(Exception(message))}", file=sys.stderr)
+    return 1

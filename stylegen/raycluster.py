@@ -1,0 +1,375 @@
+"""Ray cluster helpers: token lookup, job-server address, and a local token-auth cluster.
+
+Token rules follow Ray 2.60 (read from ``ray/_private/authentication`` and checked
+against ``AuthenticationTokenLoader``): the token comes from ``RAY_AUTH_TOKEN``, else
+the file named by ``RAY_AUTH_TOKEN_PATH`` (an error if set but unreadable), else
+``~/.ray/auth_token``; surrounding whitespace is ignored. A head started with
+``RAY_AUTH_MODE=token`` requires it on the dashboard/job API (401 without a token, 403
+with a wrong one) and on every gRPC call.
+
+The local cluster is ``ray start --block`` run in the background: ``ray start`` makes
+itself a process-group leader and its reaper tears the group down when it dies, so
+stopping the PID in our PID file (signalling its group) stops exactly what we started.
+Never ``ray stop``: it stops every Ray on the machine, including other people's.
+
+``python -m stylegen.raycluster up|down|status`` backs ``cluster/local-up.sh`` and
+``cluster/local-down.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from stylegen.errors import UserError
+
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+STATE_FILE = "cluster.json"
+DEFAULT_STATE_DIR = "runs/cluster"
+DEFAULT_PORT = 6390            # Ray's default is 6379
+DEFAULT_DASHBOARD_PORT = 8275  # Ray's default is 8265
+
+
+# ----------------------------------------------------------------------------- token
+
+def find_token(env: dict[str, str] | None = None, home: Path | None = None) -> tuple[str, str] | None:
+    """(token, where it came from) in Ray's order, or None. Never logs the token."""
+    env = os.environ if env is None else env
+    if env.get(TOKEN_ENV, "").strip():
+        return env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
+    if env.get(TOKEN_PATH_ENV):
+        path = Path(env[TOKEN_PATH_ENV]).expanduser()
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UserError(f"{TOKEN_PATH_ENV}={str(path)!r} cannot be read ({e.strerror}); "
+                            f"point it at the cluster's token file or unset it") from None
+        if not token:
+            raise UserError(f"{TOKEN_PATH_ENV}={str(path)!r} is empty; point it at the cluster's token file")
+        return token, f"${TOKEN_PATH_ENV} ({path})"
+    path = (home or Path.home()) / ".ray" / "auth_token"
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return (token, str(path)) if token else None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def ensure_token_file(path: Path) -> bool:
+    """Create a 256-bit token file (mode 0600, atomic) if missing; True if created."""
+    if path.is_file() and path.read_text(encoding="utf-8").strip():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auth_token.")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secrets.token_hex(32).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return True
+
+
+# ----------------------------------------------------------------------------- address
+
+def resolve_job_address(address: str | None, env: dict[str, str] | None = None) -> str:
+    """The job server URL: --address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS."""
+    env = os.environ if env is None else env
+    addr = (address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or "").strip()
+    if not addr:
+        raise UserError("no cluster address: pass --address http://HOST:8265 (the head's dashboard/job port) "
+                        "or set RAY_API_SERVER_ADDRESS")
+    if "://" not in addr:
+        addr = f"http://{addr}"
+    u = urlparse(addr)
+    if u.scheme not in ("http", "https") or not u.hostname or u.port is None:
+        raise UserError(f"--address {addr!r}: expected http://HOST:PORT of the head's job server "
+                        f"(e.g. http://127.0.0.1:8265), not a Ray client/GCS address")
+    return addr.rstrip("/")
+
+
+# ----------------------------------------------------------------------------- local cluster
+
+@dataclass
+class LocalCluster:
+    state_dir: str
+    head_pid: int
+    worker_pid: int | None
+    port: int
+    dashboard_port: int
+    token_path: str
+    temp_dir: str
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(token_path: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Ray processes: token auth on, token from our file, venv first on PATH.
+
+    Jobs inherit it: their entrypoint's ``python`` is this venv's, and their drivers
+    find the token without it ever being sent in a job.
+    """
+    env = dict(os.environ if base is None else base)
+    for k in (TOKEN_ENV, "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(k, None)
+    env[AUTH_MODE_ENV] = "token"
+    env[TOKEN_PATH_ENV] = str(token_path)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def _ray_bin() -> str:
+    path = Path(sys.executable).parent / "ray"
+    return str(path) if path.exists() else (shutil.which("ray") or "ray")
+
+
+def _node_ports() -> list[str]:
+    """Per-node ports Ray would otherwise take from fixed defaults shared by every cluster here."""
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> int:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return proc.pid
+
+
+def _wait_http(url: str, token_path: Path, pid: int, timeout: float, log: Path) -> None:
+    """Wait until the job server answers an authenticated request."""
+    req = urllib.request.Request(url, headers=auth_headers(token_path.read_text().strip()))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise UserError(f"ray start exited early; see {log}")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise UserError(f"Ray did not answer on {url} within {timeout:.0f} s; see {log}")
+
+
+def _wait_nodes(dashboard_url: str, token: str, n: int, timeout: float) -> None:
+    """Wait until n nodes are alive (the job server answers before a worker node joins)."""
+    deadline = time.monotonic() + timeout
+    req = urllib.request.Request(f"{dashboard_url}/nodes?view=summary", headers=auth_headers(token))
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                summary = json.load(r)["data"]["summary"]
+            if sum(1 for s in summary if s.get("raylet", {}).get("state") == "ALIVE") >= n:
+                return
+        except (urllib.error.URLError, OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise UserError(f"the worker node did not join within {timeout:.0f} s")
+
+
+def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int = DEFAULT_PORT,
+                        dashboard_port: int = DEFAULT_DASHBOARD_PORT, worker_node: bool = False,
+                        num_cpus: int | None = None, worker_cpus: int = 1, token_path: str | Path | None = None,
+                        object_store_mb: int = 256, timeout: float = 90.0) -> LocalCluster:
+    """Start a token-auth head (+ optional worker node) on 127.0.0.1; state in state_dir/cluster.json."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / STATE_FILE).exists():
+        old = read_state(state)
+        if _alive(old.head_pid):
+            raise UserError(f"a cluster from {state} is already running (pid {old.head_pid}, "
+                            f"{old.dashboard_url}); stop it with cluster/local-down.sh --state-dir {state}")
+    tok = Path(token_path).resolve() if token_path else state / "auth_token"
+    ensure_token_file(tok)
+    env = cluster_env(tok)
+    # Our own short temp dir: the default /tmp/ray holds the 'current cluster' pointer other
+    # people's ray.init(address="auto") reads, and socket paths must stay < 108 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="sg-ray-", dir="/tmp")
+    log = state / "head.log"
+    head = [_ray_bin(), "start", "--head", "--block", "--port", str(port),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+            "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats",
+            "--object-store-memory", str(object_store_mb * 2**20), *_node_ports()]
+    if num_cpus is not None:
+        head += ["--num-cpus", str(num_cpus)]
+    cluster = LocalCluster(str(state), _spawn(head, env, log), None, port, dashboard_port, str(tok), temp_dir)
+    _write_state(cluster)
+    try:
+        _wait_http(f"{cluster.dashboard_url}/api/version", tok, cluster.head_pid, timeout, log)
+        if worker_node:
+            wlog = state / "worker.log"
+            cmd = [_ray_bin(), "start", "--block", "--address", cluster.gcs_address, "--num-cpus", str(worker_cpus), "--object-store-memory", str(object_store_mb * 2**20),
+                   "--disable-usage-stats", *_node_ports()]
+            cluster.worker_pid = _spawn(cmd, env, wlog)
+            _write_state(cluster)
+            _wait_nodes(cluster.dashboard_url, tok.read_text().strip(), 2, timeout)
+    except BaseException:
+        stop_local_cluster(state)
+        raise
+    return cluster
+
+
+def _write_state(c: LocalCluster) -> None:
+    path = Path(c.state_dir) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(c), indent=2))
+    os.replace(tmp, path)
+    for name, pid in (("head.pid", c.head_pid), ("worker.pid", c.worker_pid)):
+        if pid is not None:
+            (Path(c.state_dir) / name).write_text(f"{pid}\n")
+
+
+def read_state(state_dir: str | Path) -> LocalCluster:
+    path = Path(state_dir) / STATE_FILE
+    try:
+        return LocalCluster(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"no local cluster state in {state_dir} ({STATE_FILE} missing); "
+                        f"start one with cluster/local-up.sh") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a cluster state file ({e}); remove it") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_our_ray(pid: int) -> bool:
+    """PID still runs `ray start` (guards against a recycled PID) and leads its own group."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return any(a.endswith(b"ray") for a in cmd) and b"start" in cmd and os.getpgid(pid) == pid
+    except (OSError, ProcessLookupError):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _stop_group(pid: int, timeout: float) -> bool:
+    """Stop the `ray start --block` at pid and its process group; True if it was ours.
+
+    SIGTERM goes to `ray start` alone: it drains the node and stops its children while
+    GCS is still up (signalling the whole group at once makes the drain wait for a dead
+    GCS). Whatever is left of the group after `timeout` gets SIGKILL.
+    """
+    if not _is_our_ray(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _group_alive(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    if _group_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def stop_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, timeout: float = 15.0) -> list[int]:
+    """Stop the worker node then the head recorded in state_dir; returns the PIDs stopped."""
+    c = read_state(state_dir)
+    stopped = [pid for pid in (c.worker_pid, c.head_pid) if pid is not None and _stop_group(pid, timeout)]
+    shutil.rmtree(c.temp_dir, ignore_errors=True)
+    for name in (STATE_FILE, "head.pid", "worker.pid"):
+        (Path(state_dir) / name).unlink(missing_ok=True)
+    return stopped
+
+
+# ----------------------------------------------------------------------------- CLI for cluster/*.sh
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stylegen.raycluster", description="local token-auth Ray cluster on 127.0.0.1")
+    sub = p.add_subparsers(dest="action", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    up.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"GCS port (default {DEFAULT_PORT})")
+    up.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+                    help=f"dashboard/job API port (default {DEFAULT_DASHBOARD_PORT})")
+    up.add_argument("--workers-node", action="store_true", help="also start a worker node")
+    up.add_argument("--num-cpus", type=int, default=None, help="head CPUs (default: all)")
+    up.add_argument("--token-path", default=None, help="token file (default STATE_DIR/auth_token; created if missing)")
+    for name in ("down", "status"):
+        sub.add_parser(name).add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    args = p.parse_args(argv)
+    try:
+        if args.action == "up":
+            c = start_local_cluster(args.state_dir, port=args.port, dashboard_port=args.dashboard_port,
+                                    worker_node=args.workers_node, num_cpus=args.num_cpus, token_path=args.token_path)
+            print(f"Ray cluster up (token auth on): head pid {c.head_pid}"
+                  + (f", worker node pid {c.worker_pid}" if c.worker_pid else ""))
+            print(f"  dashboard / job API: {c.dashboard_url} (loopback only); GCS port {c.port} (token-protected gRPC)")
+            print(f"  token file (mode 0600, not printed here): {c.token_path}   read it with: cat {c.token_path}")
+            print(f"  use it:  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={c.token_path}")
+            print(f"  submit:  stylegen submit train --address {c.dashboard_url} --config jobs/configs/demo.toml --wait")
+            print(f"  stop:    cluster/local-down.sh --state-dir {c.state_dir}")
+        elif args.action == "down":
+            pids = stop_local_cluster(args.state_dir)
+            print(f"stopped {', '.join(map(str, pids)) or 'nothing (processes already gone)'}")
+        else:
+            c = read_state(args.state_dir)
+            print(json.dumps({**asdict(c), "head_alive": _alive(c.head_pid),
+                              "worker_alive": c.worker_pid is not None and _alive(c.worker_pid)}, indent=2))
+    except UserError as e:
+        print(f"stylegen.raycluster {args.action}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
