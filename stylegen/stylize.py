@@ -1,9 +1,224 @@
-"""Placeholder: being written (see the open issues)."""
+"""``stylegen stylize``: stylize image files with a trained generator.
+
+    stylegen stylize [--checkpoint CKPT] --content IMG [IMG ...] --style IMG
+                     [--alpha A] [--out FILE.png|DIR] [--size 64|N|native]
+
+Every input is checked (checkpoint, then all images) before anything is written, so a bad
+input leaves no output behind; each output PNG is written atomically. Without
+``--checkpoint`` the model shipped in the package (``stylegen/assets/pretrained.pt``) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stylegen.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from stylegen.config import Config
+    from stylegen.models.generator import Generator
+
+log = logging.getLogger(__name__)
+PRETRAINED = "assets/pretrained.pt"
+# --size native: the generator's activations at 32 channels cost ~1 KB per pixel per layer.
+NATIVE_MAX_PIXELS = 2048 * 2048
+MIN_SIDE = 16
 
 
-def add_arguments(p):
-    pass
+def shipped_checkpoint() -> Path:
+    """Path of the pretrained model inside the package, or a UserError when it is not shipped."""
+    import importlib.resources
+
+    res = importlib.resources.files("stylegen").joinpath(PRETRAINED)
+    if not res.is_file():
+        raise UserError("no --checkpoint given and no shipped model found (stylegen/assets/pretrained.pt); "
+                        "pass --checkpoint CKPT (a checkpoint.pt from `stylegen train` or `stylegen best --export`)")
+    return Path(str(res))  # the package is installed from files (setuptools package-data), not a zip
 
 
-def run(args):
-    raise SystemExit("not implemented yet")
+def load_generator(path: str | Path | None, device: str | torch.device = "cpu") -> tuple[Generator, Config]:
+    """Rebuild the generator from a checkpoint's own config and load its weights (strict), in eval mode.
+
+    ``path`` None = the shipped pretrained model. Raises UserError for a missing file, a
+    file that is not a stylegen checkpoint (random bytes, pickle payloads: loaded with
+    weights_only=True), an unreadable config, or weights that do not fit the config.
+    """
+    from stylegen.checkpoint import load_checkpoint, resolve_checkpoint_path
+
+    p = shipped_checkpoint() if path is None else resolve_checkpoint_path(path)
+    gen, cfg = generator_from_state(load_checkpoint(p, map_location="cpu"), str(p))
+    return gen.to(device).eval(), cfg
+
+
+def generator_from_state(state: dict, name: str) -> tuple[Generator, Config]:
+    """A loaded checkpoint dict -> (Generator on CPU in eval mode, its Config); ``name`` is for errors."""
+    from stylegen.config import ConfigError, from_dict
+    from stylegen.models.generator import Generator
+
+    p = name
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("generator"), dict):
+        raise UserError(f"checkpoint {p!r} lacks its config or generator weights; "
+                        "pass a checkpoint written by `stylegen train` or `stylegen best --export`")
+    try:
+        cfg = from_dict(state["config"])
+    except ConfigError as e:
+        raise UserError(f"checkpoint {p!r} holds a config this stylegen cannot read ({e}); "
+                        "it was written by another stylegen version") from None
+    gen = Generator(cfg.model)
+    problem = state_dict_mismatch(gen.state_dict(), state["generator"])
+    if not problem:
+        try:
+            gen.load_state_dict(state["generator"], strict=True)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            problem = " ".join(str(e).split())[:160]
+    if problem:
+        m = cfg.model
+        raise UserError(f"checkpoint {p!r}: its generator weights do not fit its model config "
+                        f"(fusion={m.fusion}, channels={m.channels}, res_blocks={m.res_blocks}, "
+                        f"adain_levels={m.adain_levels}): {problem}; it was saved from another model "
+                        "config or version") from None
+    log.debug("loaded generator from %s (step %s, %s)", p, state.get("step"), cfg.model)
+    return gen.eval(), cfg
+
+
+def state_dict_mismatch(expected: dict, got: dict) -> str:
+    """'' when ``got`` has exactly ``expected``'s keys and shapes, else a short description."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [k for k in expected if k in got and tuple(getattr(got[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (first {k}: {tuple(getattr(got[k], 'shape', ()))} "
+                     f"where the config needs {tuple(expected[k].shape)})")
+    return ", ".join(parts)
+
+
+def parse_size(text: str) -> int | None:
+    """'native' -> None; else a side length divisible by 4 and >= 16."""
+    if text == "native":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'native' or a side length in pixels, got {text!r}") from None
+    if n < MIN_SIDE or n % 4 or n > 4096:
+        raise argparse.ArgumentTypeError(f"--size {n}: must be a multiple of 4 between {MIN_SIDE} and 4096 (or 'native')")
+    return n
+
+
+def parse_alpha(text: str) -> float:
+    try:
+        a = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= a <= 1.0:
+        raise argparse.ArgumentTypeError(f"--alpha {text}: must be in [0, 1] (0 = content, 1 = full style)")
+    return a
+
+
+def output_paths(contents: list[str], out: str | None) -> list[Path]:
+    """One output PNG per content: ``--out FILE.png`` (one content) or ``--out DIR`` (``DIR/<stem>.png``).
+
+    Default: ``<stem>_stylized.png`` for one content, ``stylized/`` for several. Equal stems
+    get ``-2``, ``-3``... so no output overwrites another.
+    """
+    if out is None:
+        out = f"{Path(contents[0]).stem}_stylized.png" if len(contents) == 1 else "stylized"
+    o = Path(out)
+    as_file = not o.is_dir() and o.suffix != ""
+    if as_file:
+        if o.suffix.lower() != ".png":
+            raise UserError(f"--out {out!r}: outputs are PNG; name the file *.png or pass a directory")
+        if len(contents) > 1:
+            raise UserError(f"--out {out!r} is one file but {len(contents)} --content images were given; "
+                            "pass a directory for --out")
+        return [o]
+    paths: list[Path] = []
+    seen: set[str] = set()
+    for c in contents:
+        stem, k = Path(c).stem, 2
+        name = stem
+        while name in seen:
+            name, k = f"{stem}-{k}", k + 1
+        seen.add(name)
+        paths.append(o / f"{name}.png")
+    return paths
+
+
+def prepare(content_paths: list[str], style_path: str, size: int | None):
+    """Load and size all inputs: [(content u8 (3,H,W), style u8 (3,H,W))], style matched to each content."""
+    from stylegen.images import cover_crop, crop_to_multiple, load_rgb, to_uint8_tensor
+
+    style_img = load_rgb(style_path, what="style image")
+    pairs = []
+    for c in content_paths:
+        im = load_rgb(c, what="content image")
+        if size is None:
+            im = crop_to_multiple(im, 4)
+            if min(im.size) < MIN_SIDE:
+                raise UserError(f"content image {c!r} is {im.width}x{im.height}; --size native needs both sides "
+                                f">= {MIN_SIDE} px; use --size 64")
+            if im.width * im.height > NATIVE_MAX_PIXELS:
+                raise UserError(f"content image {c!r} is {im.width}x{im.height}, over the {NATIVE_MAX_PIXELS:,}-pixel "
+                                "limit of --size native; pass --size N (e.g. 512)")
+        else:
+            im = cover_crop(im, (size, size))
+        # The style is brought to the content's size: the concat generator needs no match,
+        # but the style's statistics then come from the scale the model was trained at.
+        st = cover_crop(style_img, (im.height, im.width))
+        pairs.append((to_uint8_tensor(im), to_uint8_tensor(st)))
+    return pairs
+
+
+def stylize_tensor(gen, content_u8, style_u8, alpha: float = 1.0, device: str | torch.device = "cpu"):
+    """uint8 (B,3,H,W) content and style -> uint8 (B,3,H,W) output."""
+    import torch
+
+    from stylegen.images import to_float, to_uint8
+
+    with torch.inference_mode():
+        out = gen(to_float(content_u8).to(device), to_float(style_u8).to(device), alpha=alpha)
+    return to_uint8(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="checkpoint.pt or a dir holding one (default: the shipped pretrained model)")
+    p.add_argument("--content", nargs="+", required=True, metavar="IMG", help="content image(s), any format Pillow reads")
+    p.add_argument("--style", required=True, metavar="IMG", help="style image")
+    p.add_argument("--alpha", type=parse_alpha, default=1.0, metavar="A",
+                   help="style strength in [0, 1]: 0 = the content's own style, 1 = full style (default 1)")
+    p.add_argument("--out", metavar="FILE.png|DIR",
+                   help="output PNG (one content) or directory (one <stem>.png per content); "
+                        "default <stem>_stylized.png, or stylized/ for several contents")
+    p.add_argument("--size", type=parse_size, default=64, metavar="64|N|native",
+                   help="resize shorter side + centre-crop to N (default 64, the training size), "
+                        "or 'native': keep the content size cropped to a multiple of 4")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    outs = output_paths(args.content, args.out)
+    gen, _ = load_generator(args.checkpoint, args.device)
+    pairs = prepare(args.content, args.style, args.size)
+    from stylegen.images import save_png
+
+    for (c, s), path in zip(pairs, outs, strict=True):
+        out = stylize_tensor(gen, c[None], s[None], args.alpha, args.device)[0]
+        save_png(path, out)
+        print(path)
+    return 0
