@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg_text, name = resolve_job_config(args.config, args.overrides, args.name)
     job_args = split_job_args(args.job_args)
+    if "--storage" not in " ".join(job_args):
+        warn_if_relative_storage(cfg_text)
     address = resolve_job_address(args.address)
     token = None
     if not args.no_token:
@@ -119,6 +121,16 @@ def resolve_job_config(config: str | None, overrides: list[str], name: str | Non
         raise UserError(f"run name {cfg.ray.name!r}: use 1-64 letters, digits, '.', '_' or '-' (it is part of the "
                         f"submission id and the storage path)")
     return to_toml(cfg), cfg.ray.name
+
+
+def warn_if_relative_storage(cfg_text: str) -> None:
+    """A relative ray.storage lands in the job's temporary working dir on the head."""
+    import tomllib
+
+    storage = tomllib.loads(cfg_text)["ray"]["storage"]
+    if "://" not in storage and not storage.startswith("/"):
+        log.warning("ray.storage=%r is relative: on the cluster it lands in the job's temporary working dir; "
+                    "pass --set ray.storage=s3://bucket/prefix (or a shared absolute path) to keep the run", storage)
 
 
 def split_job_args(text: str) -> list[str]:
