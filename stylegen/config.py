@@ -118,7 +118,7 @@ class TuneConfig:
     scheduler: str = _f("asha", "trial scheduler", choices=("asha", "fifo"))
     max_concurrent: int = _f(2, "trials running at once", lo=1, hi=10_000)
     workers_per_trial: int = _f(1, "Ray Train workers per trial", lo=1, hi=4096)
-    grace_period: int = _f(1, "ASHA: reports before a trial may be stopped", lo=1)
+    grace_period: int = _f(50, "ASHA: training steps before a trial may be stopped", lo=1)
     reduction_factor: float = _f(2.0, "ASHA reduction factor", lo=1.0, lo_open=True)
     metric: str = _f("val_score", "metric to optimise (trial-independent)")
     mode: str = _f("min", "optimisation direction", choices=("min", "max"))

@@ -1,9 +1,67 @@
-"""Placeholder: being written (see the open issues)."""
+"""``stylegen train``: ``--local`` runs one process; otherwise Ray Train DDP on N workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from stylegen.config_cli import add_config_arguments
+
+log = logging.getLogger(__name__)
 
 
-def add_arguments(p):
-    pass
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--local", action="store_true", help="train in this process (no Ray)")
+    p.add_argument("--out", help="--local: output directory (default: train.out)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (ray.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (ray.gpus_per_worker); > 0 uses NCCL")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (ray.cpus_per_worker)")
+    p.add_argument("--name", help="run name (ray.name); the same name and storage resumes")
+    p.add_argument("--storage", help="run storage: local path or s3://bucket/prefix (ray.storage)")
+    p.add_argument("--address", help="Ray cluster address (ray.address; default RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args):
-    raise SystemExit("not implemented yet")
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """CLI flags win over --set, which wins over the file."""
+    pairs = [("workers", "ray.workers"), ("gpus_per_worker", "ray.gpus_per_worker"),
+             ("cpus_per_worker", "ray.cpus_per_worker"), ("name", "ray.name"),
+             ("storage", "ray.storage"), ("address", "ray.address"), ("out", "train.out")]
+    out = []
+    for attr, key in pairs:
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from stylegen.config import load_config
+
+    cfg = load_config(args.config, [*args.overrides, *flag_overrides(args)])
+    if args.local:
+        from stylegen.train.loop import run_local
+
+        out = Path(cfg.train.out)
+        metrics = run_local(cfg, out, progress=not args.no_progress)
+        print(f"run directory: {out.resolve()}")
+        print(f"checkpoints:   {(out / 'checkpoints').resolve()}")
+        print(f"result grids:  {(out / 'samples').resolve()}")
+        print(f"final val_score={metrics.get('val_score', float('nan')):.4f}")
+        return 0
+
+    from stylegen.train.ray_worker import fit
+
+    result = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address)
+    if result.error:
+        print(f"training failed: {result.error}")
+        return 1
+    best = result.get_best_checkpoint(metric="val_score", mode="min") if result.best_checkpoints else None
+    print(f"run directory: {result.path}")
+    print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"best checkpoint:   {best.path if best else None}")
+    print(f"result grids: in each checkpoint directory (epoch_XXXX.png) and {result.path}/samples when storage is local")
+    print(f"final metrics: val_score={result.metrics.get('val_score', float('nan')):.4f} step={result.metrics.get('step')}")
+    return 0

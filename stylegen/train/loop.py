@@ -1,0 +1,203 @@
+"""The training loop shared by ``--local`` and every Ray Train worker, and the local runner.
+
+``training_loop`` drives steps, validation, grids and checkpoints; where results go
+is a ``Sink``: ``LocalSink`` writes into ``--out``; the Ray sink (``ray_worker.py``)
+hands them to ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from stylegen.config import Config, to_dict
+from stylegen.train.step import TrainState, checkpoint_state, train_step, unwrap, validate
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class Sink(Protocol):
+    def report(self, state: TrainState, metrics: dict[str, float], checkpoint: bool, grid_index: int | None,
+               val_pairs: tuple) -> None: ...
+
+
+@dataclass
+class LoopContext:
+    """Per-process facts the loop needs besides the config."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+    metrics: object | None = None  # stylegen.metrics.TrainMetrics
+    stop_requested: list = field(default_factory=lambda: [False])  # set by SIGTERM
+
+
+def install_sigterm(ctx: LoopContext) -> None:
+    """SIGTERM (preemption) asks the loop to write a checkpoint and return."""
+    def handler(signum, frame):  # noqa: ARG001
+        log.warning("SIGTERM: writing a checkpoint before exit")
+        ctx.stop_requested[0] = True
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some Ray worker setups)
+        pass
+
+
+def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: LoopContext, sink: Sink) -> dict:
+    """Run until ``cfg.train.steps``; returns the last reported metrics."""
+    from tqdm import tqdm
+
+    from stylegen.data.loader import build_loader, load_pairs
+
+    tc = cfg.train
+    val_c, val_s = load_pairs(cfg.data, tc.val_pairs)
+    batch = cfg.data.batch_size
+    last: dict[str, float] = {}
+    bar = tqdm(total=tc.steps, initial=state.step, disable=not ctx.progress, unit="step", dynamic_ncols=True)
+    epoch = state.step // cfg.data.steps_per_epoch
+    wait_sum = step_sum = 0.0
+    t_img, n_img = time.perf_counter(), 0
+    while state.step < tc.steps:
+        loader = build_loader(cfg.data, split="train", rank=ctx.rank, world_size=ctx.world_size, epoch_seed=epoch)
+        t_wait = time.perf_counter()
+        for content, style in loader:
+            t0 = time.perf_counter()
+            wait = t0 - t_wait
+            terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                               total_steps=tc.steps, device=ctx.device, amp=tc.amp)
+            dur = time.perf_counter() - t0
+            wait_sum += wait
+            step_sum += dur + wait
+            n_img += len(content)
+            if ctx.metrics is not None:
+                ctx.metrics.step(dur + wait, len(content), wait, terms)
+            bar.update(1)
+            step = state.step
+            final = step >= tc.steps or ctx.stop_requested[0]
+            ckpt = step % tc.checkpoint_every == 0 or final
+            grid = step // tc.sample_every if (step % tc.sample_every == 0 or final) else None
+            if step % tc.report_every == 0 or ckpt or grid is not None:
+                val = validate(state.generator, vgg, val_c, val_s, ctx.device)
+                now = time.perf_counter()
+                last = {**{f"loss_{k}": v for k, v in terms.items()}, **val, "step": step,
+                        "epoch": epoch, "img_per_s": n_img * ctx.world_size / max(now - t_img, 1e-9),
+                        "data_wait_frac": wait_sum / max(step_sum, 1e-9)}
+                t_img, n_img, wait_sum, step_sum = now, 0, 0.0, 0.0
+                if ctx.metrics is not None:
+                    ctx.metrics.val(val["val_score"])
+                bar.set_postfix(loss=f"{terms['total']:.3g}", val=f"{val['val_score']:.3f}",
+                                img_s=f"{last['img_per_s']:.0f}")
+                sink.report(state, last, ckpt, grid, (val_c, val_s))
+            if final:
+                break
+            t_wait = time.perf_counter()
+        if ctx.stop_requested[0]:
+            break
+        epoch += 1
+    bar.close()
+    return last
+
+
+def grid_tensors(state: TrainState, val_pairs: tuple, device: torch.device):
+    """(content, style, output) float tensors for a result grid of the fixed pairs."""
+    from stylegen.train.step import to_float
+
+    c, s = to_float(val_pairs[0], device), to_float(val_pairs[1], device)
+    g = unwrap(state.generator)
+    was = g.training
+    g.eval()
+    with torch.no_grad():
+        out = g(c, s)
+    g.train(was)
+    return c, s, out
+
+
+class LocalSink:
+    """Checkpoints to ``out/checkpoints/step_XXXXXXXX/checkpoint.pt`` (newest K kept), grids to ``out/samples``."""
+
+    def __init__(self, cfg: Config, out: Path, metrics=None):
+        self.cfg, self.out, self.metrics = cfg, out, metrics
+        self.cfg_dict = to_dict(cfg)
+
+    def report(self, state, metrics, checkpoint, grid_index, val_pairs):
+        from stylegen.checkpoint import atomic_write_bytes, save_checkpoint
+        from stylegen.grids import save_grid
+
+        log.debug("step %d %s", state.step, metrics)
+        if grid_index is not None:
+            device = next(unwrap(state.generator).parameters()).device
+            save_grid(self.out / "samples" / f"epoch_{grid_index:04d}.png", *grid_tensors(state, val_pairs, device))
+        if checkpoint:
+            t0 = time.perf_counter()
+            path = save_checkpoint(self.out / "checkpoints" / f"step_{state.step:08d}" / "checkpoint.pt",
+                                   checkpoint_state(state, self.cfg_dict, metrics))
+            if self.metrics is not None:
+                self.metrics.checkpoint_saved(time.perf_counter() - t0)
+            import json
+
+            atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
+            prune_checkpoints(self.out / "checkpoints", self.cfg.train.keep_checkpoints)
+            log.info("checkpoint %s", path)
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """step_XXXXXXXX dirs, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_good_checkpoint(ckpt_root: Path) -> dict | None:
+    """Newest checkpoint that loads; a corrupt one is skipped with a warning (falls back to the previous)."""
+    from stylegen.checkpoint import load_checkpoint
+    from stylegen.errors import UserError
+
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            return load_checkpoint(path)
+        except UserError as e:
+            log.warning("skipping unreadable checkpoint: %s", e)
+    return None
+
+
+def run_local(cfg: Config, out: Path, *, progress: bool = True, metrics_backend: str | None = None) -> dict:
+    """``stylegen train --local``: one process; resumes from ``out`` when it holds checkpoints."""
+    from stylegen.features import build_features
+    from stylegen.metrics import TrainMetrics
+    from stylegen.train.step import build_state, pick_device, restore_state
+
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    state = build_state(cfg, device)
+    ckpt = latest_good_checkpoint(out / "checkpoints")
+    if ckpt is not None:
+        restore_state(state, ckpt)
+        log.info("resuming from step %d in %s", state.step, out)
+    vgg = build_features(cfg.features).to(device)
+    backend = metrics_backend or ("prometheus" if cfg.metrics.enabled else "none")
+    metrics = TrainMetrics.create(backend, run=out.name, rank=0, host=cfg.metrics.host, port=cfg.metrics.port)
+    if backend == "prometheus":
+        log.info("metrics at %s", metrics.url)
+    ctx = LoopContext(device=device, progress=progress, metrics=metrics)
+    install_sigterm(ctx)
+    try:
+        return training_loop(cfg, state, vgg, ctx, LocalSink(cfg, out, metrics))
+    finally:
+        metrics.close()

@@ -1,0 +1,163 @@
+"""Ray Train (V2) integration: the per-worker function and the TorchTrainer that runs it.
+
+The worker function is the local loop plus three Ray calls: ``prepare_model`` (DDP,
+gloo on CPU / NCCL on GPU), ``get_checkpoint`` (resume) and ``report`` (metrics and
+rank 0's checkpoint). Global batch = ``data.batch_size`` x workers; we keep the LR
+as configured (Adam is insensitive to the batch size over the small range we scale;
+for large worker counts scale ``optim.lr`` by sqrt(workers) and add warm-up, see README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from stylegen.config import Config, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+
+class RaySink:
+    """Every rank reports (``report`` is a barrier); only rank 0 attaches a checkpoint."""
+
+    def __init__(self, cfg: Config, rank: int, run_dir: Path | None, metrics=None):
+        self.cfg, self.rank, self.run_dir, self.metrics = cfg, rank, run_dir, metrics
+        self.cfg_dict = to_dict(cfg)
+
+    def report(self, state, metrics, checkpoint, grid_index, val_pairs):
+        import ray.train
+
+        from stylegen.checkpoint import save_checkpoint
+        from stylegen.grids import save_grid
+        from stylegen.train.loop import grid_tensors
+        from stylegen.train.step import checkpoint_state, unwrap
+
+        if not checkpoint or self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="stylegen-ckpt-") as tmp:
+            t0 = time.perf_counter()
+            save_checkpoint(Path(tmp) / "checkpoint.pt", checkpoint_state(state, self.cfg_dict, metrics))
+            if grid_index is not None:
+                device = next(unwrap(state.generator).parameters()).device
+                tensors = grid_tensors(state, val_pairs, device)
+                save_grid(Path(tmp) / f"epoch_{grid_index:04d}.png", *tensors)
+                if self.run_dir is not None:  # local storage: also beside the run, like --local
+                    save_grid(self.run_dir / "samples" / f"epoch_{grid_index:04d}.png", *tensors)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if self.metrics is not None:
+                self.metrics.checkpoint_saved(time.perf_counter() - t0)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: ``config = {"cfg": to_dict(cfg), "run": name, "trial": trial_id, "run_dir": path|None}``."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from stylegen.checkpoint import load_checkpoint
+    from stylegen.features import build_features
+    from stylegen.metrics import TrainMetrics
+    from stylegen.train.loop import LoopContext, install_sigterm, training_loop
+    from stylegen.train.step import build_state, restore_state
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = ray.train.torch.get_device()
+    state = build_state(cfg, device)
+    restarted = False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            restore_state(state, load_checkpoint(Path(d) / "checkpoint.pt"))
+        restarted = True
+        log.info("rank %d resuming from step %d", rank, state.step)
+    # DDP after the restore: every rank loads the same weights, DDP broadcasts rank 0's anyway.
+    state.generator = ray.train.torch.prepare_model(state.generator)
+    if state.discriminator is not None:
+        state.discriminator = ray.train.torch.prepare_model(state.discriminator)
+    vgg = build_features(cfg.features).to(device)
+    metrics = TrainMetrics.create("ray" if cfg.metrics.enabled else "none", run=config["run"], rank=rank,
+                                  trial=config.get("trial", ""))
+    if restarted:
+        metrics.worker_restart()
+    run_dir = Path(config["run_dir"]) if config.get("run_dir") and rank == 0 else None
+    loop_ctx = LoopContext(device=device, rank=rank, world_size=world, progress=rank == 0, metrics=metrics)
+    install_sigterm(loop_ctx)
+    try:
+        training_loop(cfg, state, vgg, loop_ctx, RaySink(cfg, rank, run_dir, metrics))
+    finally:
+        metrics.close()
+
+
+def is_local_path(storage: str) -> bool:
+    return "://" not in storage or storage.startswith("file://")
+
+
+def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", callbacks: list | None = None):
+    """A TorchTrainer for ``cfg`` (workers/resources from ``cfg.ray``); same name + storage resumes."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    rc = cfg.ray
+    use_gpu = rc.gpus_per_worker > 0
+    resources = {"CPU": rc.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = rc.gpus_per_worker
+    if is_local_path(storage):
+        storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
+        run_dir = str(Path(storage) / name)
+    else:
+        run_dir = None
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_score",
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS); else start a local Ray on 127.0.0.1 (token auth on by default).
+
+    A local Ray gets a ``trial_slot`` resource: Tune trial drivers hold one instead of a CPU.
+    """
+    import ray
+
+    from stylegen.errors import UserError
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    # workers must import this package the same way the driver does
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                    os.environ.get("PYTHONPATH", "")]))}}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=num_cpus, resources={"trial_slot": 64}, runtime_env=env, _node_ip_address="127.0.0.1",
+                     logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address!r} ({str(e).splitlines()[0][:120]}); "
+                        "check --address / RAY_ADDRESS and that the cluster is up") from None
+
+
+def fit(cfg: Config, *, name: str, storage: str, address: str = ""):
+    """``stylegen train`` without --local: run the TorchTrainer and return its Result."""
+    ensure_ray(address)
+    return build_trainer(cfg, name=name, storage=storage).fit()
