@@ -1,0 +1,117 @@
+"""The scale-free evaluation objective, shared by ``stylegen eval`` and training validation.
+
+For fixed (content, style) pairs and any set of outputs (B,3,H,W) in [0, 1]:
+
+    content   = MSE of VGG relu4_1 features, output vs content       (losses.content_loss)
+    style     = AdaIN mean/std loss over relu1_1..relu4_1, vs style  (losses.style_loss_meanstd)
+    gram      = normalised Gram loss over the same layers, vs style  (losses.style_loss_gram)
+    content_n = content / content of the "style copy" answer (output = style)
+    style_n   = style / style of the "identity" answer (output = content)
+    gram_n    = gram / gram of the identity answer
+    objective_n = content_n + style_n   (both trivial answers score 1.0; lower is better)
+
+Every loss is a mean over the pairs (batch-size independent); the ratios are ratios of
+those means over the whole pair set, not means of per-pair ratios (one near-identical pair
+would otherwise dominate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from stylegen.losses import content_loss, style_loss_gram, style_loss_meanstd
+
+CONTENT_LAYER = "relu4_1"
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
+LOSS_KEYS = ("content", "style", "gram")
+ROW_KEYS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n")
+
+
+def _terms(fo: Mapping[str, torch.Tensor], fc: Mapping[str, torch.Tensor], fs: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    o = [fo[n] for n in STYLE_LAYERS]
+    s = [fs[n] for n in STYLE_LAYERS]
+    return {"content": float(content_loss(fo[CONTENT_LAYER], fc[CONTENT_LAYER])),
+            "style": float(style_loss_meanstd(o, s)),
+            "gram": float(style_loss_gram(o, s))}
+
+
+def normalise(losses: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean losses per row (must include rows 'identity' and 'style_copy') -> rows with *_n keys."""
+    c_ref = losses["style_copy"]["content"]
+    s_ref = losses["identity"]["style"]
+    g_ref = losses["identity"]["gram"]
+
+    def ratio(x: float, ref: float) -> float:
+        return x / ref if ref > 0 else (0.0 if x == 0 else math.inf)
+
+    rows = {}
+    for name, t in losses.items():
+        cn, sn = ratio(t["content"], c_ref), ratio(t["style"], s_ref)
+        rows[name] = {**{k: float(t[k]) for k in LOSS_KEYS}, "content_n": cn, "style_n": sn,
+                      "gram_n": ratio(t["gram"], g_ref), "objective_n": cn + sn}
+    return rows
+
+
+@torch.no_grad()
+def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str, torch.Tensor],
+          batch: int = 16) -> dict[str, dict[str, float]]:
+    """Rows of ROW_KEYS for each named output set, plus the reference rows 'identity' and 'style_copy'.
+
+    content, style, outputs[name]: float (N,3,H,W) in [0, 1] on vgg's device (style may
+    have another H, W). The targets' VGG features are computed once per batch and shared by
+    every row.
+    """
+    n = len(content)
+    if n == 0:
+        raise ValueError("score needs at least one pair")
+    names = ["identity", "style_copy", *[k for k in outputs if k not in ("identity", "style_copy")]]
+    sums = {k: dict.fromkeys(LOSS_KEYS, 0.0) for k in names}
+    layers = list(STYLE_LAYERS)
+    for i in range(0, n, batch):
+        c, s = content[i:i + batch], style[i:i + batch]
+        fc, fs = vgg(c, layers), vgg(s, layers)
+        m = len(c)
+        for k in names:
+            if k == "identity":
+                fo = fc
+            elif k == "style_copy":
+                fo = fs
+            else:
+                fo = vgg(outputs[k][i:i + batch], layers)
+            for key, v in _terms(fo, fc, fs).items():
+                sums[k][key] += m * v
+    return normalise({k: {key: v / n for key, v in t.items()} for k, t in sums.items()})
+
+
+@torch.no_grad()
+def generate(generator, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0, batch: int = 16) -> torch.Tensor:
+    """generator outputs for all pairs, in batches (float in, float (N,3,H,W) out)."""
+    return torch.cat([generator(content[i:i + batch], style[i:i + batch], alpha=alpha)
+                      for i in range(0, len(content), batch)])
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over images of 10·log10(1 / MSE) for [0, 1] images (B,3,H,W); MSE floored at 1e-10 (100 dB)."""
+    mse = (x.float() - ref.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((-10.0 * torch.log10(mse)).mean())
+
+
+def score_generator(generator, vgg, content_u8: torch.Tensor, style_u8: torch.Tensor,
+                    device: torch.device | str = "cpu", batch: int = 16) -> dict[str, float]:
+    """The model row for fixed uint8 pairs: content, style, gram and their *_n, objective_n.
+
+    The generator is run in eval mode and restored to its previous mode.
+    """
+    g = getattr(generator, "module", generator)  # a DDP wrapper's bare module
+    was_training = g.training
+    g.eval()
+    try:
+        c = content_u8.to(device).float().div(255.0)
+        s = style_u8.to(device).float().div(255.0)
+        out = generate(g, c, s, batch=batch)
+        return score(vgg, c, s, {"model": out}, batch=batch)["model"]
+    finally:
+        g.train(was_training)
