@@ -286,7 +286,6 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
     total = sum(len(u) for u in plan.units.values())
     todo = sum(len(b[2]) for b in blocks)
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(blocks) or 1))
-    bar = tqdm(total=total, initial=total - todo, unit="img", desc="shard", disable=not progress, smoothing=0.1)
     last_write = time.monotonic()
 
     def finish(res: dict) -> None:
@@ -300,16 +299,21 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
             shardio.write_skipped(out, skips)
             last_write = time.monotonic()
 
+    pool = _start_pool(workers) if workers > 1 else None
+    bar = tqdm(total=total, initial=total - todo, unit="img", desc="shard", disable=None if progress else True,
+               smoothing=0.1)
     try:
         tasks = ((t, params, str(out)) for t in _tasks(plan, blocks, params))
-        if workers == 1:
+        if pool is None:
             for t in tasks:
                 finish(make_shard(*t))
         else:
-            _run_pool(tasks, workers, finish)
+            _run_pool(pool, tasks, workers, finish)
         meta["complete"] = True
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         shardio.write_manifest(out, list(rows.values()), meta)
         shardio.write_skipped(out, _dedupe(skips))
     _remove_stale(out, set(rows))
@@ -326,25 +330,33 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
     return summary
 
 
-def _run_pool(tasks, workers: int, finish) -> None:
+def _start_pool(workers: int):
+    """Worker processes, forked when this process has no other threads (fast start), else spawned
+    (the caller may run torch/Ray threads; a fork could inherit a lock one of them holds)."""
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: the caller may hold threads (torch, Ray); a bounded window keeps npz slices from piling up.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = set()
-        try:
-            for t in tasks:
-                pending.add(pool.submit(_make_shard_star, t))
-                if len(pending) >= 2 * workers:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        finish(f.result())
-            for f in pending:
+    # tqdm's monitor only sleeps on an Event; the children never touch tqdm
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
+    method = "spawn" if others else "fork"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    pool.submit(int).result()  # starts all workers now
+    return pool
+
+
+def _run_pool(pool, tasks, workers: int, finish) -> None:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pending = set()  # a bounded window keeps npz slices from piling up in memory
+    for t in tasks:
+        pending.add(pool.submit(_make_shard_star, t))
+        if len(pending) >= 2 * workers:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
                 finish(f.result())
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+    for f in pending:
+        finish(f.result())
 
 
 def _dedupe(skips: list[dict]) -> list[dict]:
