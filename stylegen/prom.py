@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -55,11 +56,12 @@ def load_config(path: Path) -> dict[str, Any]:
 
 def render_config(cfg: dict[str, Any], base_dir: Path, *, scrape_interval: str | None = None,
                   local_targets: list[str] | None = None, targets_files: list[str] | None = None,
-                  ray_discovery_file: str | None = None) -> dict[str, Any]:
+                  ray_discovery_file: str | None = None, sd_refresh_interval: str | None = None) -> dict[str, Any]:
     """A copy of ``cfg`` whose relative paths are absolute (against ``base_dir``), with overrides.
 
     ``local_targets``/``targets_files`` replace the static targets / file_sd files of job
-    ``stylegen``; ``ray_discovery_file`` replaces the file_sd file of job ``ray``.
+    ``stylegen``; ``ray_discovery_file`` replaces the file_sd file of job ``ray``;
+    ``sd_refresh_interval`` sets how often every file_sd file is re-read.
     """
     out = copy.deepcopy(cfg)
 
@@ -74,12 +76,14 @@ def render_config(cfg: dict[str, Any], base_dir: Path, *, scrape_interval: str |
         if name == "stylegen" and local_targets is not None:
             job["static_configs"] = [{"targets": list(local_targets)}] if local_targets else []
         if name == "stylegen" and targets_files is not None:
-            job["file_sd_configs"] = [{"files": list(targets_files), "refresh_interval": "1s"}]
+            job["file_sd_configs"] = [{"files": list(targets_files)}]
         if name == "ray" and ray_discovery_file is not None:
             for sd in job.get("file_sd_configs") or []:
                 sd["files"] = [ray_discovery_file]
         for sd in job.get("file_sd_configs") or []:
             sd["files"] = [absolute(f) for f in sd.get("files") or []]
+            if sd_refresh_interval is not None:
+                sd["refresh_interval"] = sd_refresh_interval
     return out
 
 
@@ -172,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"Prometheus: http://127.0.0.1:{args.port}  (config {config_file}, Ctrl-C stops it)", flush=True)
     log.debug("running %s", argv)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    # SIGTERM to us stops prometheus too (instead of orphaning it); Ctrl-C reaches both anyway
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -182,3 +188,5 @@ def run(args: argparse.Namespace) -> int:
             proc.kill()
             proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,187 @@
+"""stylegen.metrics: naming rules of the exposition, counts after a simulated local run, lifecycle."""
+
+from __future__ import annotations
+
+import math
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from stylegen.errors import UserError
+from stylegen.metrics import (COMMAND_SPECS, METRIC_NAMES, TRAIN_SPECS, CommandMetrics, TrainMetrics,
+                              series_names)
+
+LOSSES = {"content": 1.25, "style": 3.5, "adv": 0.5, "total": 7.0}
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    hits = [v for (n, lab), v in _samples(text).items() if n == name and set(labels.items()) <= lab]
+    assert len(hits) == 1, f"{name}{labels}: {len(hits)} samples"
+    return hits[0]
+
+
+@pytest.fixture
+def metrics():
+    m = TrainMetrics.create("prometheus", run="unit", rank=0, trial="t7", port=0)
+    yield m
+    m.close()
+
+
+def test_exposition_follows_naming_rules(metrics):
+    metrics.step(0.2, 8, 0.05, LOSSES)
+    metrics.val(0.4)
+    metrics.checkpoint_saved(0.3)
+    metrics.worker_restart()
+    families = list(text_string_to_metric_families(metrics.exposition().decode()))
+    kinds = {s.name: s.kind for s in TRAIN_SPECS}
+    seen = set()
+    for fam in families:
+        full = fam.name + "_total" if fam.type == "counter" else fam.name
+        seen.add(full)
+        assert full.startswith("stylegen_"), full
+        assert full in kinds and kinds[full] == fam.type, (full, fam.type)
+        for s in fam.samples:
+            assert set(s.labels) - {"le", "term", "version", "torch", "ray"} == {"run", "rank", "trial"}, s
+            if fam.type == "counter":
+                assert s.name.endswith("_total"), s.name
+            if fam.type == "histogram":
+                assert s.name.removeprefix(fam.name) in ("_bucket", "_sum", "_count"), s.name
+        if fam.type == "histogram" or "duration" in full or "timestamp" in full:
+            assert full.endswith("_seconds"), full
+        if "memory" in full:
+            assert full.endswith("_bytes"), full
+    # every declared training metric is registered; GPU memory has no sample without a GPU
+    assert seen == {s.name for s in TRAIN_SPECS}
+    with_samples = {f.name for f in families if f.samples}
+    assert "stylegen_device_memory_allocated_bytes" not in with_samples
+    assert "stylegen_train_samples" in with_samples and "stylegen_val_score" in with_samples
+    assert set(METRIC_NAMES) == {s.name for s in TRAIN_SPECS + COMMAND_SPECS}
+    assert all(n.startswith("stylegen_") for n in METRIC_NAMES)
+
+
+def test_simulated_run_counts_samples_over_http(metrics):
+    steps, batch = 13, 6
+    for i in range(steps):
+        metrics.step(0.1 + 0.01 * i, batch, 0.02, {**LOSSES, "total": 7.0 - i})
+    metrics.val(0.61)
+    assert metrics.url.startswith("http://127.0.0.1:") and metrics.url.endswith("/metrics")
+    text = _scrape(metrics.url)
+    lab = {"run": "unit", "rank": "0", "trial": "t7"}
+    assert _value(text, "stylegen_train_samples_total", **lab) == steps * batch
+    assert _value(text, "stylegen_train_steps_total", **lab) == steps
+    assert _value(text, "stylegen_train_step_duration_seconds_count", **lab) == steps
+    assert _value(text, "stylegen_train_step_seconds_total", **lab) == pytest.approx(sum(0.1 + 0.01 * i for i in range(steps)))
+    assert _value(text, "stylegen_data_wait_seconds_total", **lab) == pytest.approx(0.02 * steps)
+    assert _value(text, "stylegen_train_loss", term="total") == 7.0 - (steps - 1)  # the last value
+    assert _value(text, "stylegen_train_loss", term="style") == 3.5
+    assert _value(text, "stylegen_val_score") == pytest.approx(0.61)
+    assert _value(text, "stylegen_train_running") == 1.0
+    assert _value(text, "stylegen_build_info", ray="2.60.0") == 1.0
+
+
+def test_checkpoint_restart_and_nan_loss(metrics):
+    metrics.step(0.1, 2, 0.0, {"total": float("nan")})
+    metrics.checkpoint_saved(0.4)
+    metrics.checkpoint_saved(0.2)
+    metrics.worker_restart()
+    text = _scrape(metrics.url)
+    assert math.isnan(_value(text, "stylegen_train_loss", term="total"))
+    assert _value(text, "stylegen_checkpoint_save_duration_seconds_count") == 2
+    assert _value(text, "stylegen_checkpoint_save_duration_seconds_sum") == pytest.approx(0.6)
+    assert _value(text, "stylegen_checkpoint_last_success_timestamp_seconds") > 1.7e9
+    assert _value(text, "stylegen_worker_restarts_total") == 1
+
+
+def test_close_stops_endpoint_and_marks_not_running():
+    m = TrainMetrics.create("prometheus", run="c", rank=1, port=0)
+    url = m.url
+    _scrape(url)
+    m.close()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        _scrape(url)
+    m.close()  # idempotent
+    m.step(0.1, 1, 0.0, {})  # after close: ignored, no error
+
+
+def test_two_instances_do_not_share_a_registry():
+    a = TrainMetrics.create("prometheus", run="a", rank=0, port=0)
+    b = TrainMetrics.create("prometheus", run="b", rank=1, port=0)
+    try:
+        a.step(0.1, 5, 0.0, {})
+        assert a.url != b.url
+        assert 'run="a"' not in _scrape(b.url)
+        assert _value(_scrape(a.url), "stylegen_train_samples_total") == 5
+        assert _value(_scrape(b.url), "stylegen_train_samples_total") == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_port_in_use_is_a_user_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=f"127.0.0.1:{port}.*metrics.port"):
+            TrainMetrics.create("prometheus", run="x", rank=0, port=port)
+
+
+def test_none_backend_and_bad_backend():
+    m = TrainMetrics.create("none", run="x", rank=0)
+    m.step(0.1, 4, 0.0, LOSSES)
+    m.val(1.0)
+    m.checkpoint_saved(0.1)
+    m.worker_restart()
+    assert m.url == "" and m.exposition() == b""
+    m.close()
+    with pytest.raises(UserError, match="unknown metrics backend 'statsd'"):
+        TrainMetrics.create("statsd", run="x", rank=0)
+
+
+def test_ray_backend_without_ray_init_is_a_user_error():
+    import ray
+
+    if ray.is_initialized():  # another test left Ray connected in this process
+        ray.shutdown()
+    with pytest.raises(UserError, match="ray.init"):
+        TrainMetrics.create("ray", run="x", rank=0)
+
+
+def test_series_names_expand_histograms():
+    names = series_names()
+    assert "stylegen_train_step_duration_seconds_bucket" in names
+    assert "stylegen_train_step_duration_seconds" not in names
+    assert "stylegen_train_samples_total" in names
+
+
+def test_command_metrics_textfile(tmp_path):
+    c = CommandMetrics(run="shard1")
+    c.shard_images("written", 10)
+    c.shard_images("skipped")
+    c.stylized(3)
+    with pytest.raises(ValueError):
+        c.shard_images("lost")
+    path = tmp_path / "stylegen.prom"
+    c.write_textfile(str(path))
+    text = path.read_text()
+    assert _value(text, "stylegen_shard_images_total", result="written") == 10
+    assert _value(text, "stylegen_shard_images_total", result="skipped") == 1
+    assert _value(text, "stylegen_stylize_images_total") == 3
+    assert "_created" not in text
+    url = c.serve(port=0)
+    assert _value(_scrape(url), "stylegen_stylize_images_total") == 3
+    c.close()

@@ -1,0 +1,150 @@
+"""A real Prometheus (Debian's, installed by CI) scrapes stylegen metrics from two ranks.
+
+Prometheus runs on a free loopback port with infra/prometheus/prometheus.yml rewritten to the
+test's ports and paths (1 s scrape interval, tmp data dir) and is stopped by its Popen handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from stylegen import prom
+from stylegen.metrics import TrainMetrics
+
+log = logging.getLogger(__name__)
+PROM_DIR = Path(__file__).resolve().parents[1] / "infra" / "prometheus"
+STEPS, BATCH = 6, 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_prometheus(tmp: Path, **overrides) -> tuple[object, str]:
+    cfg = prom.render_config(prom.load_config(PROM_DIR / "prometheus.yml"), PROM_DIR, scrape_interval="1s",
+                             sd_refresh_interval="1s", **overrides)
+    config_file = prom.write_config(cfg, tmp / "prometheus.yml")
+    port = _free_port()
+    proc = prom.start(config_file, tmp, port=port, log_file=tmp / "prometheus.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        prom.wait_ready(base, proc, timeout=60)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, base
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except Exception:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_for_ranks(base: str, promql: str, expected: dict[str, float], timeout: float) -> float:
+    """Poll the HTTP API until ``promql`` returns ``expected`` values by rank; returns seconds waited."""
+    t0 = time.monotonic()
+    got: dict[str, float] = {}
+    while time.monotonic() - t0 < timeout:
+        got = {r["metric"].get("rank", "?"): float(r["value"][1]) for r in prom.query(base, promql)}
+        if got == expected:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise AssertionError(f"{promql}: got {got}, expected {expected} within {timeout:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.prometheus
+def test_prometheus_scrapes_two_local_ranks_via_file_sd(tmp_path):
+    ranks = [TrainMetrics.create("prometheus", run="live-local", rank=r, port=0) for r in (0, 1)]
+    proc = None
+    try:
+        targets = [m.url.removeprefix("http://").removesuffix("/metrics") for m in ranks]
+        prom.write_targets_file(tmp_path / "targets" / "ranks.json", targets)
+        proc, base = _start_prometheus(tmp_path, local_targets=[],
+                                       targets_files=[str(tmp_path / "targets" / "*.json")],
+                                       ray_discovery_file=str(tmp_path / "no-ray.json"))
+        for m in ranks:
+            for _ in range(STEPS):
+                m.step(0.05, BATCH, 0.005, {"content": 1.0, "style": 2.0, "total": 3.0})
+        waited = _wait_for_ranks(base, 'sum by (rank) (stylegen_train_samples_total{run="live-local", job="stylegen"})',
+                                 {"0": STEPS * BATCH, "1": STEPS * BATCH}, timeout=60)
+        for m in ranks:  # steady state: a known target, one more step
+            m.step(0.05, BATCH, 0.005, {"total": 3.0})
+        steady = _wait_for_ranks(base, 'sum by (rank) (stylegen_train_samples_total{run="live-local"})',
+                                 {"0": (STEPS + 1) * BATCH, "1": (STEPS + 1) * BATCH}, timeout=30)
+        log.info("local: in Prometheus %.1f s after the steps (new targets), %.1f s steady state", waited, steady)
+        loss = prom.query(base, 'stylegen_train_loss{run="live-local", term="style"}')
+        assert sorted(r["metric"]["rank"] for r in loss) == ["0", "1"]
+        alerts = prom.query(base, 'ALERTS')  # rules are evaluated; none pending for a healthy run
+        assert alerts == [], [a["metric"] for a in alerts]
+    finally:
+        if proc is not None:
+            _stop(proc)
+        for m in ranks:
+            m.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.prometheus
+def test_prometheus_scrapes_two_ray_ranks_via_ray_discovery_file(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # own cluster, no shared ~/.ray token
+    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgray{os.getpid()}"  # short: Ray's socket paths
+    ray.init(num_cpus=2, _temp_dir=str(ray_tmp), _metrics_export_port=_free_port(),
+             dashboard_port=_free_port(), include_dashboard=True, log_to_driver=False)
+    proc = None
+    try:
+        discovery = ray_tmp / "prom_metrics_service_discovery.json"
+        proc, base = _start_prometheus(tmp_path, local_targets=[], targets_files=[str(tmp_path / "none-*.json")],
+                                       ray_discovery_file=str(discovery))
+        # defined here, not at module level: cloudpickle ships it by value (workers cannot import tests/)
+        @ray.remote(num_cpus=1)
+        class RankActor:
+            """One 'rank' in its own worker process, recording through ray.util.metrics."""
+
+            def __init__(self, rank: int):
+                self.m = TrainMetrics.create("ray", run="live-ray", rank=rank, trial="t0")
+
+            def run(self, steps: int, batch: int) -> float:
+                for _ in range(steps):
+                    self.m.step(0.05, batch, 0.005, {"content": 1.0, "style": 2.0, "total": 3.0})
+                return time.time()
+
+            def url(self) -> str:
+                return self.m.url
+
+        workers = [RankActor.remote(r) for r in (0, 1)]
+        ray.get([w.run.remote(STEPS, BATCH) for w in workers])
+        waited = _wait_for_ranks(base, 'sum by (rank) (stylegen_train_samples_total{run="live-ray", job="ray"})',
+                                 {"0": STEPS * BATCH, "1": STEPS * BATCH}, timeout=120)
+        ray.get([w.run.remote(1, BATCH) for w in workers])  # steady state: known series, one more step
+        steady = _wait_for_ranks(base, 'sum by (rank) (stylegen_train_samples_total{run="live-ray"})',
+                                 {"0": (STEPS + 1) * BATCH, "1": (STEPS + 1) * BATCH}, timeout=60)
+        log.info("ray: in Prometheus %.1f s after the first steps, %.1f s steady state (Ray export + 1 s scrape)",
+                 waited, steady)
+        steps_done = STEPS + 1
+        hist = prom.query(base, 'sum by (rank) (stylegen_train_step_duration_seconds_count{run="live-ray"})')
+        assert {r["metric"]["rank"]: float(r["value"][1]) for r in hist} == {"0": steps_done, "1": steps_done}
+        assert prom.query(base, '{__name__=~"ray_stylegen_.*"}') == []  # the prefix is stripped at scrape
+        url = ray.get(workers[0].url.remote())
+        assert url.startswith("http://") and url.endswith("/metrics")
+    finally:
+        if proc is not None:
+            _stop(proc)
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
