@@ -267,9 +267,13 @@ class PairStream(IterableDataset):
         s = self.style[w::nw] if len(self.style) >= nw else self.style
         cs = _stream(c, 2 * base, self.data_cfg, n, self.counter)
         ss = _stream(s, 2 * base + 1, self.data_cfg, n, self.counter)
-        for cb, sb in zip(cs, ss):
-            # (B, H, W, 3) -> (B, 3, H, W): a channels-last view, no copy
-            yield torch.from_numpy(cb).permute(0, 3, 1, 2), torch.from_numpy(sb).permute(0, 3, 1, 2)
+        return _pairs(cs, ss)
+
+
+def _pairs(cs, ss) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for cb, sb in zip(cs, ss):
+        # (B, H, W, 3) -> (B, 3, H, W): a channels-last view, no copy
+        yield torch.from_numpy(cb).permute(0, 3, 1, 2), torch.from_numpy(sb).permute(0, 3, 1, 2)
 
 
 class PairLoader:
