@@ -205,6 +205,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resize shorter side + centre-crop to N (default 64, the training size), "
                         "or 'native': keep the content size cropped to a multiple of 4")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
+    p.add_argument("--metrics-textfile", metavar="PATH",
+                   help="also write stylegen_stylize_images_total to a Prometheus node-exporter textfile")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,4 +223,12 @@ def run(args: argparse.Namespace) -> int:
         out = stylize_tensor(gen, c[None], s[None], args.alpha, args.device)[0]
         save_png(path, out)
         print(path)
+    if args.metrics_textfile:
+        from stylegen.metrics import CommandMetrics
+
+        m = CommandMetrics()
+        m.stylized(len(outs))
+        Path(args.metrics_textfile).parent.mkdir(parents=True, exist_ok=True)
+        m.write_textfile(args.metrics_textfile)
+        m.close()
     return 0

@@ -270,3 +270,10 @@ def test_transforms():
     t = to_uint8_tensor(im)
     assert t.shape == (3, 60, 80) and t.dtype == torch.uint8
     assert np.array_equal(t.permute(1, 2, 0).numpy(), np.asarray(im))
+
+
+def test_metrics_textfile_counts_outputs(ckpt, imgs, tmp_path):
+    prom = tmp_path / "node" / "stylize.prom"
+    assert main(["stylize", "--checkpoint", str(ckpt[0]), "--content", str(imgs[0]), str(imgs[0]),
+                 "--style", str(imgs[1]), "--out", str(tmp_path / "o"), "--metrics-textfile", str(prom)]) == 0
+    assert 'stylegen_stylize_images_total{run=""} 2.0' in prom.read_text()
