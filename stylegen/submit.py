@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="python on the head node that runs the entrypoint (default: 'python' from the cluster's PATH)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect/answer timeout in seconds (default 10)")
     p.add_argument("--job-args", default="", metavar="'ARGS'",
-                   help="extra arguments for the job's command, one quoted string (e.g. '--workers 4 --storage s3://b/p')")
+                   help="extra arguments for the job's command as one string, written with '=' "
+                        "(e.g. --job-args='--workers 4 --storage s3://b/p')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg_text, name = resolve_job_config(args.config, args.overrides, args.name)
     job_args = split_job_args(args.job_args)
+    if not 0 < args.timeout <= 600:
+        raise UserError(f"--timeout {args.timeout:g}: expected seconds in (0, 600]")
     if "--storage" not in " ".join(job_args):
         warn_if_relative_storage(cfg_text)
     address = resolve_job_address(args.address)

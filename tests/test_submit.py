@@ -176,7 +176,7 @@ def test_submit_refusals_against_token_cluster(cluster, tmp_path, tiny_config):
     proc = run_cli([*base, "--no-token"], clean_env(tmp_path))
     assert proc.returncode == 2 and "requires a token" in error_line(proc)
     # wrong token -> the server's 403 as one line, the wrong token not echoed
-    proc = run_cli(base, clean_env(tmp_path, RAY_AUTH_TOKEN="0" * 64))
+    proc = run_cli(["-v", *base], clean_env(tmp_path, RAY_AUTH_TOKEN="0" * 64))  # debug logging on
     assert proc.returncode == 2 and "rejected the token" in error_line(proc)
     assert "0" * 64 not in proc.stdout + proc.stderr
     assert job_infos(cluster) == []  # nothing was submitted
@@ -188,7 +188,7 @@ def test_submit_wait_tiny_job_succeeds_without_leaking_token(cluster, tmp_path):
     token = Path(cluster.token_path).read_text().strip()
     out = tmp_path / "out"
     env = clean_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.token_path, RAY_ADDRESS="http://127.0.0.1:9")
-    proc = run_cli(["submit", "train", "--address", cluster.dashboard_url, "--config", "jobs/configs/demo.toml",
+    proc = run_cli(["-v", "submit", "train", "--address", cluster.dashboard_url, "--config", "jobs/configs/demo.toml",
                     "--set", "train.steps=2", "--set", f"train.out={out}", "--name", "tiny",
                     "--job-args=--local --no-progress", "--wait"], env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
