@@ -147,7 +147,7 @@ def _tasks(plan: _Plan, blocks: list, p: ShardParams) -> Iterator[dict]:
                     cache[src] = load_npz(plan.npzs[src].path)
                 data, labels = cache[src]
                 lab = None if labels is None else int(labels[sub])
-                items.append(("npz", data[sub], f"{plan.npzs[src].key}#{sub}", lab, gidx))
+                items.append(("npz", np.ascontiguousarray(data[sub]), f"{plan.npzs[src].key}#{sub}", lab, gidx))
         yield {"split": split, "index": index, "items": items}
 
 
@@ -373,7 +373,9 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
         if SHARD_FILE.match(f.name) and f.name not in keep:
             log.info("removing stale shard %s (not produced by this run)", f)
             f.unlink()
-        elif f.name.startswith(".") and f.name.endswith(".tmp") and SHARD_FILE.match(f.name[1:].rsplit(".", 2)[0]):
+        elif f.name.startswith(".") and f.name.endswith(".tmp") and (
+                SHARD_FILE.match(f.name[1:].rsplit(".", 2)[0])
+                or f.name[1:].rsplit(".", 2)[0] in (shardio.MANIFEST, shardio.SKIPPED)):
             f.unlink()  # temp file of an interrupted write
 
 
