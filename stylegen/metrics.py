@@ -26,7 +26,9 @@ Backends (``TrainMetrics.create(backend, ...)``):
   reaches the export port after up to ``metrics_report_interval_ms`` (10 s by default; ~9 s
   measured), then Prometheus' scrape interval adds to that. Ray computes a histogram's
   ``_sum`` from bucket midpoints, so exact totals are separate counters
-  (``stylegen_train_step_seconds_total``, ``stylegen_data_wait_seconds_total``).
+  (``stylegen_train_step_seconds_total``, ``stylegen_data_wait_seconds_total``). Ray also
+  drops NaN/Inf gauge values (measured: the series keeps its last finite value or never
+  appears), hence ``stylegen_train_loss_nonfinite{term}`` (0/1) for the NaN alert.
   Tune trials are told apart by the ``trial`` label.
 * ``"none"``: every call is a no-op.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -74,6 +77,8 @@ TRAIN_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("stylegen_data_wait_seconds_total", "counter", "time spent waiting for the next batch"),
     MetricSpec("stylegen_train_loss", "gauge", "last loss value per unweighted term, and the weighted 'total'",
                ("term",)),
+    MetricSpec("stylegen_train_loss_nonfinite", "gauge",
+               "1 when the last value of a loss term was NaN/Inf, else 0 (Ray drops NaN gauge values)", ("term",)),
     MetricSpec("stylegen_val_score", "gauge", "last validation score"),
     MetricSpec("stylegen_checkpoint_save_duration_seconds", "histogram", "time to save one checkpoint",
                buckets=CHECKPOINT_BUCKETS),
@@ -291,7 +296,9 @@ class TrainMetrics:
         self._sink.observe("stylegen_train_step_duration_seconds", max(duration_s, 0.0), t)
         self._sink.inc("stylegen_data_wait_seconds_total", max(data_wait_s, 0.0), t)
         for term, value in losses.items():
-            self._sink.set("stylegen_train_loss", float(value), {**t, "term": term})
+            value = float(value)
+            self._sink.set("stylegen_train_loss", value, {**t, "term": term})
+            self._sink.set("stylegen_train_loss_nonfinite", 0.0 if math.isfinite(value) else 1.0, {**t, "term": term})
         mem = self._device_memory()
         if mem is not None:
             self._sink.set("stylegen_device_memory_allocated_bytes", float(mem), t)

@@ -88,6 +88,7 @@ def test_simulated_run_counts_samples_over_http(metrics):
     assert _value(text, "stylegen_data_wait_seconds_total", **lab) == pytest.approx(0.02 * steps)
     assert _value(text, "stylegen_train_loss", term="total") == 7.0 - (steps - 1)  # the last value
     assert _value(text, "stylegen_train_loss", term="style") == 3.5
+    assert _value(text, "stylegen_train_loss_nonfinite", term="style") == 0
     assert _value(text, "stylegen_val_score") == pytest.approx(0.61)
     assert _value(text, "stylegen_train_running") == 1.0
     assert _value(text, "stylegen_build_info", ray="2.60.0") == 1.0
@@ -100,6 +101,7 @@ def test_checkpoint_restart_and_nan_loss(metrics):
     metrics.worker_restart()
     text = _scrape(metrics.url)
     assert math.isnan(_value(text, "stylegen_train_loss", term="total"))
+    assert _value(text, "stylegen_train_loss_nonfinite", term="total") == 1
     assert _value(text, "stylegen_checkpoint_save_duration_seconds_count") == 2
     assert _value(text, "stylegen_checkpoint_save_duration_seconds_sum") == pytest.approx(0.6)
     assert _value(text, "stylegen_checkpoint_last_success_timestamp_seconds") > 1.7e9

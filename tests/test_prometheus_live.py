@@ -6,11 +6,13 @@ test's ports and paths (1 s scrape interval, tmp data dir) and is stopped by its
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,40 @@ def test_prometheus_scrapes_two_ray_ranks_via_ray_discovery_file(tmp_path, monke
             _stop(proc)
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.prometheus
+def test_stylegen_prometheus_command_serves_rules_and_stops_with_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    cmd = subprocess.Popen([sys.executable, "-m", "stylegen.cli", "prometheus", "--port", str(port),
+                            "--data-dir", str(tmp_path), "--ray-discovery-file", str(tmp_path / "ray.json")],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert cmd.stdout.readline().startswith(f"Prometheus: http://127.0.0.1:{port}")
+        base = f"http://127.0.0.1:{port}"
+        prom.wait_ready(base, cmd, timeout=60)
+        with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=5) as r:
+            groups = json.load(r)["data"]["groups"]
+        assert len([rule for g in groups for rule in g["rules"]]) == 5
+        deadline, scrape = time.monotonic() + 20, set()
+        while time.monotonic() < deadline and not scrape:  # targets appear after the first SD sync
+            with urllib.request.urlopen(f"{base}/api/v1/targets", timeout=5) as r:
+                scrape = {t["scrapeUrl"] for t in json.load(r)["data"]["activeTargets"]}
+            time.sleep(0.5)
+        assert scrape == {"http://127.0.0.1:9464/metrics"}  # the local default target
+        cmd.send_signal(signal.SIGTERM)  # forwarded to prometheus: nothing is left listening
+        assert cmd.wait(timeout=20) == 0
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{base}/-/ready", timeout=2)
+    finally:
+        if cmd.poll() is None:
+            cmd.send_signal(signal.SIGTERM)  # stops its prometheus too; kill would orphan it
+            try:
+                cmd.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                cmd.kill()
+                cmd.wait()
