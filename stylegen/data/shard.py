@@ -175,8 +175,6 @@ def _load_checked(path: str, p: ShardParams):
 
 def make_shard(task: dict, p: ShardParams, out: str) -> dict:
     """Build one shard from its units and write it atomically. Runs in a worker process."""
-    from stylegen.checkpoint import atomic_write_bytes
-
     split, index, items = task["split"], task["index"], task["items"]
     order = np.random.default_rng([p.seed, index, split == "val"]).permutation(len(items))
     remaining = Counter(it[1] for it in items if it[0] == "image")
@@ -221,7 +219,7 @@ def make_shard(task: dict, p: ShardParams, out: str) -> dict:
     if not members:
         return {"row": None, "skipped": skips, "units": len(items)}
     data = shardio.tar_bytes(members)
-    atomic_write_bytes(Path(out) / name, data)
+    shardio.write_shard_file(Path(out) / name, data)
     row = {"file": name, "split": split, "samples": len(members) // 2, "bytes": len(data),
            "sha256": shardio.sha256_bytes(data), "encoding": p.encoding}
     return {"row": row, "skipped": skips, "units": len(items)}

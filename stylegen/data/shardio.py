@@ -21,6 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import os
+import tempfile
+
 from stylegen.checkpoint import atomic_write_bytes
 
 MANIFEST = "manifest.parquet"
@@ -50,6 +53,19 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(payload))
     return buf.getvalue()
+
+
+def write_shard_file(path: Path, data: bytes) -> None:
+    """Temp file + rename, without fsync: a shard lost or torn by a crash fails its manifest
+    checksum and is rebuilt by the next run, so durability is not worth a sync per shard."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sha256_bytes(data: bytes) -> str:
