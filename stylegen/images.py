@@ -77,7 +77,8 @@ def load_rgb(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: st
     except Image.DecompressionBombError:
         raise UserError(f"{what} {str(p)!r} is a decompression bomb (too many pixels); downscale it first") from None
     except UnidentifiedImageError:
-        raise UserError(f"{what} {str(p)!r} is not an image Pillow can read; pass a PNG, JPEG, WebP, GIF, ... file") from None
+        raise UserError(f"{what} {str(p)!r} is not an image Pillow can read; "
+                        "pass a PNG, JPEG, WebP, GIF, ... file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated / corrupt data
         msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {str(p)!r} is corrupt or truncated ({msg}); re-export or replace the file") from None

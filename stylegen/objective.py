@@ -30,7 +30,11 @@ LOSS_KEYS = ("content", "style", "gram")
 ROW_KEYS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n")
 
 
-def _terms(fo: Mapping[str, torch.Tensor], fc: Mapping[str, torch.Tensor], fs: Mapping[str, torch.Tensor]) -> dict[str, float]:
+Feats = Mapping[str, torch.Tensor]
+
+
+def _terms(fo: Feats, fc: Feats, fs: Feats) -> dict[str, float]:
+    """Batch-mean losses of output features ``fo`` against content ``fc`` and style ``fs`` features."""
     o = [fo[n] for n in STYLE_LAYERS]
     s = [fs[n] for n in STYLE_LAYERS]
     return {"content": float(content_loss(fo[CONTENT_LAYER], fc[CONTENT_LAYER])),
@@ -87,7 +91,8 @@ def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str,
 
 
 @torch.no_grad()
-def generate(generator, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0, batch: int = 16) -> torch.Tensor:
+def generate(generator, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0,
+             batch: int = 16) -> torch.Tensor:
     """generator outputs for all pairs, in batches (float in, float (N,3,H,W) out)."""
     return torch.cat([generator(content[i:i + batch], style[i:i + batch], alpha=alpha)
                       for i in range(0, len(content), batch)])

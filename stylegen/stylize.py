@@ -112,7 +112,8 @@ def parse_size(text: str) -> int | None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'native' or a side length in pixels, got {text!r}") from None
     if n < MIN_SIDE or n % 4 or n > 4096:
-        raise argparse.ArgumentTypeError(f"--size {n}: must be a multiple of 4 between {MIN_SIDE} and 4096 (or 'native')")
+        raise argparse.ArgumentTypeError(f"--size {n}: must be a multiple of 4 between {MIN_SIDE} and 4096 "
+                                         "(or 'native')")
     return n
 
 
@@ -194,7 +195,8 @@ def stylize_tensor(gen, content_u8, style_u8, alpha: float = 1.0, device: str | 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="checkpoint.pt or a dir holding one (default: the shipped pretrained model)")
-    p.add_argument("--content", nargs="+", required=True, metavar="IMG", help="content image(s), any format Pillow reads")
+    p.add_argument("--content", nargs="+", required=True, metavar="IMG",
+                   help="content image(s), any format Pillow reads")
     p.add_argument("--style", required=True, metavar="IMG", help="style image")
     p.add_argument("--alpha", type=parse_alpha, default=1.0, metavar="A",
                    help="style strength in [0, 1]: 0 = the content's own style, 1 = full style (default 1)")
@@ -215,6 +217,10 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
     outs = output_paths(args.content, args.out)
+    inputs = {Path(x).resolve() for x in [*args.content, args.style]}
+    clash = [o for o in outs if o.resolve() in inputs]
+    if clash:
+        raise UserError(f"output {str(clash[0])!r} would overwrite an input image; pass another --out")
     gen, _ = load_generator(args.checkpoint, args.device)
     pairs = prepare(args.content, args.style, args.size)
     from stylegen.images import save_png

@@ -71,6 +71,7 @@ def test_score_generator_matches_validate(vgg, tmp_path):
     assert ours["objective_n"] == pytest.approx(theirs["val_score"], rel=1e-4)
 
 
+@pytest.mark.slow  # ~10 s of CPU (VGG fwd/bwd for the Gatys row); 20-30 s on a busy 2-core machine
 def test_eval_cli_json_and_reference_rows(tmp_path, capsys):
     ck, _ = make_checkpoint(tmp_path / "ckpt.pt")
     out = tmp_path / "res" / "eval.json"
@@ -84,6 +85,7 @@ def test_eval_cli_json_and_reference_rows(tmp_path, capsys):
     assert list(res) == list(TOP_KEYS)
     assert res["format"] == "stylegen-eval-v1" and res["pairs"] == 2 and res["step"] == 7
     assert res["image_size"] == 64 and res["features"] == "random" and res["gatys_steps"] == 10
+    assert res["gatys_lr"] == 0.1
     assert res["content_layer"] == "relu4_1" and res["style_layers"] == ["relu1_1", "relu2_1", "relu3_1", "relu4_1"]
     rows = res["rows"]
     assert list(rows) == ["model", "identity", "style_copy", "gatys"]

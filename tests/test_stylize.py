@@ -195,13 +195,14 @@ def _bad_cases(tmp: Path, ckpt: Path, content: Path, style: Path) -> dict[str, t
         "misfit weights": (["--checkpoint", str(misfit), "--content", c, "--style", s], "do not fit its model config"),
         "missing ckpt": (["--checkpoint", str(tmp / "nope.pt"), "--content", c, "--style", s], "not found"),
         "jpg out": (["--checkpoint", k, "--content", c, "--style", s, "--out", str(tmp / "out" / "o.jpg")], "PNG"),
+        "out overwrites input": (["--checkpoint", k, "--content", c, "--style", s, "--out", c], "overwrite"),
         "file out, many": (["--checkpoint", k, "--content", c, c, "--style", s, "--out", str(tmp / "out" / "o.png")],
                            "pass a directory"),
     }
 
 
 CASES = ["missing content", "text as image", "truncated png", "bomb", "random bytes ckpt", "pickle payload",
-         "bare state dict", "misfit weights", "missing ckpt", "jpg out", "file out, many"]
+         "bare state dict", "misfit weights", "missing ckpt", "jpg out", "file out, many", "out overwrites input"]
 
 
 @pytest.mark.parametrize("case", CASES)
