@@ -75,11 +75,19 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {str(p)!r} was refused by the safe loader (weights_only=True): {first[:160]}; "
-                        "it is not a stylegen checkpoint or holds code objects") from None
+        import re
+
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if not found:
+            raise UserError(f"checkpoint {str(p)!r} is corrupt or not a checkpoint (unreadable pickle data); "
+                            "use a checkpoint.pt written by stylegen train or stylegen best --export") from None
+        what = f"it references {found.group(1)}"
+        raise UserError(f"checkpoint {str(p)!r} was refused by the safe loader (weights_only=True): {what}; "
+                        "only stylegen checkpoints (plain tensors) are loaded") from None
     except Exception as e:  # truncated zip, random bytes, ...
-        raise UserError(f"checkpoint {str(p)!r} is corrupt or not a checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(f"checkpoint {str(p)!r} is corrupt or not a checkpoint ({type(e).__name__}); "
+                        "use a checkpoint.pt written by stylegen train or stylegen best --export") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {str(p)!r} is not a stylegen checkpoint (no format {FORMAT!r}); "
                         "train one with `stylegen train` or export one with `stylegen best --export`")

@@ -71,11 +71,17 @@ metrics:         Ray workers export stylegen_* metrics through Ray's metrics pip
     return 0
 
 
-def example_images(out: Path) -> tuple[Path, Path]:
-    """A content photo and a style texture from the embedded image files, as 64x64 PNGs."""
-    from stylegen.data.embedded import example_pair
+def example_images(out: Path, content: str = "chelsea.png", style: str = "gravel.png") -> tuple[Path, Path]:
+    """A content photo and a style texture from the embedded image files, as 128x128 PNGs."""
+    from stylegen.data.embedded import skimage_data_dir
+    from stylegen.images import cover_crop, load_rgb, save_png, to_uint8_tensor
 
-    return example_pair(out)
+    paths = []
+    for name in (content, style):
+        target = out / f"example_{Path(name).stem}.png"
+        save_png(target, to_uint8_tensor(cover_crop(load_rgb(skimage_data_dir() / name), (128, 128))))
+        paths.append(target)
+    return paths[0], paths[1]
 
 
 if __name__ == "__main__":
