@@ -292,7 +292,7 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
             rows[res["row"]["file"]] = res["row"]
         skips.extend(res["skipped"])
         bar.update(res["units"])
-        if time.monotonic() - last_write > 2.0:
+        if len(rows) == len(kept) + 1 or time.monotonic() - last_write > 2.0:  # first shard, then every 2 s
             shardio.write_manifest(out, list(rows.values()), meta)
             shardio.write_skipped(out, skips)
             last_write = time.monotonic()
