@@ -161,14 +161,13 @@ def prepare(content_paths: list[str], style_path: str, size: int | None):
     from stylegen.images import cover_crop, crop_to_multiple, load_rgb, to_uint8_tensor
 
     style_img = load_rgb(style_path, what="style image")
+    _check_min_side(style_img, style_path, "style image")
     pairs = []
     for c in content_paths:
         im = load_rgb(c, what="content image")
+        _check_min_side(im, c, "content image")
         if size is None:
-            im = crop_to_multiple(im, 4)
-            if min(im.size) < MIN_SIDE:
-                raise UserError(f"content image {c!r} is {im.width}x{im.height}; --size native needs both sides "
-                                f">= {MIN_SIDE} px; use --size 64")
+            im = crop_to_multiple(im, 4)  # sides >= 16 stay >= 16
             if im.width * im.height > NATIVE_MAX_PIXELS:
                 raise UserError(f"content image {c!r} is {im.width}x{im.height}, over the {NATIVE_MAX_PIXELS:,}-pixel "
                                 "limit of --size native; pass --size N (e.g. 512)")
@@ -179,6 +178,27 @@ def prepare(content_paths: list[str], style_path: str, size: int | None):
         st = cover_crop(style_img, (im.height, im.width))
         pairs.append((to_uint8_tensor(im), to_uint8_tensor(st)))
     return pairs
+
+
+def _check_min_side(im, path: str, what: str) -> None:
+    """A 1x1 (or 8x8) image upscaled to 64x64 is one flat colour: refuse it rather than stylize nothing."""
+    if min(im.size) < MIN_SIDE:
+        raise UserError(f"{what} {path!r} is {im.width}x{im.height}, too small to stylize; both sides must be "
+                        f">= {MIN_SIDE} px")
+
+
+def make_output_dirs(paths: list[Path]) -> None:
+    """Create the outputs' directories (after every input is checked), or one UserError line."""
+    for d in dict.fromkeys(p.parent for p in paths):
+        blocker = next((a for a in [d, *d.parents] if a.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"cannot create output directory {str(d)!r}: {str(blocker)!r} is a file; "
+                            "pass a writable --out")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create output directory {str(d)!r} ({e.strerror or type(e).__name__}); "
+                            "pass a writable --out") from None
 
 
 def stylize_tensor(gen, content_u8, style_u8, alpha: float = 1.0, device: str | torch.device = "cpu"):
@@ -225,9 +245,14 @@ def run(args: argparse.Namespace) -> int:
     pairs = prepare(args.content, args.style, args.size)
     from stylegen.images import save_png
 
+    make_output_dirs(outs)
     for (c, s), path in zip(pairs, outs, strict=True):
         out = stylize_tensor(gen, c[None], s[None], args.alpha, args.device)[0]
-        save_png(path, out)
+        try:
+            save_png(path, out)
+        except OSError as e:  # disk full, permissions: the atomic write left nothing behind
+            raise UserError(f"cannot write {str(path)!r} ({e.strerror or type(e).__name__}); "
+                            "pass a writable --out") from None
         print(path)
     if args.metrics_textfile:
         from stylegen.metrics import CommandMetrics
