@@ -56,6 +56,8 @@ def load_rgb(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: st
         raise UserError(f"{what} {str(p)!r} not found; pass an existing image file")
     if not p.is_file():
         raise UserError(f"{what} {str(p)!r} is not a file; pass an image file (PNG, JPEG, WebP, GIF, ...)")
+    if p.stat().st_size == 0:
+        raise UserError(f"{what} {str(p)!r} is empty (0 bytes); pass an image file (PNG, JPEG, WebP, GIF, ...)")
     try:
         with warnings.catch_warnings():
             # Pillow warns above MAX_IMAGE_PIXELS and raises above 2x; our own limit decides.
