@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ TOP_KEYS = ("format", "checkpoint", "step", "pairs", "image_size", "features", "
             "content_layer", "style_layers", "rows")
 GATYS_STEPS = 100
 GATYS_LR = 0.1
+MAX_PAIRS = 10_000  # 10k pairs at 64x64 ~ 250 MB of uint8 images; more is a typo, not an eval
 
 
 def throughput(generator, content, style, batch: int = 16, min_seconds: float = 1.0) -> float:
@@ -158,6 +160,15 @@ def load_eval_pairs(args: argparse.Namespace, image_size: int):
     return load_pairs(data, args.pairs, split="val")
 
 
+def check_json_target(path: Path) -> None:
+    """Refuse an unusable --json before the (minutes-long) evaluation rather than after it."""
+    if path.is_dir():
+        raise UserError(f"--json {str(path)!r} is a directory; pass a file name such as eval.json")
+    parent = next((a for a in path.absolute().parents if a.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--json {str(path)!r}: {str(parent)!r} is not a writable directory; pass a writable path")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -166,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
     from stylegen.objective import CONTENT_LAYER, STYLE_LAYERS
     from stylegen.stylize import generator_from_state
 
-    if args.pairs < 1:
-        raise UserError(f"--pairs {args.pairs}: must be >= 1")
+    if not 1 <= args.pairs <= MAX_PAIRS:
+        raise UserError(f"--pairs {args.pairs}: must be between 1 and {MAX_PAIRS:,}")
     if args.gatys_steps < 0:
         raise UserError(f"--gatys-steps {args.gatys_steps}: must be >= 0")
     if not args.gatys_lr > 0:
@@ -176,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch {args.batch}: must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    if args.json:
+        check_json_target(Path(args.json))
     path = resolve_checkpoint_path(args.checkpoint)
     state = load_checkpoint(path)
     gen, cfg = generator_from_state(state, str(path))
@@ -194,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
               "style_layers": list(STYLE_LAYERS), "rows": rows}
     print(format_table(rows))
     if args.json:
-        atomic_write_bytes(args.json, (json.dumps(_json_safe(result), indent=2) + "\n").encode())
+        try:
+            atomic_write_bytes(args.json, (json.dumps(_json_safe(result), indent=2) + "\n").encode())
+        except OSError as e:
+            raise UserError(f"cannot write --json {args.json!r} ({e.strerror or type(e).__name__})") from None
         print(Path(args.json))
     return 0
