@@ -422,10 +422,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise UserError("--out DIR is required (where the shards and manifest.parquet go)")
-    for name, v, lo in (("--shard-size", args.shard_size, 1), ("--size", args.size, 8),
-                        ("--crops-per-image", args.crops_per_image, 1), ("--workers", args.workers, 0)):
-        if v < lo:
-            raise UserError(f"{name} {v} is out of range; expected an integer >= {lo}")
+    # upper bounds: --size as data.image_size; more crops per image than this is a typo that would never finish
+    for name, v, lo, hi in (("--shard-size", args.shard_size, 1, 10_000_000), ("--size", args.size, 8, 1024),
+                            ("--crops-per-image", args.crops_per_image, 1, 10_000), ("--workers", args.workers, 0, 1024)):
+        if not lo <= v <= hi:
+            raise UserError(f"{name} {v} is out of range; expected an integer between {lo} and {hi:,}")
     if not 0.0 <= args.val_fraction < 1.0:
         raise UserError(f"--val-fraction {args.val_fraction} is out of range; expected 0 <= F < 1")
     params = ShardParams(size=args.size, encoding=args.encoding, shard_size=args.shard_size,
