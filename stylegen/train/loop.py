@@ -7,7 +7,10 @@ hands them to ``ray.train.report``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -23,6 +26,9 @@ from stylegen.train.step import TrainState, checkpoint_state, train_step, unwrap
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Test/debug hooks (environment, read once per loop; off when unset):
+TRACE_ENV = "STYLEGEN_TRACE_DIR"  # every rank appends each report to DIR/rank<R>.jsonl (pid, step, hashes)
+FAULT_ENV = "STYLEGEN_FAULT_KILL_AT_STEP"  # "N:FLAG": after step N, SIGKILL this process if it can delete FLAG (once)
 
 
 class Sink(Protocol):
@@ -53,6 +59,73 @@ def install_sigterm(ctx: LoopContext) -> None:
         pass
 
 
+def param_checksum(module: torch.nn.Module) -> float:
+    """Sum of all parameters in float64: equal on every DDP rank when they are in sync."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in unwrap(module).parameters()))
+
+
+def params_digest(module: torch.nn.Module) -> str:
+    """Exact fingerprint of the parameters (bytes of every tensor): equal only when bit-identical."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in unwrap(module).parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def batch_digest(content: torch.Tensor, style: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(content.contiguous().numpy().tobytes())
+    h.update(style.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Trace:
+    """``STYLEGEN_TRACE_DIR`` hook: one JSON line per report and rank, for tests and debugging (ranks'
+    own facts that ``ray.train.report`` does not keep: pid, first batch, exact parameter digest)."""
+
+    def __init__(self, rank: int, world: int, start_step: int):
+        d = os.environ.get(TRACE_ENV)
+        self.path = Path(d) / f"rank{rank}.jsonl" if d else None
+        self.base = {"rank": rank, "world": world, "pid": os.getpid(), "start_step": start_step}
+        self.first_batch = ""
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def batch(self, content: torch.Tensor, style: torch.Tensor) -> None:
+        if self.path is not None and not self.first_batch:
+            self.first_batch = batch_digest(content, style)
+
+    def report(self, state: TrainState, metrics: dict, checkpoint: bool) -> None:
+        if self.path is None:
+            return
+        rec = {**self.base, **metrics, "first_batch": self.first_batch, "checkpoint": checkpoint,
+               "params_digest": params_digest(state.generator), "time": time.time()}
+        with open(self.path, "a") as f:  # one short line per append: readable while the run goes on
+            f.write(json.dumps(rec) + "\n")
+
+
+def fault_kill_step() -> tuple[int, Path] | None:
+    """``STYLEGEN_FAULT_KILL_AT_STEP=N:FLAG`` (tests only): the step to die after and the once-flag file."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    n, _, flag = spec.partition(":")
+    return int(n), Path(flag)
+
+
+def maybe_die(fault: tuple[int, Path] | None, step: int) -> None:
+    """SIGKILL this process after ``step`` == N, once: whoever deletes the flag file first dies."""
+    if fault is None or step != fault[0]:
+        return
+    try:
+        fault[1].unlink()
+    except FileNotFoundError:
+        return
+    log.warning("fault injection (%s): SIGKILL pid %d after step %d", FAULT_ENV, os.getpid(), step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: LoopContext, sink: Sink) -> dict:
     """Run until ``cfg.train.steps``; returns the last reported metrics."""
     from tqdm import tqdm
@@ -67,12 +140,16 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
     epoch = state.step // cfg.data.steps_per_epoch
     wait_sum = step_sum = 0.0
     t_img, n_img = time.perf_counter(), 0
+    skipped_before = 0  # corrupt samples/shards skipped in earlier epochs
+    trace = Trace(ctx.rank, ctx.world_size, state.step)
+    fault = fault_kill_step()
     while state.step < tc.steps:
         loader = build_loader(cfg.data, split="train", rank=ctx.rank, world_size=ctx.world_size, epoch_seed=epoch)
         t_wait = time.perf_counter()
         for content, style in loader:
             t0 = time.perf_counter()
             wait = t0 - t_wait
+            trace.batch(content, style)
             terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
                                total_steps=tc.steps, device=ctx.device, amp=tc.amp)
             dur = time.perf_counter() - t0
@@ -83,6 +160,7 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 ctx.metrics.step(dur + wait, len(content), wait, terms)
             bar.update(1)
             step = state.step
+            maybe_die(fault, step)
             final = step >= tc.steps or ctx.stop_requested[0]
             ckpt = step % tc.checkpoint_every == 0 or final
             grid = step // tc.sample_every if (step % tc.sample_every == 0 or final) else None
@@ -91,16 +169,20 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 now = time.perf_counter()
                 last = {**{f"loss_{k}": v for k, v in terms.items()}, **val, "step": step,
                         "epoch": epoch, "img_per_s": n_img * ctx.world_size / max(now - t_img, 1e-9),
-                        "data_wait_frac": wait_sum / max(step_sum, 1e-9)}
+                        "data_wait_frac": wait_sum / max(step_sum, 1e-9),
+                        "data_skipped": skipped_before + loader.skipped,
+                        "param_checksum": param_checksum(state.generator)}
                 t_img, n_img, wait_sum, step_sum = now, 0, 0.0, 0.0
                 if ctx.metrics is not None:
                     ctx.metrics.val(val["val_score"])
                 bar.set_postfix(loss=f"{terms['total']:.3g}", val=f"{val['val_score']:.3f}",
                                 img_s=f"{last['img_per_s']:.0f}")
                 sink.report(state, last, ckpt, grid, (val_c, val_s))
+                trace.report(state, last, ckpt)  # after the sink: a traced checkpoint step is saved
             if final:
                 break
             t_wait = time.perf_counter()
+        skipped_before += loader.skipped
         if ctx.stop_requested[0]:
             break
         epoch += 1
@@ -143,8 +225,6 @@ class LocalSink:
                                    checkpoint_state(state, self.cfg_dict, metrics))
             if self.metrics is not None:
                 self.metrics.checkpoint_saved(time.perf_counter() - t0)
-            import json
-
             atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
             prune_checkpoints(self.out / "checkpoints", self.cfg.train.keep_checkpoints)
             log.info("checkpoint %s", path)

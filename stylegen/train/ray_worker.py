@@ -47,7 +47,9 @@ class RaySink:
                 save_grid(Path(tmp) / f"epoch_{grid_index:04d}.png", *tensors)
                 if self.run_dir is not None:  # local storage: also beside the run, like --local
                     save_grid(self.run_dir / "samples" / f"epoch_{grid_index:04d}.png", *tensors)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # step-named dirs let a restarted worker find a checkpoint Ray had not registered yet
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{state.step:08d}")
             if self.metrics is not None:
                 self.metrics.checkpoint_saved(time.perf_counter() - t0)
 
@@ -58,26 +60,29 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from stylegen.checkpoint import load_checkpoint
     from stylegen.features import build_features
     from stylegen.metrics import TrainMetrics
     from stylegen.train.loop import LoopContext, install_sigterm, training_loop
     from stylegen.train.step import build_state, restore_state
 
     cfg = from_dict(config["cfg"])
+    os.environ.update(config.get("env") or {})  # the driver's test/debug hook variables (see hook_env)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = ray.train.torch.get_device()
     state = build_state(cfg, device)
-    restarted = False
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            restore_state(state, load_checkpoint(Path(d) / "checkpoint.pt"))
-        restarted = True
+    ckpt = find_resume_checkpoint()
+    restarted = ckpt is not None
+    if ckpt is not None:
+        restore_state(state, ckpt)
         log.info("rank %d resuming from step %d", rank, state.step)
+    if world > 1:  # every rank must restore the same checkpoint (they list the same storage)
+        steps = torch.tensor([state.step, -state.step], dtype=torch.int64)
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+        if int(steps[0]) != -int(steps[1]):
+            raise RuntimeError(f"ranks resumed from different steps ({-int(steps[1])}..{int(steps[0])})")
     # DDP after the restore: every rank loads the same weights, DDP broadcasts rank 0's anyway.
     state.generator = ray.train.torch.prepare_model(state.generator)
     if state.discriminator is not None:
@@ -94,6 +99,51 @@ def train_loop_per_worker(config: dict) -> None:
         training_loop(cfg, state, vgg, loop_ctx, RaySink(cfg, rank, run_dir, metrics))
     finally:
         metrics.close()
+
+
+def find_resume_checkpoint() -> dict | None:
+    """The newest loadable checkpoint of this run, or None for a fresh start.
+
+    Tried newest first: the run directory's ``step_XXXXXXXX`` checkpoint dirs, then the checkpoint Ray
+    registered. Ray registers a reported checkpoint only when its controller next polls the workers
+    (every ~2 s): a worker killed just after a report would otherwise resume one interval further back.
+    A corrupt or half-uploaded checkpoint is skipped with a warning (the previous one is used).
+    """
+    import ray.train
+    from pyarrow.fs import FileSelector, FileType
+
+    from stylegen.checkpoint import load_checkpoint
+    from stylegen.errors import UserError
+    from stylegen.train.loop import STEP_DIR
+
+    storage = ray.train.get_context().get_storage()
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    try:
+        infos = fs.get_file_info(FileSelector(root, allow_not_found=True))
+    except OSError as e:
+        log.warning("cannot list %s for checkpoints: %s", root, e)
+        infos = []
+    names = sorted((i.base_name for i in infos if i.type == FileType.Directory and STEP_DIR.match(i.base_name)),
+                   reverse=True)
+    candidates = [ray.train.Checkpoint(path=f"{root}/{n}", filesystem=fs) for n in names]
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        candidates.append(registered)
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as d:
+                return load_checkpoint(Path(d) / "checkpoint.pt")
+        except UserError as e:
+            log.warning("skipping checkpoint %s: %s", checkpoint.path, e)
+    return None
+
+
+def hook_env() -> dict[str, str]:
+    """The driver's test/debug hook variables (``loop.TRACE_ENV``, ``loop.FAULT_ENV``), forwarded to every
+    worker: Ray workers inherit the environment of the cluster, not of this driver."""
+    from stylegen.train.loop import FAULT_ENV, TRACE_ENV
+
+    return {k: os.environ[k] for k in (TRACE_ENV, FAULT_ENV) if os.environ.get(k)}
 
 
 def is_local_path(storage: str) -> bool:
@@ -117,7 +167,7 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
         run_dir = None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir},
+        train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir, "env": hook_env()},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
