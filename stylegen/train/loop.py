@@ -221,13 +221,35 @@ class LocalSink:
             save_grid(self.out / "samples" / f"epoch_{grid_index:04d}.png", *grid_tensors(state, val_pairs, device))
         if checkpoint:
             t0 = time.perf_counter()
-            path = save_checkpoint(self.out / "checkpoints" / f"step_{state.step:08d}" / "checkpoint.pt",
-                                   checkpoint_state(state, self.cfg_dict, metrics))
+            try:
+                path = save_checkpoint(self.out / "checkpoints" / f"step_{state.step:08d}" / "checkpoint.pt",
+                                       checkpoint_state(state, self.cfg_dict, metrics))
+                atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
+            except OSError as e:  # read-only, full or vanished storage: one clear line, not a traceback
+                raise storage_error(self.out, e) from None
             if self.metrics is not None:
                 self.metrics.checkpoint_saved(time.perf_counter() - t0)
-            atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
             prune_checkpoints(self.out / "checkpoints", self.cfg.train.keep_checkpoints)
             log.info("checkpoint %s", path)
+
+
+def storage_error(out: Path, e: OSError):
+    from stylegen.errors import UserError
+
+    return UserError(f"cannot write to the output directory {str(out)!r} ({e.strerror or e}); make it writable, "
+                     "free space or choose another --out, then rerun: training resumes from the last checkpoint")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training, not at the first checkpoint, when ``out`` cannot be written."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write-probe-", dir=out):
+            pass
+    except OSError as e:
+        raise storage_error(out, e) from None
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -261,7 +283,7 @@ def run_local(cfg: Config, out: Path, *, progress: bool = True, metrics_backend:
     from stylegen.metrics import TrainMetrics
     from stylegen.train.step import build_state, pick_device, restore_state
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
