@@ -207,7 +207,32 @@ def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
                         "check --address / RAY_ADDRESS and that the cluster is up") from None
 
 
+def failure_reason(error: Exception) -> str:
+    """One line from a Train V2 failure: the first failed worker's (or the controller's) exception message."""
+    import ray.train
+
+    inner: object = error
+    if isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
+        inner = next(iter(error.worker_failures.values()))
+    elif isinstance(error, ray.train.ControllerError):
+        inner = error.controller_failure
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(inner).__name__)[:300]
+
+
 def fit(cfg: Config, *, name: str, storage: str, address: str = ""):
-    """``stylegen train`` without --local: run the TorchTrainer and return its Result."""
+    """``stylegen train`` without --local: run the TorchTrainer and return its Result.
+
+    Train V2's ``fit`` raises when the run fails (after ``train.max_failures`` restarts): that becomes
+    one UserError line; Ray has already logged the full traceback.
+    """
+    import ray.train
+
+    from stylegen.errors import UserError
+
     ensure_ray(address)
-    return build_trainer(cfg, name=name, storage=storage).fit()
+    try:
+        return build_trainer(cfg, name=name, storage=storage).fit()
+    except ray.train.TrainingFailedError as e:
+        raise UserError(f"training run {name!r} failed: {failure_reason(e)}; fix the cause and rerun with the same "
+                        "--name and --storage to resume from the last checkpoint") from None
