@@ -107,20 +107,24 @@ def load_sweep(path: Path, metric: str = "val_score", mode: str = "min") -> tupl
         raise UserError(f"{str(path)!r} holds no Tune sweep (no experiment_state-*.json) and no train run "
                         f"({SNAPSHOT}); pass a sweep directory written by `stylegen tune`")
     state = _read_json(Path(states[-1]), "sweep state")
+    if not isinstance(state, dict) or not isinstance(state.get("trial_data", []), list):
+        raise UserError(f"sweep state {states[-1]!r} is corrupt (not a Tune experiment state)")
+    sweep_cfg = _read_json(path / "sweep_config.json", "sweep config") if (path / "sweep_config.json").is_file() else {}
     rows, running = [], False
-    for trial_json, runtime_json in state.get("trial_data", []):
+    for item in state.get("trial_data", []):
         try:
+            trial_json, runtime_json = item
             trial = json.loads(trial_json)
             runtime = json.loads(runtime_json)
-        except (TypeError, json.JSONDecodeError):
-            raise UserError(f"sweep state {states[-1]!r} is corrupt (a trial entry is not JSON)") from None
-        tid, status = trial["trial_id"], trial.get("status", "?")
+            tid, status = str(trial["trial_id"]), str(trial.get("status", "?"))
+        except (TypeError, ValueError, KeyError):
+            raise UserError(f"sweep state {states[-1]!r} is corrupt (a trial entry is not a Tune trial)") from None
         running |= status in ("RUNNING", "PENDING", "PAUSED")
         trial_dirs = glob.glob(str(path / f"*_{tid}_*"))
         results = _read_results(Path(trial_dirs[0])) if trial_dirs else []
         last = results[-1] if results else (runtime.get("last_result") or {})
-        config = last.get("config", {})
-        max_steps = config.get("base", {}).get("train", {}).get("steps")
+        base = sweep_cfg.get("base") or last.get("config", {}).get("base", {})  # older sweeps: base in the config
+        max_steps = base.get("train", {}).get("steps")
         ckpts = _snapshot_checkpoints(path / "trial_runs" / f"trial-{tid}")
         best_path, best_metrics = _best_of(ckpts, metric, mode)
         row = TrialRow(trial_id=tid, status=status, params=trial.get("evaluated_params", {}),
@@ -214,7 +218,7 @@ def print_best(path: Path, *, metric: str = "val_score", mode: str = "min", top:
     if as_json:
         print(json.dumps({"best": asdict(best), "running": running, "top": [asdict(r) for r in order[:top]]}, indent=2))
         return best
-    tag = " (sweep still running: best so far)" if running else ""
+    tag = " (sweep still running or interrupted: best so far)" if running else ""
     print(f"best trial {best.trial_id}{tag}: {metric}={best.val_score:.4f} "
           f"(content_n={best.val_content_n:.3f}, style_n={best.val_style_n:.3f}) after {best.steps} steps")
     for k, v in best.params.items():

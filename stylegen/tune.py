@@ -44,25 +44,54 @@ def search_space(space: dict) -> dict:
     return {key: makers[kind](args) for key, dist in space.items() for kind, args in dist.items()}
 
 
-def trial_config(config: dict) -> Config:
-    """The trial's full Config: the base config with the sampled 'section.key' values applied."""
-    return with_overrides(from_dict(config["base"]), {k: v for k, v in config.items() if "." in k})
+def trial_config(base: dict, params: dict) -> Config:
+    """The trial's full Config: the sweep's base config with the sampled 'section.key' values applied."""
+    return with_overrides(from_dict(base), {k: v for k, v in params.items() if "." in k})
 
 
-def run_trial(config: dict) -> None:
-    """Function trainable: one Ray Train DDP run whose reports reach Tune."""
+def run_trial(params: dict, base: dict | None = None, train_storage: str = "") -> None:
+    """Function trainable: one Ray Train DDP run whose reports reach Tune.
+
+    ``params`` holds only the sampled keys (what Tune prints and stores per trial); the
+    base config and the Train storage come through ``tune.with_parameters``. The run is
+    fitted in a child task whose env names this cluster (RAY_ADDRESS): Train's
+    PlacementGroupCleaner, which frees the workers' CPUs when ASHA kills a trial, finds
+    the cluster through the State API, and with no address it gives up as soon as a
+    second Ray instance runs on the machine (seen here: leaked placement groups, the
+    next trials waiting for CPUs forever).
+    """
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    trial_id = tune.get_context().get_trial_id()
+    callback = TuneReportCallback()  # must be built in the Tune session; it is only a queue handle
+    env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    fit = ray.remote(num_cpus=0, max_retries=0)(fit_trial).options(runtime_env=env)
+    error = ray.get(fit.remote(base, params, train_storage, trial_id, callback))
+    if error is not None:
+        raise TrialFailed(error)
+
+
+class TrialFailed(RuntimeError):
+    """A trial's Train run failed; the message is the run's own error (its last line is the reason)."""
+
+
+def fit_trial(base: dict, params: dict, train_storage: str, trial_id: str, callback) -> str | None:
+    """Build and fit the trial's TorchTrainer; returns None or the error text (exceptions may not unpickle)."""
     from stylegen.train.ray_worker import build_trainer
 
-    cfg = trial_config(config)
-    trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage=config["train_storage"], trial=trial_id,
-                            callbacks=[TuneReportCallback()])
+    cfg = trial_config(base, params)
+    trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage=train_storage, trial=trial_id, callbacks=[callback])
     result = trainer.fit()
-    if result.error:
-        raise result.error
+    return None if result.error is None else error_text(result.error)
+
+
+def error_text(error: BaseException) -> str:
+    """One line for a Train error: the innermost worker exception (e.g. FloatingPointError: ...)."""
+    text = str(error).strip().splitlines()
+    last = next((ln.strip() for ln in reversed(text) if ln.strip()), type(error).__name__)
+    return last[:300]
 
 
 def tune_overrides(args: argparse.Namespace) -> list[str]:
@@ -82,49 +111,128 @@ def trial_bundle() -> dict:
 
     if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
         return {"CPU": 0, TRIAL_RESOURCE: 1}
-    log.warning("cluster has no %r resource (see cluster/ configs); trials take 0.01 CPU each", TRIAL_RESOURCE)
-    return {"CPU": 0.01}
+    log.warning("cluster has no %r resource (see cluster/ configs); trials take %g CPU each",
+                TRIAL_RESOURCE, DRIVER_CPU)
+    return {"CPU": DRIVER_CPU}
 
 
-def concurrency(cfg: Config) -> int:
-    """max_concurrent, capped so every running trial's Train workers fit the cluster's CPUs (no deadlock)."""
+DRIVER_CPU = 0.01  # a trial driver's CPU when the cluster has no trial_slot resource
+
+
+def max_trials(cpus: float, per_trial: float, driver: float, requested: int, gpus: float = 0.0,
+               gpus_per_trial: float = 0.0) -> int:
+    """Trials whose drivers *and* Train workers all fit at once (0 = not even one).
+
+    A running trial holds ``driver`` CPUs for its whole life and needs ``per_trial`` more
+    for its workers; if k trials' drivers started but only k-1 worker groups fit, the
+    last one waits forever. So k may be at most cpus // (driver + per_trial).
+    """
+    fits = int((cpus + 1e-9) // (per_trial + driver)) if per_trial + driver > 0 else requested
+    if gpus_per_trial > 0:
+        fits = min(fits, int((gpus + 1e-9) // gpus_per_trial))
+    return min(requested, fits)
+
+
+def concurrency(cfg: Config, driver: float) -> int:
+    """max_concurrent, capped so every running trial's driver and Train workers fit the cluster (no deadlock).
+
+    Counts the cluster's total CPUs/GPUs: other jobs holding some of them, or an autoscaler
+    that would add nodes, are not seen here (lower tune.max_concurrent yourself then).
+    """
     import ray
 
-    per_trial = cfg.tune.workers_per_trial * max(cfg.ray.cpus_per_worker, 1e-9)
-    fits = int(ray.cluster_resources().get("CPU", 1) // per_trial)
-    if fits < 1:
-        raise UserError(f"one trial needs {per_trial:g} CPUs (tune.workers_per_trial x ray.cpus_per_worker) "
-                        f"but the cluster has {ray.cluster_resources().get('CPU', 0):g}; lower them")
-    if fits < cfg.tune.max_concurrent:
-        log.warning("tune.max_concurrent=%d lowered to %d: that is how many trials' workers fit the CPUs",
-                    cfg.tune.max_concurrent, fits)
-    return min(cfg.tune.max_concurrent, fits)
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    w = cfg.tune.workers_per_trial
+    per_trial, gpus_per_trial = w * cfg.ray.cpus_per_worker, w * cfg.ray.gpus_per_worker
+    n = max_trials(cpus, per_trial, driver, cfg.tune.max_concurrent, gpus, gpus_per_trial)
+    if n < 1:
+        raise UserError(f"one trial needs {per_trial + driver:g} CPUs and {gpus_per_trial:g} GPUs "
+                        f"(tune.workers_per_trial x ray.cpus_per_worker / ray.gpus_per_worker, plus its driver) "
+                        f"but the cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower them")
+    if n < cfg.tune.max_concurrent:
+        log.warning("tune.max_concurrent=%d lowered to %d: that is how many trials' workers fit the cluster",
+                    cfg.tune.max_concurrent, n)
+    return n
+
+
+SWEEP_CONFIG = "sweep_config.json"
+
+
+def sweep_location(storage: str, sweep: str) -> str:
+    """``storage/sweep`` for a local path or a URI (s3://b/p): Path() would mangle the URI's '//'."""
+    return f"{storage.rstrip('/')}/{sweep}" if "://" in storage else str(Path(storage) / sweep)
+
+
+def first_difference(a, b, prefix: str = "") -> str | None:
+    """The first dotted key where two nested config dicts differ (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def check_resume_config(sweep_dir: Path, base: dict) -> None:
+    """A resumed sweep must train its remaining trials with the config it started with."""
+    import json
+
+    saved_file = sweep_dir / SWEEP_CONFIG
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))["base"]
+    diff = first_difference(saved, base)
+    if diff is not None:
+        raise UserError(f"--resume: {diff} differs from the config the sweep started with ({SWEEP_CONFIG} in "
+                        f"{str(sweep_dir)!r}); resume with the same --config/--set")
 
 
 def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from stylegen.checkpoint import atomic_write_bytes
+    from stylegen.train.ray_worker import is_local_path
 
     tc = cfg.tune
     if not tc.space:
         raise UserError("tune.space is empty; add e.g. [tune.space] \"loss.style\" = { loguniform = [1.0, 100.0] }")
     trial_cfg = with_overrides(cfg, {"ray.workers": tc.workers_per_trial})
-    trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory([trial_bundle()]))
-    path = Path(storage) / sweep
+    base = to_dict(trial_cfg)
+    location = sweep_location(storage, sweep)
+    bundle = trial_bundle()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, train_storage=sweep_location(location, "trial_runs")),
+        tune.PlacementGroupFactory([bundle]))
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise UserError(f"no sweep to resume at {path}; run without --resume to start it")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, resume_unfinished=True)
+        if not tune.Tuner.can_restore(location):
+            raise UserError(f"no sweep to resume at {location}; run without --resume to start it")
+        if is_local_path(storage):
+            check_resume_config(Path(location), base)
+        return tune.Tuner.restore(location, trainable=trainable, resume_errored=True, resume_unfinished=True)
+    if tune.Tuner.can_restore(location):
+        raise UserError(f"a sweep named {sweep!r} already exists in {storage}; pass --resume to continue it "
+                        f"or --name for a new one")
     scheduler = (ASHAScheduler(time_attr="step", max_t=cfg.train.steps, grace_period=tc.grace_period,
                                reduction_factor=tc.reduction_factor)
                  if tc.scheduler == "asha" else FIFOScheduler())
-    param_space = {"base": to_dict(trial_cfg), "train_storage": str(path / "trial_runs"), **search_space(tc.space)}
+    n = concurrency(trial_cfg, bundle.get("CPU", 0.0))
+    if is_local_path(storage):
+        import json
+
+        Path(location).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(location) / SWEEP_CONFIG,
+                           json.dumps({"sweep": sweep, "base": base, "space": tc.space}, indent=1).encode())
     return tune.Tuner(
         trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler,
-                                    num_samples=tc.samples, max_concurrent_trials=concurrency(trial_cfg)),
-        run_config=tune.RunConfig(name=sweep, storage_path=str(Path(storage).resolve())),
+        param_space=search_space(tc.space),
+        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler, num_samples=tc.samples,
+                                    # seeded sampling: the same config samples the same trials
+                                    search_alg=BasicVariantGenerator(max_concurrent=n, random_state=tc.seed)),
+        run_config=tune.RunConfig(name=sweep, storage_path=storage),
     )
 
 
@@ -146,12 +254,22 @@ def run_sweep(cfg: Config, *, sweep: str, resume: bool = False):
 def run(args: argparse.Namespace) -> int:
     from stylegen.config import load_config
     from stylegen.experiments import print_best
+    from stylegen.train.ray_worker import is_local_path
 
     cfg = load_config(args.config, [*args.overrides, *tune_overrides(args)])
     sweep = args.name or f"{cfg.ray.name}-sweep"
     results = run_sweep(cfg, sweep=sweep, resume=args.resume)
-    errors = [r for r in results if r.error]
-    print(f"sweep {sweep}: {len(results)} trials, {len(errors)} errored")
-    if "://" not in cfg.ray.storage:
-        print_best(Path(cfg.ray.storage) / sweep, metric=cfg.tune.metric, mode=cfg.tune.mode, top=len(results))
-    return 0 if len(errors) < len(results) else 1
+    errors = results.num_errors
+    unfinished = len(results) - errors - results.num_terminated
+    print(f"sweep {sweep}: {len(results)} trials, {errors} errored" + (f", {unfinished} unfinished" if unfinished else ""))
+    if unfinished:  # Ctrl-C / SIGTERM: Tune saved its state
+        print(f"sweep interrupted: continue it with the same command plus --resume")
+    if is_local_path(cfg.ray.storage):
+        try:
+            print_best(Path(cfg.ray.storage.removeprefix("file://")).expanduser() / sweep,
+                       metric=cfg.tune.metric, mode=cfg.tune.mode)
+        except UserError as e:
+            log.warning("%s", e)
+    if unfinished:
+        return 130
+    return 0 if errors < len(results) else 1
