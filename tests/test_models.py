@@ -72,3 +72,17 @@ def test_discriminator_patch_logits_and_gradients():
     assert d(torch.rand(1, 3, 128, 128)).shape == (1, 1, 16, 16)
     d_loss(d(real), d(fake)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
+
+
+def test_saturated_output_still_gets_gradients():
+    """The [0, 1] clamp is straight-through: a generator pushed far out of range can recover
+    (a sigmoid head stalled for good in sanity runs)."""
+    torch.manual_seed(0)
+    g = Generator(CONFIGS[1])
+    with torch.no_grad():
+        g.to_rgb.bias.fill_(100.0)
+    c, s = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    out = g(c, s)
+    assert torch.equal(out, torch.ones_like(out))
+    out.mean().backward()
+    assert g.to_rgb.bias.grad.abs().sum() > 0 and g.content_encoder.stem[0].weight.grad.abs().sum() > 0

@@ -23,7 +23,8 @@ Fusion (``ModelConfig.fusion``):
 No normalisation layers after the fusion: an InstanceNorm in the decoder would erase the
 channel statistics AdaIN just injected. Upsampling is nearest resize + 3x3 conv (no
 transposed-conv checkerboards); convs use reflection padding (no dark borders). The output
-is a sigmoid, so it is always in [0, 1] with non-zero gradients everywhere.
+is clamped to [0, 1] with a straight-through gradient (see ``forward``), so it is always a
+valid image and training can never stall on a saturated output layer.
 """
 
 from __future__ import annotations
@@ -130,4 +131,9 @@ class Generator(nn.Module):
         h = self.up1(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C, H, W)
         if skips[0] is not None:
             h = self.mix1(torch.cat([h, skips[0]], dim=1))
-        return torch.sigmoid(self.to_rgb(h))                              # (B, 3, H, W) in [0, 1]
+        x = self.to_rgb(h) + 0.5                                          # (B, 3, H, W), grey at init
+        # Clamp to [0, 1] forward, identity backward (straight-through): a sigmoid head died
+        # in 2 of 4 sanity runs (Adam at lr 1e-3 pushed every pre-activation past |x| ~ 17,
+        # where float32 sigmoid gradients are exactly 0: a constant image forever). Here the
+        # VGG losses always see the clamped image and always get a gradient through.
+        return x + (x.clamp(0.0, 1.0) - x).detach()
