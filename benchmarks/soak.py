@@ -15,6 +15,10 @@ checkpoint, caches) is not judged. Prints:
     soak_rss_end_vs_start: ours=<end MB> baseline=<start MB> ratio=<end/start>
 
 The baseline of the ratio line is the same process's RSS right after warm-up: flat memory is 1.00.
+
+Measured (2 shared CPUs, load 4-7, ``--minutes 12 --interval 3``): 2985 steps in 724 s (4.1 steps/s,
+11 checkpoints + grids, 29 loader epochs); RSS after warm-up 517.1 -> 518.8 MB (+1.6 MB, range
+506.7-539.8 MB, slope -0.12 MB/min), ratio 1.003; fds 6 -> 6 (max 7). Memory and fds flat.
 """
 
 from __future__ import annotations
