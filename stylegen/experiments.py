@@ -128,7 +128,9 @@ def load_sweep(path: Path, metric: str = "val_score", mode: str = "min") -> tupl
         ckpts = _snapshot_checkpoints(path / "trial_runs" / f"trial-{tid}")
         best_path, best_metrics = _best_of(ckpts, metric, mode)
         row = TrialRow(trial_id=tid, status=status, params=trial.get("evaluated_params", {}),
-                       steps=int(last.get("step", 0) or 0),
+                       # a trial resumed after its run had finished reports nothing new: its Train
+                       # checkpoints know the step it reached
+                       steps=max([int(last.get("step", 0) or 0), *(int(m.get("step", 0) or 0) for _, m in ckpts)]),
                        val_score=float(best_metrics.get(metric, math.nan)),
                        last_val_score=float(last.get(metric, math.nan)),
                        val_content_n=float(best_metrics.get("val_content_n", math.nan)),

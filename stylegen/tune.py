@@ -78,20 +78,31 @@ class TrialFailed(RuntimeError):
 
 
 def fit_trial(base: dict, params: dict, train_storage: str, trial_id: str, callback) -> str | None:
-    """Build and fit the trial's TorchTrainer; returns None or the error text (exceptions may not unpickle)."""
-    from stylegen.train.ray_worker import build_trainer
+    """Build and fit the trial's TorchTrainer; None, or the failure as one line (the worker's own exception)."""
+    import ray.train
+
+    from stylegen.train.ray_worker import build_trainer, failure_reason
 
     cfg = trial_config(base, params)
     trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage=train_storage, trial=trial_id, callbacks=[callback])
-    result = trainer.fit()
-    return None if result.error is None else error_text(result.error)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:  # V2 raises once train.max_failures restarts are spent
+        return named_reason(e, failure_reason(e))
+    return None if result.error is None else named_reason(result.error, failure_reason(result.error))
 
 
-def error_text(error: BaseException) -> str:
-    """One line for a Train error: the innermost worker exception (e.g. FloatingPointError: ...)."""
-    text = str(error).strip().splitlines()
-    last = next((ln.strip() for ln in reversed(text) if ln.strip()), type(error).__name__)
-    return last[:300]
+def named_reason(error: BaseException, reason: str) -> str:
+    """'FloatingPointError: non-finite ...': the worker's exception type in front of its message."""
+    import ray.train
+
+    inner: object = error
+    if isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
+        inner = next(iter(error.worker_failures.values()))
+    elif isinstance(error, ray.train.ControllerError):
+        inner = error.controller_failure
+    name = type(getattr(inner, "cause", None) or inner).__name__  # RayTaskError keeps the user's error as .cause
+    return reason if reason.startswith(name) else f"{name}: {reason}"
 
 
 def tune_overrides(args: argparse.Namespace) -> list[str]:

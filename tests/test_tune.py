@@ -1,0 +1,202 @@
+"""`stylegen tune`: search-space errors, the no-deadlock concurrency rule, the trial label, and
+(marked ray/slow) real sweeps on this machine's CPUs: ASHA + an errored trial + best/export/stylize,
+and a sweep killed mid-way that finishes with --resume.
+
+The Ray tests run `stylegen tune` as a subprocess (as a user would): its local Ray cluster
+lives and dies with that process group, which the test stops by its own PID group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from stylegen.tune import first_difference, max_trials
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE_TOML = str(ROOT / "jobs" / "configs" / "tune.toml")
+# tiny and fast: quality does not matter here, only the sweep mechanics
+TINY = ["--set", "model.channels=8", "--set", "model.res_blocks=1", "--set", "data.batch_size=4",
+        "--set", "features.weights=random", "--set", "train.val_pairs=4", "--set", "train.report_every=5",
+        "--set", "train.checkpoint_every=5", "--set", "train.sample_every=20", "--set", "train.max_failures=0"]
+
+
+def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)
+
+
+# ----------------------------------------------------------------------------- fast
+
+@pytest.mark.parametrize("space, needle", [
+    ('{"loss.nope" = {uniform = [1.0, 2.0]}}', "loss.nope"),
+    ('{"nosection.style" = {uniform = [1.0, 2.0]}}', "nosection"),
+    ('{"loss.style" = {gauss = [1.0, 2.0]}}', "unknown distribution 'gauss'"),
+    ('{"loss.style" = {loguniform = [0.0, 2.0]}}', "low > 0"),
+    ('{"loss.style" = {uniform = [5.0, 2.0]}}', "low < high"),
+    ('{"loss.style" = {uniform = [1.0]}}', "[low, high]"),
+    ('{"loss.style" = {choice = []}}', "non-empty list"),
+    ('{"loss.style" = {choice = [1.0, -3.0]}}', "loss.style"),
+    ('{"loss.style" = {uniform = [1.0, 2.0], choice = [1.0]}}', "one distribution"),
+    ('{"optim.lr" = {grid = [0.001, 100.0]}}', "optim.lr"),
+    ('{"tune.samples" = {grid = [1, 2]}}', "cannot be searched"),
+])
+def test_tune_rejects_bad_search_space_in_one_line(space, needle):
+    r = cli("tune", "--config", TUNE_TOML, "--set", f"tune.space={space}", "--storage", "/nonexistent/never-created")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stylegen tune: error:"), r.stderr
+    assert needle in lines[0]
+    assert not Path("/nonexistent/never-created").exists()
+
+
+@pytest.mark.parametrize("cpus, per_trial, driver, requested, expect", [
+    (2, 1, 0.0, 2, 2),       # trial_slot resource: drivers hold no CPU
+    (2, 1, 0.01, 2, 1),      # CPU-sliver fallback: a 2nd driver would leave 0.98 CPU for its worker
+    (2, 1, 0.01, 8, 1),
+    (4.02, 1, 0.01, 8, 3),   # 4 x 1.01 = 4.04 > 4.02
+    (16, 2, 0.01, 4, 4),     # the cap when resources are plenty
+    (1, 2, 0.0, 2, 0),       # a trial does not fit at all
+])
+def test_max_trials_never_oversubscribes(cpus, per_trial, driver, requested, expect):
+    n = max_trials(cpus, per_trial, driver, requested)
+    assert n == expect
+    assert n * (per_trial + driver) <= cpus + 1e-9
+
+
+def test_max_trials_counts_gpus():
+    assert max_trials(64, 1, 0.0, 8, gpus=4, gpus_per_trial=2) == 2
+
+
+def test_first_difference_names_the_changed_key():
+    a = {"train": {"steps": 20, "seed": 0}, "loss": {"style": 1.0}}
+    assert first_difference(a, a) is None
+    assert first_difference(a, {"train": {"steps": 30, "seed": 0}, "loss": {"style": 1.0}}) == "train.steps"
+
+
+def test_trial_label_reaches_trainer_config_and_metrics():
+    """build_trainer hands trial= to every worker (train_loop_config), which labels its metrics with it."""
+    from stylegen.config import Config
+    from stylegen.metrics import TrainMetrics
+    from stylegen.train.ray_worker import build_trainer
+
+    trainer = build_trainer(Config(), name="trial-t_00001", storage="/tmp/stylegen-never-written", trial="t_00001")
+    assert trainer.train_loop_config["trial"] == "t_00001"
+    # the worker calls TrainMetrics.create(..., trial=config.get("trial", "")): the label is exported
+    m = TrainMetrics.create("prometheus", run="trial-t_00001", rank=0, trial="t_00001", port=0)
+    try:
+        m.step(0.1, 4, 0.0, {"total": 1.0})
+        text = urllib.request.urlopen(m.url, timeout=10).read().decode()
+    finally:
+        m.close()
+    assert 'trial="t_00001"' in text
+
+
+# ----------------------------------------------------------------------------- Ray sweeps
+
+def sweep_rows(sweep: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    return {r["trial_id"]: r for r in pq.read_table(sweep / "trials.parquet").to_pylist()}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_asha_errored_trial_best_export_stylize(tmp_path):
+    """5 trials on 2 CPUs (one with an overflowing loss weight -> FloatingPointError): no deadlock,
+    ASHA stops >= 1 early, the errored trial is marked with its reason and never wins, best = lowest
+    val_score in trials.parquet, and the exported checkpoint stylizes an image."""
+    t0 = time.perf_counter()
+    r = cli("tune", "--config", TUNE_TOML, *TINY, "--set", "train.steps=20", "--set", "tune.grace_period=5",
+            "--set", 'tune.space={"loss.style" = {grid = [1.0, 3.0, 10.0, 30.0, 1e39]}}', "--samples", "1",
+            "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "sw", timeout=420)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = tmp_path / "sw"
+    rows = sweep_rows(sweep)
+    assert len(rows) == 5
+    errored = [row for row in rows.values() if row["status"] == "ERROR"]
+    assert len(errored) == 1 and errored[0]["loss.style"] == 1e39
+    assert "FloatingPointError" in errored[0]["stop_reason"] and "non-finite" in errored[0]["stop_reason"]
+    healthy = [row for row in rows.values() if row["status"] == "TERMINATED"]
+    assert len(healthy) == 4
+    assert any(row["stop_reason"] == "stopped early (scheduler)" and row["steps"] < 20 for row in healthy), rows
+    assert any(row["stop_reason"] == "completed" for row in healthy)
+
+    best = json.loads(cli("best", str(sweep), "--json", "--top", "5").stdout)
+    expect = min(healthy, key=lambda row: row["val_score"])
+    assert best["best"]["trial_id"] == expect["trial_id"]
+    assert errored[0]["trial_id"] not in {t["trial_id"] for t in best["top"]}
+
+    out = tmp_path / "exp"
+    r = cli("best", str(sweep), "--export", str(out))
+    assert r.returncode == 0, r.stderr
+    from stylegen.data.embedded import skimage_data_dir
+
+    img = tmp_path / "stylized.png"
+    r = cli("stylize", "--checkpoint", str(out), "--content", str(skimage_data_dir() / "chelsea.png"),
+            "--style", str(skimage_data_dir() / "gravel.png"), "--out", str(img))
+    assert r.returncode == 0, r.stderr
+    assert img.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (sweep / "sweep.png").is_file()
+    print(f"sweep of 5 trials: {time.perf_counter() - t0:.0f} s")
+
+
+def trials_done(sweep: Path, steps: int) -> int:
+    """Trials whose Train run has checkpointed its final step (Train's own snapshot file)."""
+    n = 0
+    for snap in sweep.glob("trial_runs/trial-*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snap.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+        n += any(r["metrics"].get("step") == steps for r in results)
+    return n
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_killed_midway_resumes_and_finishes(tmp_path):
+    args = ["tune", "--config", TUNE_TOML, *TINY, "--set", "train.steps=10", "--scheduler", "fifo",
+            "--set", 'tune.space={"loss.style" = {grid = [1.0, 10.0, 100.0]}}', "--samples", "1",
+            "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "sw"]
+    sweep = tmp_path / "sw"
+    proc = subprocess.Popen([sys.executable, "-m", "stylegen.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while trials_done(sweep, 10) < 1:
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no trial finished in 240 s"
+            time.sleep(0.5)
+        assert trials_done(sweep, 10) < 3
+        os.kill(proc.pid, signal.SIGKILL)  # a crash, not a polite Ctrl-C
+        proc.wait(timeout=30)
+    finally:
+        try:  # the killed driver's local Ray cluster: same process group, started by this test
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(2)
+    r = cli("best", str(sweep))  # a killed sweep reads as unfinished
+    assert r.returncode == 0 and "still running or interrupted" in r.stdout.splitlines()[0], (r.stdout, r.stderr)
+
+    r = cli(*args, "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = sweep_rows(sweep)
+    assert len(rows) == 3  # the same 3 grid points: none resampled, none lost
+    assert sorted(row["loss.style"] for row in rows.values()) == [1.0, 10.0, 100.0]
+    assert all(row["status"] == "TERMINATED" and row["stop_reason"] == "completed" for row in rows.values()), rows
+    r = cli("best", str(sweep))
+    assert r.returncode == 0 and "still running" not in r.stdout
+
+    # resuming with another config is refused (its remaining trials would train differently)
+    r = cli(*args, "--set", "train.steps=11", "--resume")
+    assert r.returncode == 2 and "train.steps differs" in r.stderr
