@@ -276,6 +276,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config {str(p)!r} is a directory; pass a TOML file (e.g. jobs/configs/demo.toml)")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; pass an existing TOML file (e.g. jobs/configs/demo.toml)")
         try:
