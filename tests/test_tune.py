@@ -200,3 +200,33 @@ def test_sweep_killed_midway_resumes_and_finishes(tmp_path):
     # resuming with another config is refused (its remaining trials would train differently)
     r = cli(*args, "--set", "train.steps=11", "--resume")
     assert r.returncode == 2 and "train.steps differs" in r.stderr
+
+
+FALLBACK_DRIVER = """
+import sys, ray
+from stylegen.config import load_config
+from stylegen.tune import run_sweep
+ray.init(num_cpus=2, _node_ip_address="127.0.0.1", logging_level="WARNING")  # no trial_slot, like cluster/local-up.sh
+try:
+    assert "trial_slot" not in ray.cluster_resources()
+    results = run_sweep(load_config(sys.argv[1], sys.argv[3:]), sweep="fb")
+    print("TRIALS", len(results), results.num_terminated, results.num_errors)
+finally:
+    ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_without_trial_slot_resource_falls_back_and_finishes(tmp_path):
+    """A cluster without the custom resource (e.g. one started by cluster/local-up.sh or `ray up`):
+    trial drivers take 0.01 CPU, so only one trial's 1-CPU worker fits beside them on 2 CPUs;
+    the sweep is capped to 1 concurrent trial instead of deadlocking."""
+    sets = [s for s in TINY if s != "--set"] + ["train.steps=5", "tune.scheduler='fifo'", "tune.samples=1",
+                                                "tune.max_concurrent=2", f"ray.storage='{tmp_path}'",
+                                                'tune.space={"loss.style" = {grid = [1.0, 10.0]}}']
+    r = subprocess.run([sys.executable, "-c", FALLBACK_DRIVER, TUNE_TOML, "--", *sets], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "TRIALS 2 2 0" in r.stdout
+    assert "lowered to 1" in r.stderr and "trials take 0.01 CPU" in r.stderr
