@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 # Names of the terms and the LossConfig field holding each weight (same name).
-TERMS = ("content", "style", "gram", "pixel_l1", "pixel_l2", "tv", "adversarial")
+TERMS = ("content", "style", "gram", "pixel_l1", "pixel_l2", "tv", "adversarial", "identity")
 
 
 def gram_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,8 @@ def weighted_total(terms: Mapping[str, torch.Tensor], cfg) -> torch.Tensor:
             continue
         if name not in terms:
             raise KeyError(f"loss.{name} = {w} but no {name!r} term was computed"
-                           + (" (pass fake_logits to loss_terms)" if name == "adversarial" else ""))
+                           + (" (pass fake_logits to loss_terms)" if name == "adversarial" else "")
+                           + (" (computed by the train step from G(content, content))" if name == "identity" else ""))
         total = w * terms[name] if total is None else total + w * terms[name]
     if total is None:
         raise ValueError("all loss weights are 0; set at least one of loss." + ", loss.".join(TERMS))

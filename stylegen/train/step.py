@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from stylegen.config import Config, LossConfig, OptimConfig
-from stylegen.losses import d_loss, g_adv_loss, loss_terms, weighted_total
+from stylegen.losses import d_loss, loss_terms, pixel_l1, weighted_total
 
 
 @dataclass
@@ -97,7 +97,12 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
 
     state.generator.train()
     with autocast_for(device, amp):
-        out = state.generator(content, style)  # (B, 3, H, W) in [0, 1]
+        identity = loss_cfg.identity > 0
+        if identity:
+            # One forward for both (one DDP forward per backward): (2B, 3, H, W) -> stylized | G(c, c)
+            out, out_id = state.generator(torch.cat([content, content]), torch.cat([style, content])).chunk(2)
+        else:
+            out = state.generator(content, style)  # (B, 3, H, W) in [0, 1]
         fake_logits = None
         if state.discriminator is not None:
             # G's adversarial term goes through the bare D: its grads are zeroed before
@@ -107,6 +112,9 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
             fake_logits = d_bare(out)
             d_bare.requires_grad_(True)
         terms = loss_terms(out, content, style, vgg, loss_cfg, fake_logits=fake_logits)
+        if identity:
+            # stylize(c, c) must give c back: the original project's "poor reconstruction" fix
+            terms["identity"] = pixel_l1(out_id, content)
         total = weighted_total(terms, loss_cfg)
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite generator loss at step {state.step}: "
@@ -133,7 +141,6 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
     return result
 
 
-@torch.no_grad()
 def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, style_u8: torch.Tensor,
              device: torch.device, batch: int = 16) -> dict[str, float]:
     """Trial-independent validation on fixed pairs; no config weights are involved.
@@ -141,30 +148,13 @@ def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, sty
     content_n = content loss / content loss of copying the style image,
     style_n   = mean/std style loss / style loss of returning the content image,
     val_score = content_n + style_n (both trivial answers score 1.0; lower is better).
+    Same code as ``stylegen eval`` (``stylegen.objective``).
     """
-    from stylegen.losses import content_loss, style_loss_meanstd
+    from stylegen.objective import score_generator
 
-    g = unwrap(generator)
-    was_training = g.training
-    g.eval()
-    sums = {"content": 0.0, "style": 0.0, "content_ref": 0.0, "style_ref": 0.0}
-    layers = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
-    for i in range(0, len(content_u8), batch):
-        c = to_float(content_u8[i:i + batch], device)
-        s = to_float(style_u8[i:i + batch], device)
-        out = g(c, s)
-        fc, fs, fo = (vgg(x, layers) for x in (c, s, out))
-        n = len(c)
-        sums["content"] += n * float(content_loss(fo["relu4_1"], fc["relu4_1"]))
-        sums["content_ref"] += n * float(content_loss(fs["relu4_1"], fc["relu4_1"]))
-        sums["style"] += n * float(style_loss_meanstd([fo[k] for k in layers], [fs[k] for k in layers]))
-        sums["style_ref"] += n * float(style_loss_meanstd([fc[k] for k in layers], [fs[k] for k in layers]))
-    g.train(was_training)
-    n = len(content_u8)
-    content_n = sums["content"] / max(sums["content_ref"], 1e-12)
-    style_n = sums["style"] / max(sums["style_ref"], 1e-12)
-    return {"val_content": sums["content"] / n, "val_style": sums["style"] / n,
-            "val_content_n": content_n, "val_style_n": style_n, "val_score": content_n + style_n}
+    row = score_generator(generator, vgg, content_u8, style_u8, device, batch=batch)
+    return {"val_content": row["content"], "val_style": row["style"], "val_content_n": row["content_n"],
+            "val_style_n": row["style_n"], "val_score": row["objective_n"]}
 
 
 def checkpoint_state(state: TrainState, cfg_dict: dict, metrics: dict[str, float]) -> dict:
@@ -182,8 +172,16 @@ def checkpoint_state(state: TrainState, cfg_dict: dict, metrics: dict[str, float
 
 
 def restore_state(state: TrainState, ckpt: dict) -> None:
-    """Load a checkpoint dict into state (models may be DDP-wrapped)."""
-    unwrap(state.generator).load_state_dict(ckpt["generator"])
+    """Load a checkpoint dict into state (models may be DDP-wrapped); another model's checkpoint is a UserError."""
+    from stylegen.errors import UserError
+    from stylegen.stylize import state_dict_mismatch
+
+    g = unwrap(state.generator)
+    problem = state_dict_mismatch(g.state_dict(), ckpt["generator"])
+    if problem:
+        raise UserError(f"the checkpoint to resume from was saved from another model config ({problem}); "
+                        "use another output dir / run name, or that checkpoint's config")
+    g.load_state_dict(ckpt["generator"])
     state.opt_g.load_state_dict(ckpt["opt_g"])
     if state.discriminator is not None and ckpt.get("discriminator") is not None:
         unwrap(state.discriminator).load_state_dict(ckpt["discriminator"])
