@@ -72,6 +72,7 @@ class LossConfig:
     tv: float = _f(0.0, "weight of total variation", lo=0.0)
     adversarial: float = _f(0.0, "weight of the generator's adversarial BCE; > 0 turns the discriminator on", lo=0.0)
     identity: float = _f(0.0, "weight of L1 between G(content, content) and content: trains faithful reconstruction", lo=0.0)
+    normalize: bool = _f(True, "divide content/style/gram by the batch's trivial answers' losses (scale-free, as eval scores)")
     content_layer: str = _f("relu4_1", "VGG layer for the content loss", choices=LAYERS)
     style_layers: list[str] = _f(["relu1_1", "relu2_1", "relu3_1", "relu4_1"], "VGG layers for style losses")
 

@@ -100,7 +100,10 @@ def feature_layers(cfg) -> tuple[str, ...]:
 def target_features(vgg, content: torch.Tensor, style: torch.Tensor, cfg) -> tuple[dict, dict]:
     """(content_feats, style_feats) for ``loss_terms``, without autograd: compute once per
     batch and reuse (e.g. across alphas, or for the D step)."""
+    layers = list(feature_layers(cfg)) if getattr(cfg, "normalize", False) else None
     with torch.no_grad():
+        if layers:  # the trivial references need both images at every layer
+            return vgg(content, layers), vgg(style, layers)
         return vgg(content, [cfg.content_layer]), vgg(style, list(cfg.style_layers))
 
 
@@ -132,6 +135,19 @@ def loss_terms(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor,
         "pixel_l2": pixel_l2(output, content),
         "tv": tv_loss(output),
     }
+    if getattr(cfg, "normalize", False):
+        # Scale-free terms, as stylegen eval scores them: each feature loss divided by the same
+        # loss of the batch's trivial answer (content: copying the style image; style and gram:
+        # returning the content image). 1.0 = no better than the trivial answer, so the weights
+        # mean the same thing at any VGG scale and pixel terms (~0.1) sit on the same footing.
+        c_style = [content_feats[n] for n in layers]
+        sc, cc = style_feats[cfg.content_layer], content_feats[cfg.content_layer]
+        if sc.shape[-2:] != cc.shape[-2:]:  # a style image of another size: compare at the content's grid
+            sc = F.interpolate(sc, size=cc.shape[-2:], mode="bilinear", align_corners=False)
+        refs = {"content": content_loss(sc, cc),
+                "style": style_loss_meanstd(c_style, s_style), "gram": style_loss_gram(c_style, s_style)}
+        for k, ref in refs.items():
+            terms[k] = terms[k] / ref.detach().clamp_min(1e-12)
     if fake_logits is not None:
         terms["adversarial"] = g_adv_loss(fake_logits)
     return terms

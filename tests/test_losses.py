@@ -85,13 +85,13 @@ def test_loss_terms_names_and_precomputed_targets(vgg):
     for k in terms:
         torch.testing.assert_close(again[k], terms[k])
     with_adv = loss_terms(o, c, s, vgg, cfg, torch.zeros(2, 1, 4, 4))
-    assert set(with_adv) == set(TERMS) and with_adv["adversarial"].item() == pytest.approx(math.log(2))
+    assert set(with_adv) == set(TERMS) - {"identity"} and with_adv["adversarial"].item() == pytest.approx(math.log(2))
     same = loss_terms(c, c, s, vgg, cfg)
     assert same["content"].item() == 0 and same["pixel_l1"].item() == 0 and same["pixel_l2"].item() == 0
 
 
 def test_weighted_total_is_the_hand_sum():
-    terms = {n: torch.tensor(float(i + 1)) for i, n in enumerate(TERMS)}  # content=1, style=2, ..., adversarial=7
+    terms = {n: torch.tensor(float(i + 1)) for i, n in enumerate(TERMS)}  # content=1, style=2, ..., identity=8
     cfg = LossConfig(content=0.5, style=10.0, gram=0.0, pixel_l1=2.0, pixel_l2=0.0, tv=3.0, adversarial=0.1)
     assert weighted_total(terms, cfg).item() == pytest.approx(0.5 * 1 + 10 * 2 + 2 * 4 + 3 * 6 + 0.1 * 7)
     # a zero-weight term that is NaN does not poison the total; a missing weighted term is an error
@@ -101,3 +101,18 @@ def test_weighted_total_is_the_hand_sum():
         weighted_total(no_adv, cfg)
     with pytest.raises(ValueError, match="all loss weights are 0"):
         weighted_total(terms, LossConfig(content=0.0, style=0.0))
+
+
+def test_normalized_terms_score_trivial_answers_one():
+    """normalize=True: returning the content scores style 1.0, copying the style scores content 1.0."""
+    from stylegen.features import VGGFeatures
+
+    torch.manual_seed(0)
+    vgg = VGGFeatures("random")
+    c, s = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    cfg = LossConfig(normalize=True)
+    ident = loss_terms(c, c, s, vgg, cfg)
+    copy = loss_terms(s, c, s, vgg, cfg)
+    assert ident["content"].item() == 0 and ident["style"].item() == pytest.approx(1.0, rel=1e-5)
+    assert ident["gram"].item() == pytest.approx(1.0, rel=1e-5)
+    assert copy["content"].item() == pytest.approx(1.0, rel=1e-5) and copy["style"].item() == 0
