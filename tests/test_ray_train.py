@@ -63,6 +63,9 @@ def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path, monk
     # content-only objective: its fixed-pair value (val_content) falls reliably within 30 steps
     cfg = tiny_cfg("loss.style=0", "train.steps=30", "train.report_every=5", "train.checkpoint_every=15",
                    "train.sample_every=30")
+    from test_train_local import initial_val_content
+
+    start = initial_val_content(cfg)  # rank 0's initial weights (DDP broadcasts them)
     result = fit(cfg, tmp_path, "ddp")
     assert result.error is None
     assert result.metrics["step"] == 30
@@ -78,8 +81,8 @@ def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path, monk
     assert r0[0]["params_digest"] != r0[-1]["params_digest"]
     # each rank read its own samples (split_by_node + per-rank seeds)
     assert r0[0]["first_batch"] and r0[0]["first_batch"] != r1[0]["first_batch"]
-    # the loss on the fixed validation pairs fell by at least 30 % (measured: ~0.98 -> ~0.35)
-    assert r0[-1]["val_content"] <= 0.7 * r0[0]["val_content"], (r0[0]["val_content"], r0[-1]["val_content"])
+    # the objective on the fixed validation pairs fell by >= 40 % (measured: 0.70 untrained -> 0.35)
+    assert r0[-1]["val_content"] <= 0.6 * start, (start, [r["val_content"] for r in r0])
     assert result.checkpoint is not None and (Path(result.checkpoint.path) / "checkpoint.pt").is_file()
 
 

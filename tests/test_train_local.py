@@ -42,15 +42,27 @@ def run(cfg, out: Path, trace: Path, monkeypatch) -> dict:
     return run_local(cfg, out, progress=False, metrics_backend="none")
 
 
+def initial_val_content(cfg) -> float:
+    """val_content of the untrained generator (same seed as the run) on the run's fixed validation pairs."""
+    from stylegen.data.loader import load_pairs
+    from stylegen.features import build_features
+    from stylegen.train.step import build_state, validate
+
+    dev = torch.device("cpu")
+    c, s = load_pairs(cfg.data, cfg.train.val_pairs)
+    return validate(build_state(cfg, dev).generator, build_features(cfg.features), c, s, dev)["val_content"]
+
+
 def test_local_run_lowers_the_loss(tmp_path, monkeypatch):
     # content-only objective: the fixed validation pairs' content loss (the objective itself) falls
     cfg = tiny_cfg("loss.style=0", "train.steps=30", "train.report_every=5", "train.checkpoint_every=30")
+    start = initial_val_content(cfg)
     last = run(cfg, tmp_path / "out", tmp_path / "trace", monkeypatch)
     recs = trace_records(tmp_path / "trace")
     assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30]
     assert last["step"] == 30
-    # measured: ~0.98 at step 5 -> ~0.35 at step 30; demand a 30 % drop
-    assert recs[-1]["val_content"] <= 0.7 * recs[0]["val_content"], [r["val_content"] for r in recs]
+    # measured: 0.70 untrained -> 0.35 after 30 steps (plateau from step ~10); demand a 40 % drop
+    assert recs[-1]["val_content"] <= 0.6 * start, (start, [r["val_content"] for r in recs])
     assert 0.0 <= last["data_wait_frac"] < 1.0 and last["data_skipped"] == 0
     assert (tmp_path / "out" / "checkpoints" / "step_00000030" / "checkpoint.pt").is_file()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["step"] == 30
