@@ -54,7 +54,7 @@ class ModelConfig:
     fusion: str = _f("adain", "how content and style features meet: 'concat' (original) or 'adain'", choices=("concat", "adain"))
     channels: int = _f(32, "base channel width; encoders go channels -> 2x -> 4x", lo=4, hi=512)
     res_blocks: int = _f(4, "residual blocks after fusion", lo=0, hi=32)
-    adain_levels: int = _f(1, "adain only: 1 = fuse at 16x16; 2 = also at 32x32; 3 = also at 64x64", lo=1, hi=3)
+    adain_levels: int = _f(3, "adain only: 1 = fuse at 16x16; 2 = also at 32x32; 3 = also at 64x64", lo=1, hi=3)
 
 
 @dataclass(kw_only=True)
@@ -67,11 +67,11 @@ class LossConfig:
     pixel_l1: float = _f(0.0, "weight of L1 between output and content", lo=0.0)
     pixel_l2: float = _f(0.0, "weight of L2 between output and content", lo=0.0)
     content: float = _f(1.0, "weight of perceptual content loss (MSE at content_layer)", lo=0.0)
-    style: float = _f(10.0, "weight of mean/std style loss over style_layers", lo=0.0)
+    style: float = _f(1.0, "weight of mean/std style loss over style_layers", lo=0.0)
     gram: float = _f(0.0, "weight of normalised Gram style loss over style_layers", lo=0.0)
     tv: float = _f(0.0, "weight of total variation", lo=0.0)
     adversarial: float = _f(0.0, "weight of the generator's adversarial BCE; > 0 turns the discriminator on", lo=0.0)
-    identity: float = _f(0.0, "weight of L1 between G(content, content) and content: trains faithful reconstruction", lo=0.0)
+    identity: float = _f(1.0, "weight of L1 between G(content, content) and content: trains faithful reconstruction", lo=0.0)
     normalize: bool = _f(True, "divide content/style/gram by the batch's trivial answers' losses (scale-free, as eval scores)")
     content_layer: str = _f("relu4_1", "VGG layer for the content loss", choices=LAYERS)
     style_layers: list[str] = _f(["relu1_1", "relu2_1", "relu3_1", "relu4_1"], "VGG layers for style losses")

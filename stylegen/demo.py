@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
          ["stylize", "--checkpoint", str(export), "--content", str(content), "--style", str(style), "--out", str(example)])
     step("eval against identity / style copy / Gatys",
          ["eval", "--checkpoint", str(export), "--pairs", "16", "--json", str(out / "eval.json")])
+    print_metrics_help()
     print(f"""
 === results
 train run:       {storage}/demo-train   (checkpoints, samples/epoch_XXXX.png grids)
@@ -65,10 +66,29 @@ sweep:           {storage}/demo-sweep   (trials.parquet, sweep.png)
 best checkpoint: {export}
 stylized:        {example}  (content {content.name}, style {style.name})
 eval table:      {out / 'eval.json'}
-metrics:         Ray workers export stylegen_* metrics through Ray's metrics pipeline; `make prometheus`
-                 runs Prometheus on 127.0.0.1:9090 with infra/prometheus/prometheus.yml (Debian: apt-get install prometheus).
 """)
     return 0
+
+
+def print_metrics_help() -> None:
+    """Where this Ray node's metrics are scraped, and how to open Prometheus."""
+    import shutil
+
+    import ray
+
+    from stylegen.metrics import ray_node_metrics_url
+
+    url = ray_node_metrics_url() if ray.is_initialized() else ""
+    print("\n=== metrics")
+    print(f"Ray workers' stylegen_* metrics (prefixed ray_ until Prometheus relabels them): {url or 'Ray not running'}")
+    print("discovery file for Prometheus: /tmp/ray/prom_metrics_service_discovery.json")
+    if shutil.which("prometheus"):
+        print("Prometheus is installed: `make prometheus`, then open http://127.0.0.1:9090 "
+              "(try rate(stylegen_train_samples_total[1m]); the demo's Ray stops when it exits, "
+              "so run it beside a live `stylegen train`)")
+    else:
+        print("Prometheus is not installed: `apt-get install prometheus`, then `make prometheus` "
+              "and open http://127.0.0.1:9090")
 
 
 def example_images(out: Path, content: str = "chelsea.png", style: str = "gravel.png") -> tuple[Path, Path]:

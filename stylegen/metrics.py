@@ -372,3 +372,8 @@ class CommandMetrics:
 
     def close(self) -> None:
         self._sink.close()
+
+
+def ray_node_metrics_url() -> str:
+    """The /metrics URL of this node's Ray metrics agent (stylegen_* names carry a ray_ prefix there)."""
+    return _RaySink.node_url()

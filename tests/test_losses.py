@@ -92,7 +92,7 @@ def test_loss_terms_names_and_precomputed_targets(vgg):
 
 def test_weighted_total_is_the_hand_sum():
     terms = {n: torch.tensor(float(i + 1)) for i, n in enumerate(TERMS)}  # content=1, style=2, ..., identity=8
-    cfg = LossConfig(content=0.5, style=10.0, gram=0.0, pixel_l1=2.0, pixel_l2=0.0, tv=3.0, adversarial=0.1)
+    cfg = LossConfig(content=0.5, style=10.0, gram=0.0, pixel_l1=2.0, pixel_l2=0.0, tv=3.0, adversarial=0.1, identity=0.0)
     assert weighted_total(terms, cfg).item() == pytest.approx(0.5 * 1 + 10 * 2 + 2 * 4 + 3 * 6 + 0.1 * 7)
     # a zero-weight term that is NaN does not poison the total; a missing weighted term is an error
     assert math.isfinite(weighted_total(terms | {"gram": torch.tensor(float("nan"))}, cfg).item())
@@ -100,7 +100,7 @@ def test_weighted_total_is_the_hand_sum():
     with pytest.raises(KeyError, match="fake_logits"):
         weighted_total(no_adv, cfg)
     with pytest.raises(ValueError, match="all loss weights are 0"):
-        weighted_total(terms, LossConfig(content=0.0, style=0.0))
+        weighted_total(terms, LossConfig(content=0.0, style=0.0, identity=0.0))
 
 
 def test_normalized_terms_score_trivial_answers_one():

@@ -1,0 +1,50 @@
+"""The pure training step: identity term, weighting and the non-finite guard."""
+
+import math
+
+import pytest
+import torch
+
+from stylegen.config import load_config
+from stylegen.features import VGGFeatures
+from stylegen.train.step import build_state, lr_factor, train_step
+
+TINY = ["model.channels=4", "model.res_blocks=1", "features.weights=random"]
+
+
+def _step(overrides):
+    cfg = load_config(None, TINY + overrides)
+    state = build_state(cfg, torch.device("cpu"))
+    vgg = VGGFeatures("random")
+    c = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    s = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    return cfg, state, train_step(state, vgg, c, s, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=10,
+                                  device=torch.device("cpu"))
+
+
+def test_identity_term_is_computed_and_weighted_once():
+    cfg, state, terms = _step(["loss.identity=2.0", "loss.style=1.0", "loss.content=1.0"])
+    assert "identity" in terms and terms["identity"] > 0 and state.step == 1
+    expected = terms["content"] + terms["style"] + 2.0 * terms["identity"]
+    assert terms["total"] == pytest.approx(expected, rel=1e-5)
+    _, _, off = _step(["loss.identity=0"])
+    assert "identity" not in off
+
+
+def test_discriminator_step_runs_when_adversarial_on():
+    _, state, terms = _step(["loss.adversarial=0.1"])
+    assert state.discriminator is not None and "adversarial" in terms and "discriminator" in terms
+
+
+def test_non_finite_loss_raises_with_a_hint():
+    with pytest.raises(FloatingPointError, match="lower optim.lr or the loss weights"):
+        _step(["loss.style=1e39", "loss.normalize=false"])
+
+
+def test_lr_schedule():
+    cfg = load_config(None, ["optim.schedule=cosine", "optim.warmup_steps=10"])
+    assert lr_factor(0, 110, cfg.optim) == pytest.approx(0.1)
+    assert lr_factor(10, 110, cfg.optim) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg.optim) == pytest.approx(0.5)
+    assert lr_factor(110, 110, cfg.optim) == pytest.approx(0.0, abs=1e-12)
+    assert math.isclose(lr_factor(5, 100, load_config(None, []).optim), 1.0)
