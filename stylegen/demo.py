@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     storage = str(out / "ray")
     step("train: 2 Ray Train workers (DDP) on CPU",
          ["train", "--config", demo_cfg, "--storage", storage, "--name", "demo-train", "--no-progress", *quick])
+    resume = ["--resume"] if (Path(storage) / "demo-sweep").exists() else []  # a second `make demo`
     step("tune: ASHA sweep over the loss weights",
-         ["tune", "--config", tune_cfg, "--storage", storage, "--name", "demo-sweep", *quick])
+         ["tune", "--config", tune_cfg, "--storage", storage, "--name", "demo-sweep", *resume, *quick])
     export = out / "best"
     step("best trial, exported", ["best", str(Path(storage) / "demo-sweep"), "--export", str(export)])
     example = out / "stylized.png"

@@ -44,8 +44,13 @@ def run(args: argparse.Namespace) -> int:
     if args.local:
         from stylegen.train.loop import run_local
 
+        from stylegen.errors import UserError
+
         out = Path(cfg.train.out)
-        metrics = run_local(cfg, out, progress=not args.no_progress)
+        try:
+            metrics = run_local(cfg, out, progress=not args.no_progress)
+        except FloatingPointError as e:  # diverged: the message names the step and the fix
+            raise UserError(f"training diverged: {e}; the last good checkpoint is kept in {out / 'checkpoints'}") from None
         print(f"run directory: {out.resolve()}")
         print(f"checkpoints:   {(out / 'checkpoints').resolve()}")
         print(f"result grids:  {(out / 'samples').resolve()}")
@@ -54,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stylegen.train.ray_worker import fit
 
-    result = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address)
-    if result.error:
-        print(f"training failed: {result.error}")
-        return 1
+    result = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address)  # failures raise UserError
     best = result.get_best_checkpoint(metric="val_score", mode="min") if result.best_checkpoints else None
     print(f"run directory: {result.path}")
     print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
