@@ -27,7 +27,7 @@ from stylegen.errors import UserError
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Alpha is composited on white (dropping it would expose
     whatever colour sits under transparent pixels); >8-bit greyscale is rescaled, not clipped."""
     if im.mode == "RGB":
@@ -73,7 +73,7 @@ def load_rgb(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: st
                 im.seek(0)  # first frame of animated GIF/WebP/APNG/TIFF
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb(im).copy()
+                return to_rgb(im).copy()
     except UserError:
         raise
     except Image.DecompressionBombError:

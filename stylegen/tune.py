@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from stylegen.config import Config, from_dict, to_dict, with_overrides
-from stylegen.config_cli import add_config_arguments
+from stylegen.config_cli import add_config_arguments, flag_overrides
 from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,9 @@ def named_reason(error: BaseException, reason: str) -> str:
 
 
 def tune_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = [("samples", "tune.samples"), ("scheduler", "tune.scheduler"), ("max_concurrent", "tune.max_concurrent"),
-             ("workers_per_trial", "tune.workers_per_trial"), ("storage", "ray.storage"), ("address", "ray.address")]
-    out = []
-    for attr, key in pairs:
-        v = getattr(args, attr, None)
-        if v is not None:
-            out.append(f"{key}={v!r}" if isinstance(v, str) else f"{key}={v}")
-    return out
+    return flag_overrides(args, [("samples", "tune.samples"), ("scheduler", "tune.scheduler"),
+                                 ("max_concurrent", "tune.max_concurrent"), ("workers_per_trial", "tune.workers_per_trial"),
+                                 ("storage", "ray.storage"), ("address", "ray.address")])
 
 
 def trial_bundle() -> dict:

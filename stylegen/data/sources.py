@@ -194,25 +194,10 @@ def open_rgb(path: Path, *, max_pixels: int, draft: int | None = None):
 
 
 def to_rgb(im):
-    """RGB from L, LA, P, RGBA, CMYK, I;16, I, F... (alpha composited onto white)."""
-    from PIL import Image
+    """Any Pillow mode -> 8-bit RGB (one converter for shard and stylize: ``stylegen.images``)."""
+    from stylegen.images import to_rgb as convert
 
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        if im.mode == "F":
-            top = max(float(a.max()), 1.0)
-        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+    return convert(im)
 
 
 def crop_box(w: int, h: int, size: int, rng: np.random.Generator | None) -> tuple[int, int, int, int]:

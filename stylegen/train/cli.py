@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from stylegen.config_cli import add_config_arguments
+from stylegen.config_cli import add_config_arguments, flag_overrides
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
+def train_overrides(args: argparse.Namespace) -> list[str]:
     """CLI flags win over --set, which wins over the file."""
-    pairs = [("workers", "ray.workers"), ("gpus_per_worker", "ray.gpus_per_worker"),
-             ("cpus_per_worker", "ray.cpus_per_worker"), ("name", "ray.name"),
-             ("storage", "ray.storage"), ("address", "ray.address"), ("out", "train.out")]
-    out = []
-    for attr, key in pairs:
-        value = getattr(args, attr, None)
-        if value is not None:
-            out.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
-    return out
+    return flag_overrides(args, [("workers", "ray.workers"), ("gpus_per_worker", "ray.gpus_per_worker"),
+                                 ("cpus_per_worker", "ray.cpus_per_worker"), ("name", "ray.name"),
+                                 ("storage", "ray.storage"), ("address", "ray.address"), ("out", "train.out")])
 
 
 def run(args: argparse.Namespace) -> int:
     from stylegen.config import load_config
 
-    cfg = load_config(args.config, [*args.overrides, *flag_overrides(args)])
+    cfg = load_config(args.config, [*args.overrides, *train_overrides(args)])
     if args.local:
         from stylegen.train.loop import run_local
 
