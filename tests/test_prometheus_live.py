@@ -105,7 +105,6 @@ def test_prometheus_scrapes_two_local_ranks_via_file_sd(tmp_path):
 def test_prometheus_scrapes_two_ray_ranks_via_ray_discovery_file(tmp_path, monkeypatch):
     import ray
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # own cluster, no shared ~/.ray token
     ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgray{os.getpid()}"  # short: Ray's socket paths
     ray.init(num_cpus=2, _temp_dir=str(ray_tmp), _metrics_export_port=_free_port(),
              dashboard_port=_free_port(), include_dashboard=True, log_to_driver=False)
