@@ -186,3 +186,79 @@ def test_stylegen_prometheus_command_serves_rules_and_stops_with_it(tmp_path):
             except subprocess.TimeoutExpired:
                 cmd.kill()
                 cmd.wait()
+
+
+def test_local_training_run_samples_equal_steps_times_batch(tmp_path):
+    """A real (tiny) local training loop exporting through the local backend: samples == steps x batch."""
+    import torch
+
+    from stylegen.config import load_config
+    from stylegen.features import build_features
+    from stylegen.train.loop import LocalSink, LoopContext, training_loop
+    from stylegen.train.step import build_state
+
+    steps, batch = 5, 3
+    cfg = load_config(None, [f"train.steps={steps}", f"data.batch_size={batch}", "model.channels=4",
+                             "model.res_blocks=1", "features.weights=random", "train.report_every=5",
+                             "train.checkpoint_every=5", "train.sample_every=5", "train.val_pairs=2"])
+    metrics = TrainMetrics.create("prometheus", run="live-local", rank=0, port=0)
+    try:
+        dev = torch.device("cpu")
+        training_loop(cfg, build_state(cfg, dev), build_features(cfg.features),
+                      LoopContext(device=dev, progress=False, metrics=metrics), LocalSink(cfg, tmp_path, metrics))
+        with urllib.request.urlopen(metrics.url, timeout=5) as r:
+            text = r.read().decode()
+    finally:
+        metrics.close()
+    line = next(ln for ln in text.splitlines() if ln.startswith("stylegen_train_samples_total{"))
+    assert float(line.rsplit(" ", 1)[1]) == steps * batch
+    steps_line = next(ln for ln in text.splitlines() if ln.startswith("stylegen_train_steps_total{"))
+    assert float(steps_line.rsplit(" ", 1)[1]) == steps
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.prometheus
+def test_prometheus_scrapes_a_two_worker_ray_train_run(tmp_path):
+    """Prometheus finds both ranks of a real 2-worker Ray Train run through Ray's discovery file."""
+    import threading
+
+    import ray
+
+    from stylegen.config import load_config
+    from stylegen.train.ray_worker import build_trainer
+
+    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgrt{os.getpid()}"
+    ray.init(num_cpus=2, _temp_dir=str(ray_tmp), _metrics_export_port=_free_port(), include_dashboard=True,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    proc = None
+    try:
+        proc, base = _start_prometheus(tmp_path, local_targets=[], targets_files=[str(tmp_path / "none-*.json")],
+                                       ray_discovery_file=str(ray_tmp / "prom_metrics_service_discovery.json"))
+        cfg = load_config(None, ["train.steps=100000", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
+                                 "features.weights=random", "train.report_every=1000", "train.checkpoint_every=100000",
+                                 "train.sample_every=100000", "train.val_pairs=2", "train.threads=1",
+                                 "ray.workers=2", "train.max_failures=0"])
+        trainer = build_trainer(cfg, name="prom-live", storage=str(tmp_path / "runs"))
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", _fit_quietly(trainer)), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 240
+        seen: dict[str, float] = {}
+        while time.monotonic() < deadline and not (len(seen) == 2 and all(v > 0 for v in seen.values())):
+            time.sleep(2)
+            rows = prom.query(base, 'sum by (rank) (stylegen_train_samples_total{run="prom-live"})')
+            seen = {r["metric"]["rank"]: float(r["value"][1]) for r in rows}
+        assert set(seen) == {"0", "1"} and all(v > 0 for v in seen.values()), seen
+    finally:
+        if proc is not None:
+            _stop(proc)
+        ray.shutdown()  # ends the endless run
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _fit_quietly(trainer):
+    try:
+        return trainer.fit()
+    except Exception as e:  # the run is cut short by ray.shutdown()
+        return e
