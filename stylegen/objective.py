@@ -61,12 +61,13 @@ def normalise(losses: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, 
 
 @torch.no_grad()
 def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str, torch.Tensor],
-          batch: int = 16) -> dict[str, dict[str, float]]:
+          batch: int = 16, cache: dict | None = None) -> dict[str, dict[str, float]]:
     """Rows of ROW_KEYS for each named output set, plus the reference rows 'identity' and 'style_copy'.
 
     content, style, outputs[name]: float (N,3,H,W) in [0, 1] on vgg's device (style may
     have another H, W). The targets' VGG features are computed once per batch and shared by
-    every row.
+    every row. ``cache`` (a dict the caller keeps) holds those target features across calls
+    with the same pairs: training validates the same fixed pairs at every report.
     """
     n = len(content)
     if n == 0:
@@ -76,7 +77,12 @@ def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str,
     layers = list(STYLE_LAYERS)
     for i in range(0, n, batch):
         c, s = content[i:i + batch], style[i:i + batch]
-        fc, fs = vgg(c, layers), vgg(s, layers)
+        if cache is not None and i in cache:
+            fc, fs = cache[i]
+        else:
+            fc, fs = vgg(c, layers), vgg(s, layers)
+            if cache is not None:
+                cache[i] = (fc, fs)
         m = len(c)
         for k in names:
             if k == "identity":
@@ -105,8 +111,10 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def score_generator(generator, vgg, content_u8: torch.Tensor, style_u8: torch.Tensor,
-                    device: torch.device | str = "cpu", batch: int = 16) -> dict[str, float]:
+                    device: torch.device | str = "cpu", batch: int = 16, cache: dict | None = None) -> dict[str, float]:
     """The model row for fixed uint8 pairs: content, style, gram and their *_n, objective_n.
+
+    Pass the same ``cache`` dict for repeated calls on the same pairs (see ``score``).
 
     The generator is run in eval mode and restored to its previous mode.
     """
@@ -117,6 +125,6 @@ def score_generator(generator, vgg, content_u8: torch.Tensor, style_u8: torch.Te
         c = content_u8.to(device).float().div(255.0)
         s = style_u8.to(device).float().div(255.0)
         out = generate(g, c, s, batch=batch)
-        return score(vgg, c, s, {"model": out}, batch=batch)["model"]
+        return score(vgg, c, s, {"model": out}, batch=batch, cache=cache)["model"]
     finally:
         g.train(was_training)

@@ -133,3 +133,24 @@ def test_eval_bad_input_one_line_no_json(case, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stylegen eval: error: ")
     assert not out.exists()
+
+
+def test_score_cache_gives_the_same_numbers_and_skips_target_passes():
+    import torch
+
+    from stylegen.features import VGGFeatures
+    from stylegen.objective import score
+
+    torch.manual_seed(0)
+    vgg = VGGFeatures("random")
+    c, s, o = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    plain = score(vgg, c, s, {"m": o}, batch=2)
+    cache: dict = {}
+    first = score(vgg, c, s, {"m": o}, batch=2, cache=cache)
+    assert set(cache) == {0, 2}
+    calls = []
+    handle = vgg.register_forward_hook(lambda *a: calls.append(1))
+    again = score(vgg, c, s, {"m": o}, batch=2, cache=cache)
+    handle.remove()
+    assert len(calls) == 2  # only the outputs' passes (2 batches); targets came from the cache
+    assert plain == first == again

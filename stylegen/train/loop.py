@@ -134,6 +134,7 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
 
     tc = cfg.train
     val_c, val_s = load_pairs(cfg.data, tc.val_pairs)
+    val_cache: dict = {}  # the fixed pairs' VGG features, computed at the first report only
     batch = cfg.data.batch_size
     last: dict[str, float] = {}
     bar = tqdm(total=tc.steps, initial=state.step, disable=not ctx.progress, unit="step", dynamic_ncols=True)
@@ -165,7 +166,7 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
             ckpt = step % tc.checkpoint_every == 0 or final
             grid = step // tc.sample_every if (step % tc.sample_every == 0 or final) else None
             if step % tc.report_every == 0 or ckpt or grid is not None:
-                val = validate(state.generator, vgg, val_c, val_s, ctx.device)
+                val = validate(state.generator, vgg, val_c, val_s, ctx.device, cache=val_cache)
                 now = time.perf_counter()
                 last = {**{f"loss_{k}": v for k, v in terms.items()}, **val, "step": step,
                         "epoch": epoch, "img_per_s": n_img * ctx.world_size / max(now - t_img, 1e-9),

@@ -142,7 +142,7 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
 
 
 def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, style_u8: torch.Tensor,
-             device: torch.device, batch: int = 16) -> dict[str, float]:
+             device: torch.device, batch: int = 16, cache: dict | None = None) -> dict[str, float]:
     """Trial-independent validation on fixed pairs; no config weights are involved.
 
     content_n = content loss / content loss of copying the style image,
@@ -152,7 +152,7 @@ def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, sty
     """
     from stylegen.objective import score_generator
 
-    row = score_generator(generator, vgg, content_u8, style_u8, device, batch=batch)
+    row = score_generator(generator, vgg, content_u8, style_u8, device, batch=batch, cache=cache)
     return {"val_content": row["content"], "val_style": row["style"], "val_content_n": row["content_n"],
             "val_style_n": row["style_n"], "val_score": row["objective_n"]}
 
