@@ -167,3 +167,29 @@ def test_best_reads_a_local_run_dir(tmp_path, monkeypatch):
     best = json.loads(res.stdout)["best"]
     assert best["steps"] == 4
     assert Path(best["checkpoint"]) == out / "checkpoints" / "step_00000004"
+
+
+def test_announced_preemption_writes_a_checkpoint_at_the_next_report(tmp_path):
+    """Under Ray the check is ray.train.get_preemption_info(); here a stand-in announces it at step 2."""
+    import torch
+
+    from stylegen.config import load_config
+    from stylegen.features import build_features
+    from stylegen.train.loop import LocalSink, LoopContext, list_checkpoints, training_loop
+    from stylegen.train.step import build_state
+
+    cfg = load_config(None, ["train.steps=6", "train.report_every=2", "train.checkpoint_every=100",
+                             "train.sample_every=100", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
+                             "features.weights=random", "train.val_pairs=2", "metrics.enabled=false"])
+    asked = []
+
+    def preempted() -> bool:
+        asked.append(1)
+        return len(asked) == 1  # announced once, at the first report (step 2)
+
+    dev = torch.device("cpu")
+    training_loop(cfg, build_state(cfg, dev), build_features(cfg.features),
+                  LoopContext(device=dev, progress=False, preemption_check=preempted), LocalSink(cfg, tmp_path))
+    steps = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == ["step_00000002", "step_00000006"]  # the just-in-time one, then the final one
+    assert len(asked) == 2  # asked at report steps only (2, 4), not at the final checkpoint (6)

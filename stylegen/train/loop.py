@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -46,6 +46,9 @@ class LoopContext:
     progress: bool = True
     metrics: object | None = None  # stylegen.metrics.TrainMetrics
     stop_requested: list = field(default_factory=lambda: [False])  # set by SIGTERM
+    # Under Ray: ray.train.get_preemption_info (a barrier, so asked only at report steps, which
+    # every rank reaches together); a node being reclaimed -> a just-in-time checkpoint.
+    preemption_check: Callable[[], bool] | None = None
 
 
 def install_sigterm(ctx: LoopContext) -> None:
@@ -165,7 +168,11 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
             final = step >= tc.steps or ctx.stop_requested[0]
             ckpt = step % tc.checkpoint_every == 0 or final
             grid = step // tc.sample_every if (step % tc.sample_every == 0 or final) else None
-            if step % tc.report_every == 0 or ckpt or grid is not None:
+            report = step % tc.report_every == 0 or ckpt or grid is not None
+            if report and not ckpt and ctx.preemption_check is not None and ctx.preemption_check():
+                log.warning("rank %d: preemption announced at step %d: writing a checkpoint now", ctx.rank, step)
+                ckpt = True
+            if report:
                 val = validate(state.generator, vgg, val_c, val_s, ctx.device, cache=val_cache)
                 now = time.perf_counter()
                 last = {**{f"loss_{k}": v for k, v in terms.items()}, **val, "step": step,
