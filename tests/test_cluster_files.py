@@ -119,14 +119,6 @@ def test_dockerfile_is_consistent_with_the_project():
 
 # ----------------------------------------------------------------------------- local scripts
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def _get(url: str, token: str | None = None) -> int:
     req = urllib.request.Request(url, headers=raycluster.auth_headers(token))
     try:
@@ -174,7 +166,7 @@ def test_local_up_down_scripts_start_token_cluster_and_stop_only_it(tmp_path):
         assert again.returncode == 2 and "already running" in again.stderr
 
         groups = [c.head_pid, c.worker_pid]
-        assert all(_group_alive(g) for g in groups)
+        assert all(raycluster.group_alive(g) for g in groups)
     finally:
         down = subprocess.run([str(ROOT / "cluster" / "local-down.sh"), "--state-dir", str(state)],
                               capture_output=True, text=True, timeout=120)
@@ -182,9 +174,9 @@ def test_local_up_down_scripts_start_token_cluster_and_stop_only_it(tmp_path):
         assert down.returncode == 0, down.stderr
         assert f"{c.worker_pid}, {c.head_pid}" in down.stdout
         deadline = time.monotonic() + 10
-        while any(_group_alive(g) for g in groups) and time.monotonic() < deadline:
+        while any(raycluster.group_alive(g) for g in groups) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_group_alive(g) for g in groups), "processes of the cluster survived local-down"
+        assert not any(raycluster.group_alive(g) for g in groups), "processes of the cluster survived local-down"
         assert decoy.poll() is None, "local-down stopped a process it did not start"
         assert not (state / "cluster.json").exists() and not Path(c.temp_dir).exists()
         gone = subprocess.run([str(ROOT / "cluster" / "local-down.sh"), "--state-dir", str(state)],

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from stylegen.raycluster import group_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.toml"
 TINY = ["model.channels=8", "model.res_blocks=1", "data.batch_size=4", "features.weights=random",
@@ -166,23 +168,15 @@ def test_killed_driver_then_same_name_resumes(ray_session, tmp_path):
         assert recs[-1]["step"] == 24
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _wait_group_gone(pgid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and group_alive(pgid):
         time.sleep(0.5)
 
 
 def _kill_group(pgid: int) -> None:
     """Stop what the killed driver left behind: only its own process group (started by this test)."""
-    if _group_alive(pgid):
+    if group_alive(pgid):
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
