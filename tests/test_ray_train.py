@@ -181,3 +181,52 @@ def _kill_group(pgid: int) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.timeout(420)
+def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, tmp_path):
+    """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop together."""
+    trace, storage = tmp_path / "trace", tmp_path / "storage"
+    args = [f"--set={s}" for s in TINY] + ["--set=train.steps=400", "--set=train.report_every=2",
+                                           "--set=train.checkpoint_every=100", "--set=train.sample_every=1000"]
+    env = {**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}
+    env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "stylegen", "train", "--config", str(DEMO), *args,
+                                 "--storage", str(storage), "--name", "term", "--no-progress"],
+                                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(r["step"] >= 4 for r in read_trace(trace).get(0, [])):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+        signalled_at = max(r["step"] for r in read_trace(trace)[0])
+        proc.send_signal(signal.SIGTERM)  # the driver only, as `ray job stop` does
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _wait_group_gone(proc.pid, 60)
+        _kill_group(proc.pid)
+    out = log_path.read_text()
+    assert rc == 0, out[-2000:]
+    assert "stopped by SIGTERM" in out
+    recs = read_trace(trace)
+    stop = recs[0][-1]
+    assert stop["checkpoint"] and stop["step"] % 100 != 0  # the just-in-time checkpoint, not an interval one
+    assert signalled_at < stop["step"] <= signalled_at + 6  # within a few reports of the signal, far before 400
+    assert recs[1][-1]["step"] == stop["step"]  # both ranks stopped at the same report
+    assert (storage / "term" / f"step_{stop['step']:08d}" / "checkpoint.pt").is_file()
+
+    for f in trace.glob("rank*.jsonl"):
+        f.unlink()
+    from stylegen.train.ray_worker import build_trainer
+
+    cfg = tiny_cfg(f"train.steps={stop['step'] + 4}", "train.report_every=2", "train.checkpoint_every=100",
+                   "train.sample_every=1000")
+    result = build_trainer(cfg, name="term", storage=str(storage)).fit()
+    assert result.error is None and result.metrics["step"] == stop["step"] + 4
+    assert all(r[0]["start_step"] == stop["step"] for r in read_trace(trace).values())  # nothing lost

@@ -183,13 +183,39 @@ def test_announced_preemption_writes_a_checkpoint_at_the_next_report(tmp_path):
                              "features.weights=random", "train.val_pairs=2", "metrics.enabled=false"])
     asked = []
 
-    def preempted() -> bool:
+    def preempted() -> str | None:
         asked.append(1)
-        return len(asked) == 1  # announced once, at the first report (step 2)
+        return "checkpoint" if len(asked) == 1 else None  # announced once, at the first report (step 2)
 
     dev = torch.device("cpu")
     training_loop(cfg, build_state(cfg, dev), build_features(cfg.features),
-                  LoopContext(device=dev, progress=False, preemption_check=preempted), LocalSink(cfg, tmp_path))
+                  LoopContext(device=dev, progress=False, poll=preempted), LocalSink(cfg, tmp_path))
     steps = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
     assert steps == ["step_00000002", "step_00000006"]  # the just-in-time one, then the final one
     assert len(asked) == 2  # asked at report steps only (2, 4), not at the final checkpoint (6)
+
+
+def test_stop_poll_checkpoints_and_returns_at_that_report(tmp_path):
+    """The Ray driver's SIGTERM arrives as poll() == "stop": checkpoint at that report, then return early."""
+    import torch
+
+    from stylegen.config import load_config
+    from stylegen.features import build_features
+    from stylegen.train.loop import LocalSink, LoopContext, list_checkpoints, training_loop
+    from stylegen.train.step import build_state
+
+    cfg = load_config(None, ["train.steps=40", "train.report_every=2", "train.checkpoint_every=100",
+                             "train.sample_every=100", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
+                             "features.weights=random", "train.val_pairs=2", "metrics.enabled=false"])
+    asked = []
+
+    def poll() -> str | None:
+        asked.append(1)
+        return "stop" if len(asked) == 2 else None  # asked at step 2, then "stop" at step 4
+
+    dev = torch.device("cpu")
+    state = build_state(cfg, dev)
+    last = training_loop(cfg, state, build_features(cfg.features),
+                         LoopContext(device=dev, progress=False, poll=poll), LocalSink(cfg, tmp_path))
+    assert state.step == 4 and last["step"] == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]

@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     from stylegen.train.ray_worker import fit
 
-    result = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address)  # failures raise UserError
+    result, stopped = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address)  # failures raise UserError
+    if stopped:
+        log.warning("stopped by SIGTERM at step %s with a checkpoint; rerun the same command to resume",
+                    result.metrics.get("step"))
     best = result.get_best_checkpoint(metric="val_score", mode="min") if result.best_checkpoints else None
     print(f"run directory: {result.path}")
     print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")

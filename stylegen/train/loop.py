@@ -45,10 +45,11 @@ class LoopContext:
     world_size: int = 1
     progress: bool = True
     metrics: object | None = None  # stylegen.metrics.TrainMetrics
-    stop_requested: list = field(default_factory=lambda: [False])  # set by SIGTERM
-    # Under Ray: ray.train.get_preemption_info (a barrier, so asked only at report steps, which
-    # every rank reaches together); a node being reclaimed -> a just-in-time checkpoint.
-    preemption_check: Callable[[], bool] | None = None
+    stop_requested: list = field(default_factory=lambda: [False])  # set by SIGTERM (one process only)
+    # Asked at report steps only, which every rank reaches together, so it may be a collective:
+    # "checkpoint" = write one now and go on (a node is being reclaimed), "stop" = write one and
+    # return (the run was asked to stop), None = carry on. Under Ray: ray_worker.interrupt_poll.
+    poll: Callable[[], str | None] | None = None
 
 
 def install_sigterm(ctx: LoopContext) -> None:
@@ -169,7 +170,11 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
             ckpt = step % tc.checkpoint_every == 0 or final
             grid = step // tc.sample_every if (step % tc.sample_every == 0 or final) else None
             report = step % tc.report_every == 0 or ckpt or grid is not None
-            if report and not ckpt and ctx.preemption_check is not None and ctx.preemption_check():
+            event = ctx.poll() if report and not final and ctx.poll is not None else None
+            if event == "stop":
+                log.warning("rank %d: stop requested at step %d: writing a checkpoint, then stopping", ctx.rank, step)
+                ctx.stop_requested[0] = final = ckpt = True
+            elif event == "checkpoint" and not ckpt:
                 log.warning("rank %d: preemption announced at step %d: writing a checkpoint now", ctx.rank, step)
                 ckpt = True
             if report:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stylegen.config import Config, from_dict, to_dict
@@ -54,15 +58,64 @@ class RaySink:
                 self.metrics.checkpoint_saved(time.perf_counter() - t0)
 
 
+class StopFlag:
+    """A 0-CPU named actor the driver owns: set on the driver's SIGTERM, read by rank 0 at reports."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def is_requested(self) -> bool:
+        return self.requested
+
+
+def interrupt_poll(rank: int, stop_actor: str | None):
+    """The loop's report-step poll under Ray: one answer that every rank agrees on.
+
+    "stop": the driver got SIGTERM (``ray job stop``, a scheduler's preemption of the driver) ->
+    rank 0 checkpoints and every rank returns. "checkpoint": Ray is draining a node this run
+    uses (spot reclaim through the autoscaler / KubeRay; ``ray.train.get_preemption_info``) ->
+    one just-in-time checkpoint, then training goes on until Ray restarts the group elsewhere.
+    Both calls are collectives, which is why the loop asks only at report steps.
+    """
+    import ray
+    import ray.train
+    from ray.train.collective import broadcast_from_rank_zero
+
+    handle: list = []
+    announced = [False]
+
+    def poll() -> str | None:
+        stop = False
+        if rank == 0 and stop_actor:
+            try:
+                if not handle:
+                    handle.append(ray.get_actor(stop_actor))
+                stop = bool(ray.get(handle[0].is_requested.remote(), timeout=30))
+            except Exception as e:  # the driver (and its actor) is gone: nobody can ask us to stop
+                log.debug("stop flag %s unreadable: %s", stop_actor, e)
+        if broadcast_from_rank_zero(stop):
+            return "stop"
+        if ray.train.get_preemption_info() is not None and not announced[0]:
+            announced[0] = True
+            return "checkpoint"
+        return None
+
+    return poll
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: ``config = {"cfg": to_dict(cfg), "run": name, "trial": trial_id, "run_dir": path|None}``."""
+    """Ray Train entry: ``config = {"cfg": to_dict(cfg), "run": name, "trial": trial_id, "run_dir": path|None,
+    "stop": stop-flag actor name|None}``."""
     import ray.train
     import ray.train.torch
     import torch
 
     from stylegen.features import build_features
     from stylegen.metrics import TrainMetrics
-    from stylegen.train.loop import LoopContext, install_sigterm, training_loop
+    from stylegen.train.loop import LoopContext, training_loop
     from stylegen.train.step import build_state, restore_state
 
     cfg = from_dict(config["cfg"])
@@ -93,8 +146,10 @@ def train_loop_per_worker(config: dict) -> None:
     if restarted:
         metrics.worker_restart()
     run_dir = Path(config["run_dir"]) if config.get("run_dir") and rank == 0 else None
-    loop_ctx = LoopContext(device=device, rank=rank, world_size=world, progress=rank == 0, metrics=metrics)
-    install_sigterm(loop_ctx)
+    # No SIGTERM handler here: Train V2 runs this function in a thread, and a stop seen by one rank
+    # alone would leave the others waiting in the next all-reduce. Stops go through the agreed poll.
+    loop_ctx = LoopContext(device=device, rank=rank, world_size=world, progress=rank == 0, metrics=metrics,
+                           poll=interrupt_poll(rank, config.get("stop")))
     try:
         training_loop(cfg, state, vgg, loop_ctx, RaySink(cfg, rank, run_dir, metrics))
     finally:
@@ -150,7 +205,8 @@ def is_local_path(storage: str) -> bool:
     return "://" not in storage or storage.startswith("file://")
 
 
-def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", callbacks: list | None = None):
+def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", callbacks: list | None = None,
+                  stop_actor: str | None = None):
     """A TorchTrainer for ``cfg`` (workers/resources from ``cfg.ray``); same name + storage resumes."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -167,7 +223,8 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
         run_dir = None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir, "env": hook_env()},
+        train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir, "env": hook_env(),
+                           "stop": stop_actor},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -220,19 +277,57 @@ def failure_reason(error: Exception) -> str:
     return (lines[-1] if lines else type(inner).__name__)[:300]
 
 
+@contextmanager
+def stop_on_sigterm(flag) -> Iterator[threading.Event]:
+    """While the run is fitted: SIGTERM to the driver sets ``flag`` (a StopFlag handle) and the yielded event.
+
+    The handler only sets an event (it runs inside ``ray.get``); a thread makes the Ray call. The
+    previous handler is restored afterwards. A no-op outside the main thread (e.g. a Tune trial).
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def forward() -> None:
+        requested.wait()
+        log.warning("SIGTERM: asking the workers to checkpoint at their next report and stop")
+        flag.request.remote()
+
+    def handler(signum, frame) -> None:  # noqa: ARG001
+        requested.set()
+
+    threading.Thread(target=forward, name="stylegen-sigterm", daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def fit(cfg: Config, *, name: str, storage: str, address: str = ""):
-    """``stylegen train`` without --local: run the TorchTrainer and return its Result.
+    """``stylegen train`` without --local: run the TorchTrainer; returns (Result, stopped_by_sigterm).
 
     Train V2's ``fit`` raises when the run fails (after ``train.max_failures`` restarts): that becomes
-    one UserError line; Ray has already logged the full traceback.
+    one UserError line; Ray has already logged the full traceback. SIGTERM to this process makes
+    rank 0 checkpoint at the next report step and the run return early (rerun to resume).
     """
+    import uuid
+
+    import ray
     import ray.train
 
     from stylegen.errors import UserError
 
     ensure_ray(address)
+    stop_name = f"stylegen-stop-{uuid.uuid4().hex[:12]}"
+    flag = ray.remote(num_cpus=0)(StopFlag).options(name=stop_name).remote()
     try:
-        return build_trainer(cfg, name=name, storage=storage).fit()
+        with stop_on_sigterm(flag) as stopped:
+            result = build_trainer(cfg, name=name, storage=storage, stop_actor=stop_name).fit()
+        return result, stopped.is_set()
     except ray.train.TrainingFailedError as e:
         raise UserError(f"training run {name!r} failed: {failure_reason(e)}; fix the cause and rerun with the same "
                         "--name and --storage to resume from the last checkpoint") from None
+    finally:
+        ray.kill(flag)

@@ -1,0 +1,77 @@
+"""Issue 9's experiment matrix: train each config of ``jobs/configs/quality/`` with
+``stylegen train --local`` and score it with ``stylegen eval`` on the same 16 held-out pairs.
+
+    python benchmarks/quality_matrix.py                 # every config, 2 at a time (1 thread each)
+    python benchmarks/quality_matrix.py base concat -j 1
+
+Resumable: a row whose ``eval.json`` exists is read, not retrained (an interrupted run resumes
+from its newest checkpoint). Prints one markdown table row per config for docs/quality.md.
+Rows compare at equal steps; the AdaIN reference's equal-wall-clock row comes from
+``benchmarks/adain_reference.py train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "jobs" / "configs" / "quality"
+log = logging.getLogger("quality_matrix")
+
+
+def run_one(name: str, out_root: Path, pairs: int) -> dict:
+    """Train (resuming) and evaluate one config; returns its eval.json plus train seconds."""
+    out = out_root / name
+    result_path = out / "eval.json"
+    if not result_path.exists():
+        cfg = CONFIGS / f"{name}.toml"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "stylegen", "train", "--local", "--config", str(cfg),
+                        "--out", str(out), "--no-progress", "--set", "metrics.enabled=false"], check=True)
+        seconds = time.perf_counter() - t0
+        subprocess.run([sys.executable, "-m", "stylegen", "eval", "--checkpoint", str(out), "--pairs", str(pairs),
+                        "--gatys-steps", "0", "--json", str(result_path)], check=True, stdout=subprocess.DEVNULL)
+        (out / "train_seconds.txt").write_text(f"{seconds:.1f}\n")
+    result = json.loads(result_path.read_text())
+    seconds_file = out / "train_seconds.txt"
+    result["train_seconds"] = float(seconds_file.read_text()) if seconds_file.exists() else None
+    return result
+
+
+def table_row(name: str, r: dict) -> str:
+    m = r["model"]
+    minutes = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-"
+    return (f"| {name} | `jobs/configs/quality/{name}.toml` | {m['objective_n']:.3f} | {m['content_n']:.3f} | "
+            f"{m['style_n']:.3f} | {m['psnr']:.1f} | {m['img_s']:.0f} | {minutes} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help="config names (default: all in jobs/configs/quality)")
+    p.add_argument("-j", "--jobs", type=int, default=2, help="configs trained at once (default 2)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    p.add_argument("--pairs", type=int, default=16)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    names = args.names or sorted(c.stem for c in CONFIGS.glob("*.toml"))
+    missing = [n for n in names if not (CONFIGS / f"{n}.toml").exists()]
+    if missing:
+        p.error(f"no such config(s) in {CONFIGS}: {', '.join(missing)}")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(zip(names, pool.map(lambda n: run_one(n, args.out, args.pairs), names)))
+    print("| run | config | objective_n | content_n | style_n | PSNR dB | img/s | train min |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(table_row(name, r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
