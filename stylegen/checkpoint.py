@@ -56,10 +56,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a dir holding ``checkpoint.pt`` (a Ray checkpoint dir or an export)."""
+    """A checkpoint file, a dir holding ``checkpoint.pt`` (a Ray checkpoint dir or an export), or a
+    ``--local`` run dir (its newest ``checkpoints/step_XXXXXXXX/checkpoint.pt``)."""
     p = Path(path)
     if p.is_dir():
-        p = p / FILENAME
+        steps = sorted(p.glob(f"checkpoints/step_*/{FILENAME}"))
+        p = steps[-1] if not (p / FILENAME).exists() and steps else p / FILENAME
     if not p.is_file():
         raise UserError(f"checkpoint {str(path)!r} not found; pass a checkpoint.pt file or a directory holding one")
     return p

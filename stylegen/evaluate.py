@@ -130,7 +130,7 @@ def _json_safe(v):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt or a dir holding one")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt, a dir holding one, or a --local run dir (its newest)")
     p.add_argument("--content-shards", nargs="+", default=[], metavar="SHARDS",
                    help="held-out content shards (dirs with manifest.parquet, brace patterns, globs); "
                         "default: the embedded demo data's val split")

@@ -214,7 +214,7 @@ def stylize_tensor(gen, content_u8, style_u8, alpha: float = 1.0, device: str | 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="CKPT",
-                   help="checkpoint.pt or a dir holding one (default: the shipped pretrained model)")
+                   help="checkpoint.pt, a dir holding one, or a --local run dir (its newest; default: the shipped model)")
     p.add_argument("--content", nargs="+", required=True, metavar="IMG",
                    help="content image(s), any format Pillow reads")
     p.add_argument("--style", required=True, metavar="IMG", help="style image")

@@ -219,3 +219,18 @@ def test_stop_poll_checkpoints_and_returns_at_that_report(tmp_path):
                          LoopContext(device=dev, progress=False, poll=poll), LocalSink(cfg, tmp_path))
     assert state.step == 4 and last["step"] == 4
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]
+
+
+def test_a_local_run_dir_resolves_to_its_newest_checkpoint(tmp_path):
+    from stylegen.checkpoint import resolve_checkpoint_path
+    from stylegen.errors import UserError
+
+    for step in (9, 10, 100):
+        d = tmp_path / "checkpoints" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "checkpoint.pt").write_bytes(b"x")
+    assert resolve_checkpoint_path(tmp_path) == tmp_path / "checkpoints" / "step_00000100" / "checkpoint.pt"
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")  # an export's own file wins
+    assert resolve_checkpoint_path(tmp_path) == tmp_path / "checkpoint.pt"
+    with pytest.raises(UserError, match="not found"):
+        resolve_checkpoint_path(tmp_path / "checkpoints")
