@@ -6,12 +6,9 @@ with ``samples/epoch_XXXX.png``.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-
-from stylegen.checkpoint import atomic_write_bytes
 
 
 def grid_array(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
@@ -35,16 +32,11 @@ def to_hwc_uint8(t) -> np.ndarray:
     return t.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_png(path: str | Path, array: np.ndarray) -> Path:
-    """Atomically write an (H, W, 3) uint8 array as PNG."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
 def save_grid(path: str | Path, content, style, output) -> Path:
     """content/style/output: (N, 3, H, W) tensors -> PNG rows of content | style | output."""
-    return save_png(path, grid_array([to_hwc_uint8(content), to_hwc_uint8(style), to_hwc_uint8(output)]))
+    import torch
+
+    from stylegen.images import save_png
+
+    canvas = grid_array([to_hwc_uint8(content), to_hwc_uint8(style), to_hwc_uint8(output)])
+    return save_png(path, torch.from_numpy(canvas).permute(2, 0, 1))
