@@ -86,3 +86,17 @@ def test_saturated_output_still_gets_gradients():
     assert torch.equal(out, torch.ones_like(out))
     out.mean().backward()
     assert g.to_rgb.bias.grad.abs().sum() > 0 and g.content_encoder.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_bounded_clamp_gates_only_the_outward_gradient():
+    """Out of range, a gradient that would push further out is dropped (the runaway that saturated
+    2 matrix runs); one that brings the pixel back passes; in range everything passes."""
+    from stylegen.models.generator import bounded_clamp
+
+    x = torch.tensor([-2.0, -2.0, 0.5, 0.5, 3.0, 3.0], requires_grad=True)
+    # descent is x -= lr * grad: at -2, grad +1 pushes further down (dropped), -1 pulls up (kept)
+    grad = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
+    y = bounded_clamp(x)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0]))
+    y.backward(grad)
+    assert torch.equal(x.grad, torch.tensor([0.0, -1.0, 1.0, -1.0, 0.0, 1.0]))

@@ -23,8 +23,8 @@ Fusion (``ModelConfig.fusion``):
 No normalisation layers after the fusion: an InstanceNorm in the decoder would erase the
 channel statistics AdaIN just injected. Upsampling is nearest resize + 3x3 conv (no
 transposed-conv checkerboards); convs use reflection padding (no dark borders). The output
-is clamped to [0, 1] with a straight-through gradient (see ``forward``), so it is always a
-valid image and training can never stall on a saturated output layer.
+is clamped to [0, 1] with a gated straight-through gradient (``bounded_clamp``), so it is
+always a valid image and training can neither stall on nor run away into a saturated output.
 """
 
 from __future__ import annotations
@@ -45,6 +45,35 @@ def act() -> nn.Module:
 
 def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode="reflect")
+
+
+class _BoundedClamp(torch.autograd.Function):
+    """Clamp to [0, 1] forward; backward, a pixel's gradient passes where it is in range or where
+    a descent step moves it back toward the range.
+
+    A sigmoid head died in 2 of 4 sanity runs (pre-activations past |x| ~ 17, where float32
+    sigmoid gradients are exactly 0). A plain straight-through clamp died too (2 of 9 matrix
+    runs, docs/quality.md): where the loss wants a pixel beyond 0 or 1 the clamped value never
+    gets there, so the gradient pushes the raw value outward forever and the image saturates.
+    Gating the outward gradient keeps the raw value near the range and always recoverable.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        # descent moves x by -grad: above 1 only grad > 0 brings it down, below 0 only grad < 0
+        keep = ((x >= 0) & (x <= 1)) | ((x > 1) & (grad > 0)) | ((x < 0) & (grad < 0))
+        return grad * keep
+
+
+def bounded_clamp(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) raw output -> image in [0, 1] with the gated gradient of ``_BoundedClamp``."""
+    return _BoundedClamp.apply(x)
 
 
 class Encoder(nn.Module):
@@ -132,8 +161,4 @@ class Generator(nn.Module):
         if skips[0] is not None:
             h = self.mix1(torch.cat([h, skips[0]], dim=1))
         x = self.to_rgb(h) + 0.5                                          # (B, 3, H, W), grey at init
-        # Clamp to [0, 1] forward, identity backward (straight-through): a sigmoid head died
-        # in 2 of 4 sanity runs (Adam at lr 1e-3 pushed every pre-activation past |x| ~ 17,
-        # where float32 sigmoid gradients are exactly 0: a constant image forever). Here the
-        # VGG losses always see the clamped image and always get a gradient through.
-        return x + (x.clamp(0.0, 1.0) - x).detach()
+        return bounded_clamp(x)
