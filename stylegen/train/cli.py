@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     from stylegen.train.ray_worker import fit
 
-    result, stopped = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address)  # failures raise UserError
+    result, stopped = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address,
+                          progress=not args.no_progress)  # failures raise UserError
     if stopped:
         log.warning("stopped by SIGTERM at step %s with a checkpoint; rerun the same command to resume",
                     result.metrics.get("step"))

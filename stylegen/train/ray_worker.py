@@ -148,7 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = Path(config["run_dir"]) if config.get("run_dir") and rank == 0 else None
     # No SIGTERM handler here: Train V2 runs this function in a thread, and a stop seen by one rank
     # alone would leave the others waiting in the next all-reduce. Stops go through the agreed poll.
-    loop_ctx = LoopContext(device=device, rank=rank, world_size=world, progress=rank == 0, metrics=metrics,
+    loop_ctx = LoopContext(device=device, rank=rank, world_size=world, metrics=metrics,
+                           progress=rank == 0 and config.get("progress", True),
                            poll=interrupt_poll(rank, config.get("stop")))
     try:
         training_loop(cfg, state, vgg, loop_ctx, RaySink(cfg, rank, run_dir, metrics))
@@ -206,7 +207,7 @@ def is_local_path(storage: str) -> bool:
 
 
 def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", callbacks: list | None = None,
-                  stop_actor: str | None = None):
+                  stop_actor: str | None = None, progress: bool = True):
     """A TorchTrainer for ``cfg`` (workers/resources from ``cfg.ray``); same name + storage resumes."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -224,7 +225,7 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir, "env": hook_env(),
-                           "stop": stop_actor},
+                           "stop": stop_actor, "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -305,7 +306,7 @@ def stop_on_sigterm(flag) -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def fit(cfg: Config, *, name: str, storage: str, address: str = ""):
+def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bool = True):
     """``stylegen train`` without --local: run the TorchTrainer; returns (Result, stopped_by_sigterm).
 
     Train V2's ``fit`` raises when the run fails (after ``train.max_failures`` restarts): that becomes
@@ -324,7 +325,7 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = ""):
     flag = ray.remote(num_cpus=0)(StopFlag).options(name=stop_name).remote()
     try:
         with stop_on_sigterm(flag) as stopped:
-            result = build_trainer(cfg, name=name, storage=storage, stop_actor=stop_name).fit()
+            result = build_trainer(cfg, name=name, storage=storage, stop_actor=stop_name, progress=progress).fit()
         return result, stopped.is_set()
     except ray.train.TrainingFailedError as e:
         raise UserError(f"training run {name!r} failed: {failure_reason(e)}; fix the cause and rerun with the same "
