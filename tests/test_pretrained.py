@@ -52,7 +52,7 @@ def test_training_recipe_lowers_the_objective(tmp_path):
     """The shipped recipe's config, shortened: val_score (objective_n on fixed pairs) falls."""
     from stylegen.config import load_config
 
-    cfg = load_config("jobs/configs/pretrained.toml", ["train.steps=30", "train.report_every=10",
+    cfg = load_config("jobs/configs/pretrained.toml", ["train.steps=30", "optim.warmup_steps=3", "train.report_every=10",
                                                        "train.checkpoint_every=30", "train.sample_every=30",
                                                        "model.channels=16", "data.batch_size=4",
                                                        "metrics.enabled=false", "train.threads=2"])
