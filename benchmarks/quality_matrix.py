@@ -46,10 +46,38 @@ def run_one(name: str, out_root: Path, pairs: int) -> dict:
 
 
 def table_row(name: str, r: dict) -> str:
-    m = r["model"]
+    m = r["rows"]["model"]
     minutes = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-"
     return (f"| {name} | `jobs/configs/quality/{name}.toml` | {m['objective_n']:.3f} | {m['content_n']:.3f} | "
             f"{m['style_n']:.3f} | {m['psnr']:.1f} | {m['img_s']:.0f} | {minutes} |")
+
+
+def newest_grid(run: Path) -> Path:
+    grids = sorted((run / "samples").glob("epoch_*.png"))
+    if not grids:
+        raise SystemExit(f"no result grid in {run / 'samples'}")
+    return grids[-1]
+
+
+def montage(runs: dict[str, Path], out: Path, size: int = 64, pad: int = 2) -> Path:
+    """One image from the runs' newest result grids (all on the same fixed val pairs): columns
+    content | style | each run's output, in the order given (stylegen.grids layout: pad 2)."""
+    import numpy as np
+    from PIL import Image
+
+    from stylegen.grids import grid_array
+
+    def column(path: Path, j: int) -> np.ndarray:
+        a = np.asarray(Image.open(path).convert("RGB"))
+        n = (a.shape[0] - pad) // (size + pad)
+        x = pad + j * (size + pad)
+        return np.stack([a[pad + i * (size + pad):pad + i * (size + pad) + size, x:x + size] for i in range(n)])
+
+    first = newest_grid(next(iter(runs.values())))
+    cols = [column(first, 0), column(first, 1)] + [column(newest_grid(r), 2) for r in runs.values()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_array(cols, pad)).save(out, optimize=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-j", "--jobs", type=int, default=2, help="configs trained at once (default 2)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--montage", type=Path, help="also write content | style | each run's output as one PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = args.names or sorted(c.stem for c in CONFIGS.glob("*.toml"))
@@ -70,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(table_row(name, r))
+    if args.montage:
+        print(montage({n: args.out / n for n in names}, args.montage))
     return 0
 
 
