@@ -21,11 +21,9 @@ def cache(tmp_path_factory):
     # in a fresh interpreter, to check that skimage itself is never imported
     code = ("import sys; from stylegen.data.embedded import ensure_embedded; "
             f"ensure_embedded({str(root / 'embedded-v1')!r}); print('skimage' in sys.modules)")
-    t = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
-    assert time.time() - t < 120
     return root
 
 
@@ -49,9 +47,7 @@ def test_reused_and_repaired(cache):
     shards = ensure_embedded(cache / "embedded-v1")
     files = sorted(shards.content_dir.glob("*.tar"))
     before = {f: f.stat().st_mtime_ns for f in files}
-    t = time.time()
     ensure_embedded(cache / "embedded-v1")
-    assert time.time() - t < 5
     assert {f: f.stat().st_mtime_ns for f in files} == before  # nothing rebuilt
     good = files[0].read_bytes()
     data = bytearray(good)
