@@ -53,7 +53,7 @@ class DataConfig:
 class ModelConfig:
     fusion: str = _f("adain", "how content and style features meet: 'concat' (original) or 'adain'", choices=("concat", "adain"))
     channels: int = _f(32, "base channel width; encoders go channels -> 2x -> 4x", lo=4, hi=512)
-    res_blocks: int = _f(4, "residual blocks after fusion", lo=0, hi=32)
+    res_blocks: int = _f(3, "residual blocks after fusion (3: docs/quality.md, deeper was no better per minute)", lo=0, hi=32)
     adain_levels: int = _f(3, "adain only: 1 = fuse at 16x16; 2 = also at 32x32; 3 = also at 64x64", lo=1, hi=3)
 
 
@@ -84,7 +84,7 @@ class OptimConfig:
     beta1: float = _f(0.9, "Adam beta1", lo=0.0, hi=0.999999)
     beta2: float = _f(0.999, "Adam beta2", lo=0.0, hi=0.999999)
     grad_clip: float = _f(10.0, "max global grad norm; 0 = off", lo=0.0)
-    schedule: str = _f("constant", "learning-rate schedule", choices=("constant", "cosine"))
+    schedule: str = _f("cosine", "learning-rate schedule (cosine: constant lr spiked late, docs/quality.md)", choices=("constant", "cosine"))
     warmup_steps: int = _f(0, "linear warm-up steps", lo=0)
 
 

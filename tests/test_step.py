@@ -47,4 +47,5 @@ def test_lr_schedule():
     assert lr_factor(10, 110, cfg.optim) == pytest.approx(1.0)
     assert lr_factor(60, 110, cfg.optim) == pytest.approx(0.5)
     assert lr_factor(110, 110, cfg.optim) == pytest.approx(0.0, abs=1e-12)
-    assert math.isclose(lr_factor(5, 100, load_config(None, []).optim), 1.0)
+    assert math.isclose(lr_factor(5, 100, load_config(None, ["optim.schedule=constant"]).optim), 1.0)
+    assert load_config(None, []).optim.schedule == "cosine"  # the default since docs/quality.md
