@@ -129,7 +129,7 @@ def test_export_loads_in_stylize(tmp_path):
     assert (out / "config.toml").is_file()
 
 
-def test_best_under_a_second_on_a_sweep_dir(tmp_path, capsys):
+def test_best_reads_a_big_sweep_without_torch_or_ray(tmp_path, capsys):
     # 40 trials x 3 reports, no checkpoints needed for the timing of the read itself
     trials = [{"id": f"b_{i:05d}", "status": "TERMINATED", "style": float(i + 1),
                "scores": [(5, 3.0 + i / 100), (10, 2.9 + i / 100), (20, 2.5 + i / 100)]} for i in range(40)]
@@ -142,11 +142,16 @@ def test_best_under_a_second_on_a_sweep_dir(tmp_path, capsys):
         (run / "step_00000020" / "checkpoint.pt").write_bytes(b"x")
         (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": [
             {"checkpoint_dir_name": "step_00000020", "metrics": {"val_score": t["scores"][-1][1], "step": 20}}]}))
-    t0 = time.perf_counter()
     best = print_best(tmp_path / "big", top=10)
-    elapsed = time.perf_counter() - t0
     assert best.trial_id == "b_00000"
-    assert elapsed < 1.0, f"offline read of 40 trials took {elapsed:.2f} s"
+    # what keeps `stylegen best` fast: a fresh interpreter reads the 40 trials without importing
+    # torch or ray (asserted by what is imported, not by a wall-clock figure)
+    code = ("import sys; from pathlib import Path; from stylegen.experiments import print_best; "
+            f"assert print_best(Path({str(tmp_path / 'big')!r}), top=10).trial_id == 'b_00000'; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
     assert print_best(sweep).trial_id == "b_00000"
 
 
