@@ -76,7 +76,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     """Train the reference's decoder with our step on our data; returns ``stylegen eval``'s rows (+ budget)."""
     from tqdm import tqdm
 
-    from stylegen.checkpoint import atomic_write_bytes
+    from stylegen.checkpoint import atomic_write_bytes, save_checkpoint
     from stylegen.config import DataConfig, load_config
     from stylegen.data.loader import build_loader, load_pairs
     from stylegen.evaluate import _json_safe, evaluate, format_table
@@ -117,16 +117,8 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "eval.json", (json.dumps(_json_safe(result), indent=2) + "\n").encode())
-    atomic_write_bytes(out / "decoder.pt", _state_bytes(model.decoder.state_dict()))
+    save_checkpoint(out / "decoder.pt", {"decoder": model.decoder.state_dict()})
     return result
-
-
-def _state_bytes(state: dict) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
