@@ -52,6 +52,17 @@ def ray_session():
     ray.shutdown()
 
 
+def start_driver(trace: Path, storage: Path, name: str, log_path: Path, sets: list[str]) -> subprocess.Popen:
+    """`stylegen train` (its own local Ray) in a new process group, tracing every rank's reports."""
+    env = {**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}
+    env.pop("RAY_ADDRESS", None)
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "stylegen", "train", "--config", str(DEMO),
+                                 *[f"--set={s}" for s in [*TINY, *sets]], "--storage", str(storage), "--name", name,
+                                 "--no-progress"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
 def fit(cfg, tmp_path: Path, name: str):
     from stylegen.train.ray_worker import build_trainer
 
@@ -121,14 +132,9 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, monke
 def test_killed_driver_then_same_name_resumes(ray_session, tmp_path):
     """SIGKILL the `stylegen train` driver after its first checkpoint; rerunning the name resumes."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
-    args = [f"--set={s}" for s in TINY] + ["--set=train.steps=24", "--set=train.report_every=4",
-                                           "--set=train.checkpoint_every=4", "--set=train.sample_every=100"]
-    env = {**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "stylegen.cli", "train", "--config", str(DEMO), *args,
-                             "--storage", str(storage), "--name", "again", "--no-progress"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start_driver(trace, storage, "again", tmp_path / "driver.log", ["train.steps=24", "train.report_every=4",
+                                                                         "train.checkpoint_every=4",
+                                                                         "train.sample_every=100"])
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -187,15 +193,9 @@ def _kill_group(pgid: int) -> None:
 def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, tmp_path):
     """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop together."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
-    args = [f"--set={s}" for s in TINY] + ["--set=train.steps=400", "--set=train.report_every=2",
-                                           "--set=train.checkpoint_every=100", "--set=train.sample_every=1000"]
-    env = {**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}
-    env.pop("RAY_ADDRESS", None)
     log_path = tmp_path / "driver.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "stylegen", "train", "--config", str(DEMO), *args,
-                                 "--storage", str(storage), "--name", "term", "--no-progress"],
-                                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_driver(trace, storage, "term", log_path, ["train.steps=400", "train.report_every=2",
+                                                           "train.checkpoint_every=100", "train.sample_every=1000"])
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:

@@ -169,8 +169,9 @@ def test_best_reads_a_local_run_dir(tmp_path, monkeypatch):
     assert Path(best["checkpoint"]) == out / "checkpoints" / "step_00000004"
 
 
-def test_announced_preemption_writes_a_checkpoint_at_the_next_report(tmp_path):
-    """Under Ray the check is ray.train.get_preemption_info(); here a stand-in announces it at step 2."""
+def run_polled(tmp_path, steps: int, answers: dict[int, str]):
+    """A tiny local loop reporting every 2 steps whose poll answers ``answers[n]`` at its n-th call;
+    returns (state, last metrics, checkpoint dir names, number of polls)."""
     import torch
 
     from stylegen.config import load_config
@@ -178,47 +179,34 @@ def test_announced_preemption_writes_a_checkpoint_at_the_next_report(tmp_path):
     from stylegen.train.loop import LocalSink, LoopContext, list_checkpoints, training_loop
     from stylegen.train.step import build_state
 
-    cfg = load_config(None, ["train.steps=6", "train.report_every=2", "train.checkpoint_every=100",
-                             "train.sample_every=100", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
-                             "features.weights=random", "train.val_pairs=2", "metrics.enabled=false"])
-    asked = []
-
-    def preempted() -> str | None:
-        asked.append(1)
-        return "checkpoint" if len(asked) == 1 else None  # announced once, at the first report (step 2)
-
-    dev = torch.device("cpu")
-    training_loop(cfg, build_state(cfg, dev), build_features(cfg.features),
-                  LoopContext(device=dev, progress=False, poll=preempted), LocalSink(cfg, tmp_path))
-    steps = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
-    assert steps == ["step_00000002", "step_00000006"]  # the just-in-time one, then the final one
-    assert len(asked) == 2  # asked at report steps only (2, 4), not at the final checkpoint (6)
-
-
-def test_stop_poll_checkpoints_and_returns_at_that_report(tmp_path):
-    """The Ray driver's SIGTERM arrives as poll() == "stop": checkpoint at that report, then return early."""
-    import torch
-
-    from stylegen.config import load_config
-    from stylegen.features import build_features
-    from stylegen.train.loop import LocalSink, LoopContext, list_checkpoints, training_loop
-    from stylegen.train.step import build_state
-
-    cfg = load_config(None, ["train.steps=40", "train.report_every=2", "train.checkpoint_every=100",
+    cfg = load_config(None, [f"train.steps={steps}", "train.report_every=2", "train.checkpoint_every=100",
                              "train.sample_every=100", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
                              "features.weights=random", "train.val_pairs=2", "metrics.enabled=false"])
     asked = []
 
     def poll() -> str | None:
         asked.append(1)
-        return "stop" if len(asked) == 2 else None  # asked at step 2, then "stop" at step 4
+        return answers.get(len(asked))
 
     dev = torch.device("cpu")
     state = build_state(cfg, dev)
     last = training_loop(cfg, state, build_features(cfg.features),
                          LoopContext(device=dev, progress=False, poll=poll), LocalSink(cfg, tmp_path))
+    return state, last, [p.name for p in list_checkpoints(tmp_path / "checkpoints")], len(asked)
+
+
+def test_announced_preemption_writes_a_checkpoint_at_the_next_report(tmp_path):
+    """Under Ray the check is ray.train.get_preemption_info(); here a stand-in announces it at step 2."""
+    _, _, steps, asked = run_polled(tmp_path, 6, {1: "checkpoint"})  # announced once, at the first report
+    assert steps == ["step_00000002", "step_00000006"]  # the just-in-time one, then the final one
+    assert asked == 2  # asked at report steps only (2, 4), not at the final checkpoint (6)
+
+
+def test_stop_poll_checkpoints_and_returns_at_that_report(tmp_path):
+    """The Ray driver's SIGTERM arrives as poll() == "stop": checkpoint at that report, then return early."""
+    state, last, steps, _ = run_polled(tmp_path, 40, {2: "stop"})  # asked at step 2, then "stop" at step 4
     assert state.step == 4 and last["step"] == 4
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]
+    assert steps == ["step_00000004"]
 
 
 def test_a_local_run_dir_resolves_to_its_newest_checkpoint(tmp_path):
