@@ -14,6 +14,9 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
   the baseline uses naoto's loss.
   Both are dominated by the three VGG19-to-relu4_1 passes (content, style targets, output
   with backward), so expect a ratio near 1 here: the generator is not the bottleneck.
+- style_vgg_stylize / style_vgg_train: the cost of ``model.style_vgg`` (decoder FiLM from the
+  style's VGG19 statistics): ours = style_vgg on, baseline = the same config with it off
+  (ratio < 1 = the price in throughput; the train step reuses the loss's VGG features).
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adain_reference import AdaINReference  # noqa: E402
 
-from stylegen.config import Config, LossConfig, ModelConfig  # noqa: E402
+from stylegen.config import Config, LossConfig  # noqa: E402
 from stylegen.features import VGGFeatures  # noqa: E402
-from stylegen.models.generator import Generator  # noqa: E402
+from stylegen.models.generator import build_generator  # noqa: E402
 from stylegen.train.step import build_state, train_step  # noqa: E402
 
 
@@ -58,7 +61,14 @@ def main() -> int:
     b = args.batch
     c, s = torch.rand(b, 3, 64, 64), torch.rand(b, 3, 64, 64)
 
-    ours = Generator(ModelConfig())
+    def config(style_vgg: bool) -> Config:
+        cfg = Config()
+        cfg.features.weights, cfg.model.style_vgg = "random", style_vgg
+        return cfg
+
+    default = Config()
+    default.features.weights = "random"
+    ours = build_generator(default)
     ref = AdaINReference("random")
     vgg = VGGFeatures("random")
     lcfg = LossConfig()
@@ -71,13 +81,15 @@ def main() -> int:
         return f
 
     # ours trains through the real step: default losses incl. the identity term (a second G pass)
-    cfg = Config()
-    state = build_state(cfg, torch.device("cpu"))
     c8, s8 = (c * 255).to(torch.uint8), (s * 255).to(torch.uint8)
 
-    def train_ours():
-        train_step(state, vgg, c8, s8, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=10**9,
-                   device=torch.device("cpu"))
+    def trainer(cfg: Config):
+        state = build_state(cfg, torch.device("cpu"))
+
+        def f():
+            train_step(state, vgg, c8, s8, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=10**9,
+                       device=torch.device("cpu"))
+        return f
 
     def train_ref():
         ref.train()
@@ -86,8 +98,12 @@ def main() -> int:
         loss.backward()
         opt_ref.step()
 
-    for name, fo, fb, iters in [("stylize_img_per_s", stylize(ours), stylize(ref), args.iters),
-                                ("train_img_per_s", train_ours, train_ref, max(1, args.iters // 2))]:
+    rows = [("stylize_img_per_s", stylize(ours), stylize(ref), args.iters),
+            ("train_img_per_s", trainer(default), train_ref, max(1, args.iters // 2)),
+            ("style_vgg_stylize", stylize(build_generator(config(True))), stylize(build_generator(config(False))),
+             args.iters),
+            ("style_vgg_train", trainer(config(True)), trainer(config(False)), max(1, args.iters // 2))]
+    for name, fo, fb, iters in rows:
         o, r = [], []
         for _ in range(args.repeats):  # interleaved so load changes affect both sides
             o.append(_rate(fo, b, iters))

@@ -58,7 +58,7 @@ def load_generator(path: str | Path | None, device: str | torch.device = "cpu") 
 def generator_from_state(state: dict, name: str) -> tuple[Generator, Config]:
     """A loaded checkpoint dict -> (Generator on CPU in eval mode, its Config); ``name`` is for errors."""
     from stylegen.config import ConfigError, from_dict
-    from stylegen.models.generator import Generator
+    from stylegen.models.generator import build_generator
 
     p = name
     if not isinstance(state.get("config"), dict) or not isinstance(state.get("generator"), dict):
@@ -69,7 +69,7 @@ def generator_from_state(state: dict, name: str) -> tuple[Generator, Config]:
     except ConfigError as e:
         raise UserError(f"checkpoint {p!r} holds a config this stylegen cannot read ({e}); "
                         "it was written by another stylegen version") from None
-    gen = Generator(cfg.model)
+    gen = build_generator(cfg)
     problem = state_dict_mismatch(gen.state_dict(), state["generator"])
     if not problem:
         try:

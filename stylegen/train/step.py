@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from stylegen.config import Config, LossConfig, OptimConfig
-from stylegen.losses import d_loss, loss_terms, pixel_l1, weighted_total
+from stylegen.losses import d_loss, loss_terms, pixel_l1, target_features, weighted_total
 
 
 @dataclass
@@ -46,15 +46,15 @@ def pick_device(name: str) -> torch.device:
 def build_state(cfg: Config, device: torch.device) -> TrainState:
     """Generator (+ discriminator when loss.adversarial > 0) and their Adam optimisers."""
     from stylegen.models.discriminator import Discriminator
-    from stylegen.models.generator import Generator
+    from stylegen.models.generator import build_generator
 
     torch.manual_seed(cfg.train.seed)
-    g = Generator(cfg.model).to(device)
+    g = build_generator(cfg).to(device)
     d = Discriminator().to(device) if cfg.loss.adversarial > 0 else None
     if device.type == "cuda" and cfg.train.amp:
         g = g.to(memory_format=torch.channels_last)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.optim.lr, betas=betas)
+    opt_g = torch.optim.Adam([p for p in g.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=betas)
     # The discriminator's Adam follows DCGAN's betas (0.5, 0.999): it must track a moving target.
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.optim.d_lr, betas=(0.5, 0.999)) if d is not None else None
     return TrainState(g, d, opt_g, opt_d, 0)
@@ -98,11 +98,15 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
     state.generator.train()
     with autocast_for(device, amp):
         identity = loss_cfg.identity > 0
+        # the loss's target features, computed once; a generator that reads VGG features reuses them
+        content_feats, style_feats = target_features(vgg, content, style, loss_cfg)
         if identity:
             # One forward for both (one DDP forward per backward): (2B, 3, H, W) -> stylized | G(c, c)
-            out, out_id = state.generator(torch.cat([content, content]), torch.cat([style, content])).chunk(2)
+            both = _pair_features(content_feats, style_feats)
+            out, out_id = state.generator(torch.cat([content, content]), torch.cat([style, content]),
+                                          vgg_feats=both).chunk(2)
         else:
-            out = state.generator(content, style)  # (B, 3, H, W) in [0, 1]
+            out = state.generator(content, style, vgg_feats=(content_feats, style_feats))  # (B, 3, H, W)
         fake_logits = None
         if state.discriminator is not None:
             # G's adversarial term goes through the bare D: its grads are zeroed before
@@ -111,7 +115,8 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
             d_bare.requires_grad_(False)
             fake_logits = d_bare(out)
             d_bare.requires_grad_(True)
-        terms = loss_terms(out, content, style, vgg, loss_cfg, fake_logits=fake_logits)
+        terms = loss_terms(out, content, style, vgg, loss_cfg, fake_logits=fake_logits,
+                           content_feats=content_feats, style_feats=style_feats)
         if identity:
             # stylize(c, c) must give c back: the original project's "poor reconstruction" fix
             terms["identity"] = pixel_l1(out_id, content)
@@ -139,6 +144,16 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
         result["discriminator"] = float(dl.detach())
     state.step += 1
     return result
+
+
+def _pair_features(content_feats: dict, style_feats: dict) -> tuple[dict, dict] | None:
+    """VGG features of the identity-batched inputs (content | content, style | content), at the
+    layers both dicts hold; None when a style image of another size makes them uncatable."""
+    layers = [n for n in content_feats if n in style_feats]
+    if any(content_feats[n].shape[1:] != style_feats[n].shape[1:] for n in layers):
+        return None
+    return ({n: torch.cat([content_feats[n], content_feats[n]]) for n in layers},
+            {n: torch.cat([style_feats[n], content_feats[n]]) for n in layers})
 
 
 def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, style_u8: torch.Tensor,
