@@ -105,6 +105,8 @@ class TrainConfig:
     max_failures: int = _f(1, "Ray Train worker-group restarts allowed", lo=-1)
     device: str = _f("auto", "'auto', 'cpu' or 'cuda'", choices=("auto", "cpu", "cuda"))
     amp: bool = _f(True, "bf16 autocast + channels_last on CUDA (ignored on CPU)")
+    cpu_bf16: bool = _f(False, "bf16 autocast on CPU too: ~1.7x faster steps on CPUs with AVX512-BF16 or AMX, "
+                        "much slower without (benchmarks/bench_model.py measures it); losses stay float32")
     threads: int = _f(0, "torch threads per process; 0 = leave torch's default", lo=0, hi=256)
 
 

@@ -19,8 +19,9 @@ TERMS = ("content", "style", "gram", "pixel_l1", "pixel_l2", "tv", "adversarial"
 def gram_matrix(f: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, C): F Fᵀ / (C·H·W) (Johnson et al.'s normalisation)."""
     b, c, h, w = f.shape
-    x = f.reshape(b, c, h * w)
-    return torch.bmm(x, x.transpose(1, 2)) / (c * h * w)
+    x = f.float().reshape(b, c, h * w)
+    with torch.autocast(f.device.type, enabled=False):  # float32 even under bf16 autocast
+        return torch.bmm(x, x.transpose(1, 2)) / (c * h * w)
 
 
 def calc_mean_std(f: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +30,7 @@ def calc_mean_std(f: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, tor
     std = sqrt(population variance + eps): the population (not unbiased) variance keeps a
     1x1 map finite, and using the same eps on both sides makes ``adain(x, x) == x``.
     """
-    var, mean = torch.var_mean(f, dim=(2, 3), keepdim=True, correction=0)
+    var, mean = torch.var_mean(f.float(), dim=(2, 3), keepdim=True, correction=0)  # float32 under bf16 autocast
     return mean, (var + eps).sqrt()
 
 
@@ -43,7 +44,7 @@ def adain(content_feat: torch.Tensor, style_feat: torch.Tensor, eps: float = 1e-
 
 def content_loss(out_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
     """MSE between feature maps at the content layer."""
-    return F.mse_loss(out_feat, target_feat)
+    return F.mse_loss(out_feat.float(), target_feat.float())
 
 
 def style_loss_meanstd(out_feats: Sequence[torch.Tensor], style_feats: Sequence[torch.Tensor]) -> torch.Tensor:

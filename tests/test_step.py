@@ -12,14 +12,14 @@ from stylegen.train.step import build_state, lr_factor, train_step
 TINY = ["model.channels=4", "model.res_blocks=1", "features.weights=random"]
 
 
-def _step(overrides):
+def _step(overrides, *, cpu_bf16: bool = False):
     cfg = load_config(None, TINY + overrides)
     state = build_state(cfg, torch.device("cpu"))
     vgg = VGGFeatures("random")
     c = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     s = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     return cfg, state, train_step(state, vgg, c, s, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=10,
-                                  device=torch.device("cpu"))
+                                  device=torch.device("cpu"), cpu_bf16=cpu_bf16)
 
 
 def test_identity_term_is_computed_and_weighted_once():
@@ -49,3 +49,28 @@ def test_lr_schedule():
     assert lr_factor(110, 110, cfg.optim) == pytest.approx(0.0, abs=1e-12)
     assert math.isclose(lr_factor(5, 100, load_config(None, ["optim.schedule=constant"]).optim), 1.0)
     assert load_config(None, []).optim.schedule == "cosine"  # the default since docs/quality.md
+
+
+def test_cpu_bf16_step_runs_under_autocast_and_keeps_the_losses_float32(monkeypatch):
+    from stylegen import losses
+
+    seen = []
+    real = losses.calc_mean_std
+
+    def spy(f, eps=1e-5):
+        seen.append((f.dtype, torch.is_autocast_enabled("cpu")))
+        out = real(f, eps)
+        assert all(t.dtype == torch.float32 for t in out)
+        return out
+
+    monkeypatch.setattr(losses, "calc_mean_std", spy)
+    _, state, terms = _step(["loss.gram=1.0"], cpu_bf16=True)
+    assert state.step == 1 and all(math.isfinite(v) for v in terms.values())
+    assert (torch.bfloat16, True) in seen  # the VGG features came out of bf16 convs
+    seen.clear()
+    _step([])
+    assert seen and all(dtype == torch.float32 and not on for dtype, on in seen)  # off by default
+    x = torch.rand(2, 4, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert losses.gram_matrix(x).dtype == torch.float32
+        assert losses.content_loss(x, x + 1).dtype == torch.float32

@@ -156,7 +156,8 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
             wait = t0 - t_wait
             trace.batch(content, style)
             terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                               total_steps=tc.steps, device=ctx.device, amp=tc.amp)
+                               total_steps=tc.steps, device=ctx.device, amp=tc.amp,
+                               cpu_bf16=tc.cpu_bf16)
             dur = time.perf_counter() - t0
             wait_sum += wait
             step_sum += dur + wait

@@ -77,16 +77,18 @@ def to_float(batch_u8: torch.Tensor, device: torch.device, channels_last: bool =
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def autocast_for(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when enabled; a no-op context on CPU."""
+def autocast_for(device: torch.device, amp: bool, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA when ``amp``, on CPU when ``cpu_bf16``; otherwise a no-op context."""
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cpu_bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
 def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, style_u8: torch.Tensor, *,
                loss_cfg: LossConfig, optim_cfg: OptimConfig, total_steps: int, device: torch.device,
-               amp: bool = True) -> dict[str, float]:
+               amp: bool = True, cpu_bf16: bool = False) -> dict[str, float]:
     """One generator step (and one discriminator step when it is on). Returns float terms + 'total'."""
     channels_last = amp and device.type == "cuda"
     content = to_float(content_u8, device, channels_last)  # (B, 3, H, W)
@@ -96,7 +98,7 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
         group["lr"] = optim_cfg.lr * factor
 
     state.generator.train()
-    with autocast_for(device, amp):
+    with autocast_for(device, amp, cpu_bf16):
         identity = loss_cfg.identity > 0
         # the loss's target features, computed once; a generator that reads VGG features reuses them
         content_feats, style_feats = target_features(vgg, content, style, loss_cfg)
@@ -134,7 +136,7 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
     result = {k: float(v.detach()) for k, v in terms.items()}
     result["total"] = float(total.detach())
     if state.discriminator is not None and state.opt_d is not None:
-        with autocast_for(device, amp):
+        with autocast_for(device, amp, cpu_bf16):
             real = state.discriminator(style)          # real = style images
             fake = state.discriminator(out.detach())   # fake = generator outputs
             dl = d_loss(real, fake)
