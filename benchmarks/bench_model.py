@@ -14,9 +14,11 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
   the baseline uses naoto's loss.
   Both are dominated by the three VGG19-to-relu4_1 passes (content, style targets, output
   with backward), so expect a ratio near 1 here: the generator is not the bottleneck.
-- style_vgg_stylize / style_vgg_train: the cost of ``model.style_vgg`` (decoder FiLM from the
-  style's VGG19 statistics): ours = style_vgg on, baseline = the same config with it off
-  (ratio < 1 = the price in throughput; the train step reuses the loss's VGG features).
+- vgg_adain_stylize / vgg_adain_train: the cost of ``model.vgg_adain`` (VGG relu4_1 AdaIN
+  into the decoder): ours = on, baseline = the same config with it off (ratio < 1 = the
+  price in throughput; the train step reuses the loss's VGG features).
+- cpu_bf16_train: ``train.cpu_bf16`` (bf16 autocast on CPU) vs float32, same default step
+  (> 1 only on CPUs with AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def main() -> int:
     b = args.batch
     c, s = torch.rand(b, 3, 64, 64), torch.rand(b, 3, 64, 64)
 
-    def config(style_vgg: bool) -> Config:
+    def config(vgg_adain: bool) -> Config:
         cfg = Config()
-        cfg.features.weights, cfg.model.style_vgg = "random", style_vgg
+        cfg.features.weights, cfg.model.vgg_adain = "random", vgg_adain
         return cfg
 
     default = Config()
@@ -83,12 +85,12 @@ def main() -> int:
     # ours trains through the real step: default losses incl. the identity term (a second G pass)
     c8, s8 = (c * 255).to(torch.uint8), (s * 255).to(torch.uint8)
 
-    def trainer(cfg: Config):
+    def trainer(cfg: Config, cpu_bf16: bool = False):
         state = build_state(cfg, torch.device("cpu"))
 
         def f():
             train_step(state, vgg, c8, s8, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=10**9,
-                       device=torch.device("cpu"))
+                       device=torch.device("cpu"), cpu_bf16=cpu_bf16)
         return f
 
     def train_ref():
@@ -100,9 +102,10 @@ def main() -> int:
 
     rows = [("stylize_img_per_s", stylize(ours), stylize(ref), args.iters),
             ("train_img_per_s", trainer(default), train_ref, max(1, args.iters // 2)),
-            ("style_vgg_stylize", stylize(build_generator(config(True))), stylize(build_generator(config(False))),
+            ("vgg_adain_stylize", stylize(build_generator(config(True))), stylize(build_generator(config(False))),
              args.iters),
-            ("style_vgg_train", trainer(config(True)), trainer(config(False)), max(1, args.iters // 2))]
+            ("vgg_adain_train", trainer(config(True)), trainer(config(False)), max(1, args.iters // 2)),
+            ("cpu_bf16_train", trainer(default, cpu_bf16=True), trainer(default), max(1, args.iters // 2))]
     for name, fo, fb, iters in rows:
         o, r = [], []
         for _ in range(args.repeats):  # interleaved so load changes affect both sides

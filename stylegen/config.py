@@ -55,8 +55,6 @@ class ModelConfig:
     channels: int = _f(32, "base channel width; encoders go channels -> 2x -> 4x", lo=4, hi=512)
     res_blocks: int = _f(3, "residual blocks after fusion (3: docs/quality.md, deeper was no better per minute)", lo=0, hi=32)
     adain_levels: int = _f(3, "adain only: 1 = fuse at 16x16; 2 = also at 32x32; 3 = also at 64x64", lo=1, hi=3)
-    style_vgg: bool = _f(False, "also modulate each decoder stage from the style image's VGG19 relu1_1-relu4_1 channel mean/std "
-                         "(the loss's own feature space; costs one VGG pass over the style at inference)")
     vgg_adain: bool = _f(False, "also feed the decoder adain(VGG19 relu4_1 of content, of style) at H/4 "
                          "(costs VGG passes over content and style at inference)")
 

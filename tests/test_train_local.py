@@ -106,6 +106,8 @@ def test_resume_continues_the_step_count(tmp_path, monkeypatch):
     assert {r["start_step"] for r in recs} == {6}
     assert [r["step"] for r in recs] == [8, 10]
     assert last["step"] == 10
+    again = run(tiny_cfg("train.steps=10"), out, trace, monkeypatch)  # finished: nothing to train
+    assert again["step"] == 10 and again["val_score"] == pytest.approx(last["val_score"])
 
 
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):

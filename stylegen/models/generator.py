@@ -20,12 +20,13 @@ Fusion (``ModelConfig.fusion``):
   ``adain(f(c), f(c)) == f(c)`` exactly, so stylize(c, c) is the autoencoder path. ``alpha``
   blends fused and content features at every level: ``alpha·adain(f, s) + (1 − alpha)·f``.
 
-``style_vgg`` (both fusions): the style image's channel mean/std at VGG19 relu1_1..relu4_1 (the
-feature space the style loss measures) go through a small MLP that predicts a per-channel
-scale and shift (FiLM) for each decoder stage: after the res blocks (4C), after the H/2 stage
-(2C) and after the H stage (C). The MLP's last layer starts at zero, so training starts from
-the plain model. The VGG is frozen and not part of the generator's state dict (it is rebuilt
-from ``features.weights``: ``build_generator``).
+``vgg_adain``: adain(VGG19 relu4_1 of the content, of the style), the target the AdaIN
+architecture decodes from, also enters the decoder at H/4 beside the fused features (a 1x1
+conv of its symmetric log, nearest-upsampled from H/8, concatenated and mixed by a conv).
+relu4_1 is where the style objective lives (~90 % of the mean/std style loss, docs/quality.md).
+The VGG is frozen and not part of the generator's state dict (it is rebuilt from
+``features.weights``: ``build_generator``); a caller that already has the VGG features of the
+content and style (the train step: the loss's targets) passes them as ``vgg_feats``.
 
 No normalisation layers after the fusion: an InstanceNorm in the decoder would erase the
 channel statistics AdaIN just injected. Upsampling is nearest resize + 3x3 conv (no
@@ -78,14 +79,6 @@ class _BoundedClamp(torch.autograd.Function):
         return grad * keep
 
 
-def _modulate(h: torch.Tensor, film: list[tuple] | None, i: int) -> torch.Tensor:
-    """FiLM: h·(1 + scale) + shift with stage i's parameters; h unchanged without them."""
-    if film is None:
-        return h
-    scale, shift = film[i]
-    return h * (1.0 + scale) + shift
-
-
 def bounded_clamp(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) raw output -> image in [0, 1] with the gated gradient of ``_BoundedClamp``."""
     return _BoundedClamp.apply(x)
@@ -115,21 +108,8 @@ class ResBlock(nn.Module):
         return F.leaky_relu(x + self.body(x), 0.2)
 
 
-VGG_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
-_VGG_WIDTH = {"relu1_1": 64, "relu2_1": 128, "relu3_1": 256, "relu4_1": 512}
-
-
-def style_code_from_features(feats) -> torch.Tensor:
-    """VGG features with relu1_1..relu4_1 -> (B, 1920): log(1 + mean), log(1 + std) per channel.
-
-    log1p keeps ImageNet-scale activations (caffe input is 0-255) and random-weight ones
-    in a range a linear layer can take; ReLU features make both arguments >= 0.
-    """
-    parts = []
-    for name in VGG_STYLE_LAYERS:
-        mean, std = calc_mean_std(feats[name].float())
-        parts += [mean.flatten(1).log1p(), std.flatten(1).log1p()]
-    return torch.cat(parts, dim=1)
+VGG_LAYER = "relu4_1"
+VGG_WIDTH = 512  # channels of VGG19 relu4_1
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +130,7 @@ class Generator(nn.Module):
     """``Generator(cfg: ModelConfig, vgg=None)``; ``forward(content, style, alpha=1.0)`` -> (B,3,H,W) in [0, 1].
 
     ``style`` has the content's batch size or batch size 1 (one style for every content).
-    ``vgg`` (a frozen ``stylegen.features.VGGFeatures``) is needed when ``cfg.style_vgg`` or
-    ``cfg.vgg_adain``.
+    ``vgg`` (a frozen ``stylegen.features.VGGFeatures``) is needed when ``cfg.vgg_adain``.
     """
 
     def __init__(self, cfg, vgg: nn.Module | None = None) -> None:
@@ -177,60 +156,32 @@ class Generator(nn.Module):
         self.up1 = nn.Sequential(conv(2 * c, c), act())                          # at H
         self.mix1 = nn.Sequential(conv(c + skip1, c), act()) if skip1 else nn.Identity()
         self.to_rgb = conv(c, 3)
-        self.vgg = None
-        self.film = None
-        self.vgg_in = self.vgg_mix = None
-        self.vgg_layers: tuple[str, ...] = ()
-        if cfg.style_vgg or cfg.vgg_adain:
+        self.vgg = self.vgg_in = self.vgg_mix = None
+        if cfg.vgg_adain:
             if vgg is None:
-                raise ValueError("model.style_vgg / model.vgg_adain need the VGG19 features: "
-                                 "build with build_generator(cfg)")
+                raise ValueError("model.vgg_adain needs the VGG19 features: build with build_generator(cfg)")
             self.vgg = vgg.requires_grad_(False)
-            self.vgg_layers = VGG_STYLE_LAYERS if cfg.style_vgg else ("relu4_1",)
+            self.vgg_in = nn.Sequential(conv(VGG_WIDTH, 4 * c, k=1), act())
+            self.vgg_mix = nn.Sequential(conv(8 * c, 4 * c), act())
             self._register_state_dict_hook(_drop_vgg_keys)
             self.register_load_state_dict_post_hook(_ignore_missing_vgg)
-        if cfg.vgg_adain:
-            self.vgg_in = nn.Sequential(conv(_VGG_WIDTH["relu4_1"], 4 * c, k=1), act())
-            self.vgg_mix = nn.Sequential(conv(8 * c, 4 * c), act())
-        if cfg.style_vgg:
-            self.film_widths = (4 * c, 2 * c, c)
-            code = 2 * sum(_VGG_WIDTH.values())
-            self.film = nn.Sequential(nn.Linear(code, 256), act(), nn.Linear(256, 2 * sum(self.film_widths)))
-            nn.init.zeros_(self.film[-1].weight)
-            nn.init.zeros_(self.film[-1].bias)
 
     def _style_code(self, s4: torch.Tensor) -> torch.Tensor:
         mean, std = calc_mean_std(s4)
         return torch.cat([mean, std], dim=1)  # (B, 8C, 1, 1)
 
-    def _vgg_features(self, content: torch.Tensor, style: torch.Tensor,
-                      vgg_feats: tuple | None) -> tuple[dict, dict] | None:
-        """(content's, style's) VGG features at the layers this model uses (no autograd)."""
-        if self.vgg is None:
-            return None
-        if vgg_feats is not None and all(n in f for f in vgg_feats for n in self.vgg_layers):
-            return vgg_feats[0], vgg_feats[1]
+    def _vgg_relu4_1(self, content: torch.Tensor, style: torch.Tensor,
+                     vgg_feats: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(content's, style's) VGG relu4_1, from ``vgg_feats`` when it holds them (no autograd)."""
+        if vgg_feats is not None and all(VGG_LAYER in f for f in vgg_feats):
+            return vgg_feats[0][VGG_LAYER], vgg_feats[1][VGG_LAYER]
         with torch.no_grad():
-            return self.vgg(content, self.vgg_layers), self.vgg(style, self.vgg_layers)
-
-    def _film(self, feats: tuple[dict, dict] | None, alpha: float) -> list[tuple] | None:
-        """Per decoder stage (scale, shift), each (B or 1, width, 1, 1); None without style_vgg."""
-        if self.film is None or feats is None:
-            return None
-        code = style_code_from_features(feats[1])
-        if alpha != 1.0:
-            code = alpha * code + (1.0 - alpha) * style_code_from_features(feats[0])
-        out = self.film(code.to(self.film[0].weight.dtype))[:, :, None, None]  # (B, 2·ΣW, 1, 1)
-        pairs, i = [], 0
-        for w in self.film_widths:
-            pairs.append((out[:, i:i + w], out[:, i + w:i + 2 * w]))
-            i += 2 * w
-        return pairs
+            return self.vgg(content, [VGG_LAYER])[VGG_LAYER], self.vgg(style, [VGG_LAYER])[VGG_LAYER]
 
     def forward(self, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0,
                 vgg_feats: tuple | None = None) -> torch.Tensor:
         """``vgg_feats``: (content's, style's) VGG feature dicts when the caller already has them
-        (the train step: the loss's targets); ignored without style_vgg / vgg_adain."""
+        (the train step: the loss's targets); ignored without vgg_adain."""
         if content.shape[-1] % 4 or content.shape[-2] % 4:
             raise ValueError(f"content H, W must be divisible by 4, got {tuple(content.shape[-2:])}")
         fc = self.content_encoder(content)  # [(B,C,H,W), (B,2C,H/2,W/2), (B,4C,H/4,W/4)]
@@ -249,34 +200,29 @@ class Generator(nn.Module):
                 fused[i] = t if alpha == 1.0 else alpha * t + (1.0 - alpha) * fc[i]
             h = fused[2]
             skips = fused[:2]
-        feats = self._vgg_features(content, style, vgg_feats)
-        film = self._film(feats, alpha)                                   # None or 3 (scale, shift) pairs
         h = self.fuse(h)                                                  # (B, 4C, H/4, W/4)
-        if self.vgg_in is not None:
-            fc4, fs4 = feats[0]["relu4_1"], feats[1]["relu4_1"]             # (B, 512, H/8, W/8)
+        if self.vgg is not None:
+            fc4, fs4 = self._vgg_relu4_1(content, style, vgg_feats)        # (B, 512, H/8, W/8)
             t = adain(fc4, fs4)
             t = t if alpha == 1.0 else alpha * t + (1.0 - alpha) * fc4
             v = F.interpolate(self.vgg_in(symlog(t)), size=h.shape[-2:], mode="nearest")
             h = self.vgg_mix(torch.cat([h, v], dim=1))
         h = self.res(h)
-        h = _modulate(h, film, 0)
         h = self.up2(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, 2C, H/2, W/2)
         if skips[1] is not None:
             h = self.mix2(torch.cat([h, skips[1]], dim=1))
-        h = _modulate(h, film, 1)
         h = self.up1(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C, H, W)
         if skips[0] is not None:
             h = self.mix1(torch.cat([h, skips[0]], dim=1))
-        h = _modulate(h, film, 2)
         x = self.to_rgb(h) + 0.5                                          # (B, 3, H, W), grey at init
         return bounded_clamp(x)
 
 
 def build_generator(cfg) -> Generator:
     """The generator of a full ``stylegen.config.Config`` (its frozen VGG built from
-    ``features.weights`` when ``model.style_vgg`` or ``model.vgg_adain``)."""
+    ``features.weights`` when ``model.vgg_adain``)."""
     vgg = None
-    if cfg.model.style_vgg or cfg.model.vgg_adain:
+    if cfg.model.vgg_adain:
         from stylegen.features import build_features
 
         vgg = build_features(cfg.features)

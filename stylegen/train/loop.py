@@ -314,6 +314,8 @@ def run_local(cfg: Config, out: Path, *, progress: bool = True, metrics_backend:
     ctx = LoopContext(device=device, progress=progress, metrics=metrics)
     install_sigterm(ctx)
     try:
-        return training_loop(cfg, state, vgg, ctx, LocalSink(cfg, out, metrics))
+        last = training_loop(cfg, state, vgg, ctx, LocalSink(cfg, out, metrics))
+        # a finished run rerun: nothing left to train, its last checkpoint's metrics are the result
+        return last or (dict(ckpt.get("metrics") or {}) if ckpt is not None else {})
     finally:
         metrics.close()
