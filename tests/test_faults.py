@@ -26,11 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import DEMO, NO_GRIDS, ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "jobs" / "configs" / "demo.toml"
-TINY = ["model.channels=8", "model.res_blocks=1", "data.batch_size=4", "features.weights=random",
-        "train.threads=1", "train.val_pairs=4", "metrics.enabled=false", "train.sample_every=1000"]
+TINY = [*TINY, NO_GRIDS]
 ERR = "cannot write to the output directory"
 
 

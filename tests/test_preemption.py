@@ -20,11 +20,7 @@ from pathlib import Path
 import pytest
 
 from stylegen import raycluster
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "jobs" / "configs" / "demo.toml"
-TINY = ["model.channels=8", "model.res_blocks=1", "data.batch_size=4", "features.weights=random",
-        "train.threads=1", "train.val_pairs=4", "metrics.enabled=false"]
+from tiny import DEMO, ROOT, TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

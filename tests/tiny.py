@@ -1,0 +1,9 @@
+"""Shared settings of the tiny training runs the train/fault/Ray tests start (seconds each on CPU)."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "jobs" / "configs" / "demo.toml"
+TINY = ["model.channels=8", "model.res_blocks=1", "data.batch_size=4", "features.weights=random",
+        "train.threads=1", "train.val_pairs=4", "metrics.enabled=false"]
+NO_GRIDS = "train.sample_every=1000"
