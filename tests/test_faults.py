@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import DEMO, NO_GRIDS, ROOT, TINY
+from tiny import DEMO, ROOT
+from tiny import TINY_NO_GRIDS as TINY
 
-TINY = [*TINY, NO_GRIDS]
 ERR = "cannot write to the output directory"
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import DEMO, NO_GRIDS, ROOT, TINY
+from tiny import DEMO, ROOT
+from tiny import TINY_NO_GRIDS as TINY
 
-TINY = [*TINY, NO_GRIDS]
 
 
 def tiny_cfg(*overrides: str):

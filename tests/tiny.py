@@ -6,4 +6,4 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.toml"
 TINY = ["model.channels=8", "model.res_blocks=1", "data.batch_size=4", "features.weights=random",
         "train.threads=1", "train.val_pairs=4", "metrics.enabled=false"]
-NO_GRIDS = "train.sample_every=1000"
+TINY_NO_GRIDS = [*TINY, "train.sample_every=1000"]  # runs that need no result grids
