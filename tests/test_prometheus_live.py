@@ -260,5 +260,5 @@ def test_prometheus_scrapes_a_two_worker_ray_train_run(tmp_path):
 def _fit_quietly(trainer):
     try:
         return trainer.fit()
-    except Exception as e:  # the run is cut short by ray.shutdown()
+    except (Exception, SystemExit) as e:  # the run is cut short by ray.shutdown() (ray.get raises SystemExit)
         return e
