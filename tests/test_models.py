@@ -102,6 +102,15 @@ def test_bounded_clamp_gates_only_the_outward_gradient():
     assert torch.equal(x.grad, torch.tensor([0.0, -1.0, 1.0, -1.0, 0.0, 1.0]))
 
 
+def _vgg_config():
+    """A full Config of a tiny vgg_adain generator on random VGG weights."""
+    from stylegen.config import Config
+
+    cfg = Config()
+    cfg.model.channels, cfg.model.res_blocks, cfg.features.weights, cfg.model.vgg_adain = 8, 1, "random", True
+    return cfg
+
+
 def _vgg_model(channels: int = 8) -> Generator:
     torch.manual_seed(0)
     return Generator(ModelConfig(channels=channels, res_blocks=1, vgg_adain=True), vgg=VGGFeatures("random"))
@@ -150,12 +159,11 @@ def test_vgg_adain_needs_the_vgg():
 
 def test_vgg_adain_checkpoint_loads_through_its_config():
     """A checkpoint carries no VGG weights: loading rebuilds them from features.weights."""
-    from stylegen.config import Config, to_dict
+    from stylegen.config import to_dict
     from stylegen.models.generator import build_generator
     from stylegen.stylize import generator_from_state
 
-    cfg = Config()
-    cfg.model.channels, cfg.model.res_blocks, cfg.features.weights, cfg.model.vgg_adain = 8, 1, "random", True
+    cfg = _vgg_config()
     g = build_generator(cfg)
     loaded, _ = generator_from_state({"config": to_dict(cfg), "generator": g.state_dict()}, "ckpt.pt")
     c, s = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
@@ -164,7 +172,6 @@ def test_vgg_adain_checkpoint_loads_through_its_config():
 
 
 def test_train_step_feeds_vgg_adain_the_loss_features_it_would_compute(monkeypatch):
-    from stylegen.config import Config
     from stylegen.losses import target_features
     from stylegen.train.step import build_state, train_step
 
@@ -173,8 +180,7 @@ def test_train_step_feeds_vgg_adain_the_loss_features_it_would_compute(monkeypat
     with torch.no_grad():
         torch.testing.assert_close(g(c, s, vgg_feats=target_features(g.vgg, c, s, LossConfig())), g(c, s))
 
-    cfg = Config()
-    cfg.model.channels, cfg.model.res_blocks, cfg.features.weights, cfg.model.vgg_adain = 8, 1, "random", True
+    cfg = _vgg_config()
     state = build_state(cfg, torch.device("cpu"))
     calls = []
     monkeypatch.setattr(state.generator.vgg, "forward", lambda *a, **k: calls.append(1))

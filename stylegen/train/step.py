@@ -102,9 +102,10 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
         identity = loss_cfg.identity > 0
         # the loss's target features, computed once; a generator that reads VGG features reuses them
         content_feats, style_feats = target_features(vgg, content, style, loss_cfg)
+        reads_vgg = getattr(unwrap(state.generator), "vgg", None) is not None  # model.vgg_adain
         if identity:
             # One forward for both (one DDP forward per backward): (2B, 3, H, W) -> stylized | G(c, c)
-            both = _pair_features(content_feats, style_feats)
+            both = _pair_features(content_feats, style_feats) if reads_vgg else None
             out, out_id = state.generator(torch.cat([content, content]), torch.cat([style, content]),
                                           vgg_feats=both).chunk(2)
         else:
@@ -149,13 +150,14 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
 
 
 def _pair_features(content_feats: dict, style_feats: dict) -> tuple[dict, dict] | None:
-    """VGG features of the identity-batched inputs (content | content, style | content), at the
-    layers both dicts hold; None when a style image of another size makes them uncatable."""
-    layers = [n for n in content_feats if n in style_feats]
-    if any(content_feats[n].shape[1:] != style_feats[n].shape[1:] for n in layers):
+    """The generator's VGG layer for the identity-batched inputs (content | content, style |
+    content); None when a feature dict lacks it or a style of another size makes it uncatable."""
+    from stylegen.models.generator import VGG_LAYER
+
+    c, s = content_feats.get(VGG_LAYER), style_feats.get(VGG_LAYER)
+    if c is None or s is None or c.shape[1:] != s.shape[1:]:
         return None
-    return ({n: torch.cat([content_feats[n], content_feats[n]]) for n in layers},
-            {n: torch.cat([style_feats[n], content_feats[n]]) for n in layers})
+    return {VGG_LAYER: torch.cat([c, c])}, {VGG_LAYER: torch.cat([s, c])}
 
 
 def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, style_u8: torch.Tensor,
