@@ -328,7 +328,13 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bo
             result = build_trainer(cfg, name=name, storage=storage, stop_actor=stop_name, progress=progress).fit()
         return result, stopped.is_set()
     except ray.train.TrainingFailedError as e:
-        raise UserError(f"training run {name!r} failed: {failure_reason(e)}; fix the cause and rerun with the same "
+        reason = failure_reason(e)
+        ray.kill(flag)
+        # Ray streams the failed workers' tracebacks to this process asynchronously; disconnecting
+        # now ends that stream, so the one error line below is the last thing printed.
+        ray.shutdown()
+        raise UserError(f"training run {name!r} failed: {reason}; fix the cause and rerun with the same "
                         "--name and --storage to resume from the last checkpoint") from None
     finally:
-        ray.kill(flag)
+        if ray.is_initialized():
+            ray.kill(flag)
