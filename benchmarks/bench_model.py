@@ -19,6 +19,10 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
   price in throughput; the train step reuses the loss's VGG features).
 - cpu_bf16_train: ``train.cpu_bf16`` (bf16 autocast on CPU) vs float32, same default step
   (> 1 only on CPUs with AVX512-BF16 or AMX).
+- identity_fraction_train: ``loss.identity_fraction = 0.25`` (G(c, c) for a quarter of the
+  batch) vs 1.0, same default step otherwise.
+- mean_std: ``losses.calc_mean_std`` (two-pass mean, then mean of squared deviations) vs
+  ``torch.var_mean``, forward + backward over the four style layers' shapes of a batch.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adain_reference import AdaINReference  # noqa: E402
 
 from stylegen.config import Config, LossConfig  # noqa: E402
+from stylegen.losses import calc_mean_std  # noqa: E402
 from stylegen.features import VGGFeatures  # noqa: E402
 from stylegen.models.generator import build_generator  # noqa: E402
 from stylegen.train.step import build_state, train_step  # noqa: E402
@@ -48,6 +53,12 @@ def _rate(fn, n_img: int, iters: int) -> float:
     for _ in range(iters):
         fn()
     return n_img * iters / (time.perf_counter() - t)
+
+
+def _var_mean_std(f: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline of the mean_std row: calc_mean_std as it was, on torch.var_mean."""
+    var, mean = torch.var_mean(f.float(), dim=(2, 3), keepdim=True, correction=0)
+    return mean, (var + eps).sqrt()
 
 
 def main() -> int:
@@ -100,12 +111,27 @@ def main() -> int:
         loss.backward()
         opt_ref.step()
 
+    def mean_std(fn):
+        # VGG19 relu1_1 .. relu4_1 of a 64x64 batch (b, C, H, W)
+        feats = [torch.randn(b, ch, hw, hw, requires_grad=True) for ch, hw in ((64, 64), (128, 32), (256, 16), (512, 8))]
+
+        def f():
+            sum(m.sum() + sd.sum() for m, sd in map(fn, feats)).backward()
+        return f
+
+    def with_identity(fraction: float) -> Config:
+        cfg = config(False)
+        cfg.loss.identity_fraction = fraction
+        return cfg
+
     rows = [("stylize_img_per_s", stylize(ours), stylize(ref), args.iters),
             ("train_img_per_s", trainer(default), train_ref, max(1, args.iters // 2)),
             ("vgg_adain_stylize", stylize(build_generator(config(True))), stylize(build_generator(config(False))),
              args.iters),
             ("vgg_adain_train", trainer(config(True)), trainer(config(False)), max(1, args.iters // 2)),
-            ("cpu_bf16_train", trainer(default, cpu_bf16=True), trainer(default), max(1, args.iters // 2))]
+            ("cpu_bf16_train", trainer(default, cpu_bf16=True), trainer(default), max(1, args.iters // 2)),
+            ("identity_fraction_train", trainer(with_identity(0.25)), trainer(default), max(1, args.iters // 2)),
+            ("mean_std", mean_std(calc_mean_std), mean_std(_var_mean_std), args.iters)]
     for name, fo, fb, iters in rows:
         o, r = [], []
         for _ in range(args.repeats):  # interleaved so load changes affect both sides

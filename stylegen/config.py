@@ -74,6 +74,9 @@ class LossConfig:
     tv: float = _f(0.0, "weight of total variation", lo=0.0)
     adversarial: float = _f(0.0, "weight of the generator's adversarial BCE; > 0 turns the discriminator on", lo=0.0)
     identity: float = _f(1.0, "weight of L1 between G(content, content) and content: trains faithful reconstruction", lo=0.0)
+    identity_fraction: float = _f(1.0, "share of each batch whose G(content, content) the identity term trains "
+                                  "(each costs a generator forward + backward)",
+                                  lo=0.0, hi=1.0, lo_open=True)
     normalize: bool = _f(True, "divide content/style/gram by the batch's trivial answers' losses (scale-free, as eval scores)")
     content_layer: str = _f("relu4_1", "VGG layer for the content loss", choices=LAYERS)
     style_layers: list[str] = _f(["relu1_1", "relu2_1", "relu3_1", "relu4_1"], "VGG layers for style losses")

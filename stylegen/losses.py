@@ -30,7 +30,11 @@ def calc_mean_std(f: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, tor
     std = sqrt(population variance + eps): the population (not unbiased) variance keeps a
     1x1 map finite, and using the same eps on both sides makes ``adain(x, x) == x``.
     """
-    var, mean = torch.var_mean(f.float(), dim=(2, 3), keepdim=True, correction=0)  # float32 under bf16 autocast
+    x = f.float()  # float32 under bf16 autocast
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    # two passes, not torch.var_mean: same float32 accuracy, and on CPU (torch 2.13) 4-15x faster
+    # forward and 1.1-4x with backward (benchmarks/bench_model.py: mean_std)
+    var = (x - mean).square().mean(dim=(2, 3), keepdim=True)
     return mean, (var + eps).sqrt()
 
 
@@ -111,13 +115,15 @@ def target_features(vgg, content: torch.Tensor, style: torch.Tensor, cfg) -> tup
 def loss_terms(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor, vgg, cfg,
                fake_logits: torch.Tensor | None = None, *,
                content_feats: Mapping[str, torch.Tensor] | None = None,
-               style_feats: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               style_feats: Mapping[str, torch.Tensor] | None = None,
+               gram: bool = True) -> dict[str, torch.Tensor]:
     """Named unweighted loss terms of ``output`` (B, 3, H, W) in [0, 1].
 
     cfg: LossConfig. ``content``/``style`` are the batch's inputs (the style image may have
-    another size). Always returns content, style, gram, pixel_l1, pixel_l2 and tv (all cheap
-    once the output's VGG features exist); ``adversarial`` only when ``fake_logits`` (D's
-    logits on ``output``) is given. Pass ``content_feats``/``style_feats`` (see
+    another size). Returns content, style, pixel_l1, pixel_l2 and tv (all cheap once the
+    output's VGG features exist), gram unless ``gram`` is False (its float32 Gram matrices
+    over every style layer cost ~5 % of a CPU train step: the train step skips it when
+    loss.gram is 0); ``adversarial`` only when ``fake_logits`` (D's logits on ``output``) is given. Pass ``content_feats``/``style_feats`` (see
     ``target_features``) to skip recomputing the targets' VGG features.
     """
     if content_feats is None or style_feats is None:
@@ -131,11 +137,12 @@ def loss_terms(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor,
     terms = {
         "content": content_loss(out_feats[cfg.content_layer], content_feats[cfg.content_layer]),
         "style": style_loss_meanstd(o_style, s_style),
-        "gram": style_loss_gram(o_style, s_style),
         "pixel_l1": pixel_l1(output, content),
         "pixel_l2": pixel_l2(output, content),
         "tv": tv_loss(output),
     }
+    if gram:
+        terms["gram"] = style_loss_gram(o_style, s_style)
     if getattr(cfg, "normalize", False):
         # Scale-free terms, as stylegen eval scores them: each feature loss divided by the same
         # loss of the batch's trivial answer (content: copying the style image; style and gram:
@@ -145,8 +152,9 @@ def loss_terms(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor,
         sc, cc = style_feats[cfg.content_layer], content_feats[cfg.content_layer]
         if sc.shape[-2:] != cc.shape[-2:]:  # a style image of another size: compare at the content's grid
             sc = F.interpolate(sc, size=cc.shape[-2:], mode="bilinear", align_corners=False)
-        refs = {"content": content_loss(sc, cc),
-                "style": style_loss_meanstd(c_style, s_style), "gram": style_loss_gram(c_style, s_style)}
+        refs = {"content": content_loss(sc, cc), "style": style_loss_meanstd(c_style, s_style)}
+        if gram:
+            refs["gram"] = style_loss_gram(c_style, s_style)
         for k, ref in refs.items():
             terms[k] = terms[k] / ref.detach().clamp_min(1e-12)
     if fake_logits is not None:

@@ -34,6 +34,27 @@ def test_calc_mean_std_by_hand():
     torch.testing.assert_close(std.flatten(), torch.tensor([math.sqrt(1.25 + 1e-5), math.sqrt(1e-5)]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_calc_mean_std_matches_var_mean_far_from_zero(dtype):
+    """The two-pass statistics agree with torch.var_mean (in float64) on activations with a
+    large mean and a small spread (VGG-like maps; a one-pass E[x²] − E[x]² would cancel)."""
+    g = torch.Generator().manual_seed(3)
+    f = (torch.randn(3, 16, 24, 20, generator=g) * 0.5 + 1000.0).to(dtype)
+    mean, std = calc_mean_std(f)
+    assert mean.dtype == std.dtype == torch.float32
+    var64, mean64 = torch.var_mean(f.double(), dim=(2, 3), keepdim=True, correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(std.double(), (var64 + 1e-5).sqrt(), rtol=1e-4, atol=0)
+    # and the gradients match var_mean's
+    x = f.float().detach().clone().requires_grad_(True)
+    m, sd = calc_mean_std(x)
+    (m * 2 + sd * 3).sum().backward()
+    y = f.double().detach().clone().requires_grad_(True)
+    v64, m64 = torch.var_mean(y, dim=(2, 3), keepdim=True, correction=0)
+    (m64 * 2 + (v64 + 1e-5).sqrt() * 3).sum().backward()
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-3, atol=1e-6)
+
+
 def test_adain_carries_style_statistics():
     g = torch.Generator().manual_seed(0)
     content = torch.randn(2, 8, 16, 16, generator=g) * 3 + 1
@@ -84,6 +105,10 @@ def test_loss_terms_names_and_precomputed_targets(vgg):
     again = loss_terms(o, c, s_big, vgg, cfg, content_feats=cf, style_feats=sf)
     for k in terms:
         torch.testing.assert_close(again[k], terms[k])
+    no_gram = loss_terms(o, c, s_big, vgg, cfg, content_feats=cf, style_feats=sf, gram=False)
+    assert set(no_gram) == set(terms) - {"gram"}
+    for k in no_gram:
+        torch.testing.assert_close(no_gram[k], terms[k])
     with_adv = loss_terms(o, c, s, vgg, cfg, torch.zeros(2, 1, 4, 4))
     assert set(with_adv) == set(TERMS) - {"identity"} and with_adv["adversarial"].item() == pytest.approx(math.log(2))
     same = loss_terms(c, c, s, vgg, cfg)

@@ -190,3 +190,7 @@ def test_train_step_feeds_vgg_adain_the_loss_features_it_would_compute(monkeypat
     assert {"content", "style", "identity"} <= set(terms)
     assert not calls  # the generator ran no VGG pass of its own
     assert not torch.equal(state.generator.vgg_in[0].weight, before)  # and its VGG branch trained
+    cfg.loss.identity_fraction = 0.5  # G(c, c) for one of the two contents: features paired to match
+    terms = train_step(state, g.vgg, (c * 255).byte(), (s * 255).byte(), loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                       total_steps=10, device=torch.device("cpu"))
+    assert terms["identity"] > 0 and not calls

@@ -7,7 +7,7 @@ import torch
 
 from stylegen.config import load_config
 from stylegen.features import VGGFeatures
-from stylegen.train.step import build_state, lr_factor, train_step
+from stylegen.train.step import build_state, identity_samples, lr_factor, train_step
 
 TINY = ["model.channels=4", "model.res_blocks=1", "features.weights=random"]
 
@@ -29,6 +29,26 @@ def test_identity_term_is_computed_and_weighted_once():
     assert terms["total"] == pytest.approx(expected, rel=1e-5)
     _, _, off = _step(["loss.identity=0"])
     assert "identity" not in off
+
+
+@pytest.mark.parametrize(("batch", "fraction", "k"), [(8, 1.0, 8), (8, 0.25, 2), (8, 0.3, 3), (2, 0.01, 1), (5, 0.5, 3)])
+def test_identity_samples(batch, fraction, k):
+    assert identity_samples(batch, fraction) == k
+
+
+def test_identity_fraction_runs_g_on_the_batch_plus_k_contents_and_skips_an_unweighted_gram():
+    cfg = load_config(None, TINY + ["loss.identity_fraction=0.25"])
+    state = build_state(cfg, torch.device("cpu"))
+    seen = []
+    state.generator.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[0], out.shape[0])))
+    c = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    s = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    terms = train_step(state, VGGFeatures("random"), c, s, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=10,
+                       device=torch.device("cpu"))
+    assert seen == [(8 + 2, 8 + 2)]  # 8 stylized + G(c, c) for 2 contents
+    assert terms["identity"] > 0 and "gram" not in terms  # loss.gram = 0: no Gram matrices computed
+    _, _, with_gram = _step(["loss.gram=0.5"])
+    assert with_gram["gram"] > 0
 
 
 def test_discriminator_step_runs_when_adversarial_on():

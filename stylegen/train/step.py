@@ -104,10 +104,12 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
         content_feats, style_feats = target_features(vgg, content, style, loss_cfg)
         reads_vgg = getattr(unwrap(state.generator), "vgg", None) is not None  # model.vgg_adain
         if identity:
-            # One forward for both (one DDP forward per backward): (2B, 3, H, W) -> stylized | G(c, c)
-            both = _pair_features(content_feats, style_feats) if reads_vgg else None
-            out, out_id = state.generator(torch.cat([content, content]), torch.cat([style, content]),
-                                          vgg_feats=both).chunk(2)
+            # One forward for both (one DDP forward per backward): (B + k, 3, H, W) -> stylized | G(c, c)
+            # for the first k = identity_samples(...) contents of the batch
+            k = identity_samples(len(content), loss_cfg.identity_fraction)
+            both = _pair_features(content_feats, style_feats, k) if reads_vgg else None
+            out, out_id = state.generator(torch.cat([content, content[:k]]), torch.cat([style, content[:k]]),
+                                          vgg_feats=both).split([len(content), k])
         else:
             out = state.generator(content, style, vgg_feats=(content_feats, style_feats))  # (B, 3, H, W)
         fake_logits = None
@@ -119,10 +121,10 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
             fake_logits = d_bare(out)
             d_bare.requires_grad_(True)
         terms = loss_terms(out, content, style, vgg, loss_cfg, fake_logits=fake_logits,
-                           content_feats=content_feats, style_feats=style_feats)
+                           content_feats=content_feats, style_feats=style_feats, gram=loss_cfg.gram > 0)
         if identity:
             # stylize(c, c) must give c back: the original project's "poor reconstruction" fix
-            terms["identity"] = pixel_l1(out_id, content)
+            terms["identity"] = pixel_l1(out_id, content[:k])
         total = weighted_total(terms, loss_cfg)
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite generator loss at step {state.step}: "
@@ -149,15 +151,20 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
     return result
 
 
-def _pair_features(content_feats: dict, style_feats: dict) -> tuple[dict, dict] | None:
-    """The generator's VGG layer for the identity-batched inputs (content | content, style |
-    content); None when a feature dict lacks it or a style of another size makes it uncatable."""
+def identity_samples(batch: int, fraction: float) -> int:
+    """How many of a batch's contents the identity term trains: ceil(fraction · batch), at least 1."""
+    return max(1, min(batch, math.ceil(fraction * batch - 1e-9)))
+
+
+def _pair_features(content_feats: dict, style_feats: dict, k: int) -> tuple[dict, dict] | None:
+    """The generator's VGG layer for the identity-batched inputs (content | content[:k], style |
+    content[:k]); None when a feature dict lacks it or a style of another size makes it uncatable."""
     from stylegen.models.generator import VGG_LAYER
 
     c, s = content_feats.get(VGG_LAYER), style_feats.get(VGG_LAYER)
     if c is None or s is None or c.shape[1:] != s.shape[1:]:
         return None
-    return {VGG_LAYER: torch.cat([c, c])}, {VGG_LAYER: torch.cat([s, c])}
+    return {VGG_LAYER: torch.cat([c, c[:k]])}, {VGG_LAYER: torch.cat([s, c[:k]])}
 
 
 def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, style_u8: torch.Tensor,
