@@ -123,8 +123,9 @@ def loss_terms(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor,
     another size). Returns content, style, pixel_l1, pixel_l2 and tv (all cheap once the
     output's VGG features exist), gram unless ``gram`` is False (its float32 Gram matrices
     over every style layer cost ~5 % of a CPU train step: the train step skips it when
-    loss.gram is 0); ``adversarial`` only when ``fake_logits`` (D's logits on ``output``) is given. Pass ``content_feats``/``style_feats`` (see
-    ``target_features``) to skip recomputing the targets' VGG features.
+    loss.gram is 0); ``adversarial`` only when ``fake_logits`` (D's logits on ``output``) is
+    given. Pass ``content_feats``/``style_feats`` (see ``target_features``) to skip recomputing
+    the targets' VGG features.
     """
     if content_feats is None or style_feats is None:
         cf, sf = target_features(vgg, content, style, cfg)
