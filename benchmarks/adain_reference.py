@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stylegen import storage
 from stylegen.features import VGGFeatures
 from stylegen.losses import adain, calc_mean_std, content_loss, style_loss_meanstd
 
@@ -76,7 +77,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     """Train the reference's decoder with our step on our data; returns ``stylegen eval``'s rows (+ budget)."""
     from tqdm import tqdm
 
-    from stylegen.checkpoint import atomic_write_bytes, save_checkpoint
+    from stylegen.checkpoint import save_checkpoint
     from stylegen.config import DataConfig, load_config
     from stylegen.data.loader import build_loader, load_pairs
     from stylegen.evaluate import _json_safe, evaluate, format_table
@@ -116,7 +117,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
               "overrides": overrides, "steps": state.step, "train_seconds": seconds, "pairs": len(content_u8),
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "eval.json", (json.dumps(_json_safe(result), indent=2) + "\n").encode())
+    storage.write_bytes(out / "eval.json", (json.dumps(_json_safe(result), indent=2) + "\n").encode())
     save_checkpoint(out / "decoder.pt", {"decoder": model.decoder.state_dict()})
     return result
 

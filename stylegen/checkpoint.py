@@ -11,12 +11,12 @@ payload disguised as a checkpoint is refused:
 
 from __future__ import annotations
 
+import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from stylegen import storage
 from stylegen.errors import UserError
 
 FORMAT = "stylegen-checkpoint-v1"
@@ -24,26 +24,8 @@ FILENAME = "checkpoint.pt"
 log = logging.getLogger(__name__)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically save ``state`` (see module doc) to ``path`` (a file, or a dir -> dir/checkpoint.pt)."""
-    import io
-
     import torch
 
     path = Path(path)
@@ -51,31 +33,54 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         path = path / FILENAME
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    storage.write_bytes(path, buf.getvalue())
     return path
 
 
-def resolve_checkpoint_path(path: str | Path) -> Path:
+def resolve_checkpoint_path(path: str | Path) -> str:
     """A checkpoint file, a dir holding ``checkpoint.pt`` (a Ray checkpoint dir or an export), or a
-    ``--local`` run dir (its newest ``checkpoints/step_XXXXXXXX/checkpoint.pt``)."""
+    ``--local`` run dir (its newest ``checkpoints/step_XXXXXXXX/checkpoint.pt``); local or on object
+    storage (``s3://...``). Returns the file's path/URL."""
+    if storage.is_remote(path):
+        url = str(path)
+        try:
+            if url.endswith(".pt") and storage.file_size(url) is not None:
+                return url
+            if storage.file_size(storage.join(url, FILENAME)) is not None:
+                return storage.join(url, FILENAME)
+            steps = [u for u in storage.list_files(url, FILENAME, recursive=True) if "/checkpoints/step_" in u]
+        except OSError as e:
+            raise UserError(f"checkpoint {storage.explain(e, url)}") from None
+        if not steps:
+            raise UserError(f"checkpoint {url!r} not found; pass a checkpoint.pt object or a prefix holding one")
+        return steps[-1]
     p = Path(path)
     if p.is_dir():
         steps = sorted(p.glob(f"checkpoints/step_*/{FILENAME}"))
         p = steps[-1] if not (p / FILENAME).exists() and steps else p / FILENAME
     if not p.is_file():
         raise UserError(f"checkpoint {str(path)!r} not found; pass a checkpoint.pt file or a directory holding one")
-    return p
+    return str(p)
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``; anything else than a stylegen checkpoint is a UserError."""
+    p = resolve_checkpoint_path(path)
+    try:
+        data = storage.read_bytes(p)
+    except OSError as e:
+        raise UserError(f"checkpoint {storage.explain(e, p)}") from None
+    return load_checkpoint_bytes(data, p, map_location)
+
+
+def load_checkpoint_bytes(data: bytes, p: str, map_location: str = "cpu") -> dict[str, Any]:
+    """``load_checkpoint`` of bytes already read from ``p`` (named in errors)."""
     import pickle
 
     import torch
 
-    p = resolve_checkpoint_path(path)
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         import re
 

@@ -143,6 +143,15 @@ class MetricsConfig:
 
 
 @dataclass(kw_only=True)
+class StorageConfig:
+    endpoint: str = _f("", "S3-compatible endpoint URL (MinIO, Ceph, R2), e.g. 'http://minio:9000'; "
+                       "'' = $AWS_ENDPOINT_URL, else AWS S3")
+    region: str = _f("", "S3 region; '' = $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1")
+    retries: int = _f(5, "attempts per storage request on throttling, 5xx and connection resets", lo=1, hi=50)
+    timeout: float = _f(20.0, "seconds to connect and per storage request", lo=1.0, hi=3600.0)
+
+
+@dataclass(kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +162,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}

@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+from stylegen import storage
 from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def check_json_target(path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from stylegen.checkpoint import atomic_write_bytes, load_checkpoint, resolve_checkpoint_path
+    from stylegen.checkpoint import load_checkpoint, resolve_checkpoint_path
     from stylegen.features import VGGFeatures
     from stylegen.objective import CONTENT_LAYER, STYLE_LAYERS
     from stylegen.stylize import generator_from_state
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         try:
-            atomic_write_bytes(args.json, (json.dumps(_json_safe(result), indent=2) + "\n").encode())
+            storage.write_bytes(args.json, (json.dumps(_json_safe(result), indent=2) + "\n").encode())
         except OSError as e:
             raise UserError(f"cannot write --json {args.json!r} ({e.strerror or type(e).__name__})") from None
         print(Path(args.json))

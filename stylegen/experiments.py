@@ -15,10 +15,10 @@ import glob
 import json
 import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from stylegen import storage
 from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,55 @@ def load_run(path: Path, metric: str, mode: str) -> list[TrialRow]:
                      stop_reason="train run", checkpoint=str(best_path))]
 
 
-def resolve(sweep: str, storage: str) -> Path:
+METADATA_SUFFIXES = (".json", ".txt", ".toml")
+
+
+def mirror_metadata(url: str, dest: Path) -> int:
+    """Copy the small files of a sweep/run on object storage (state, results, snapshots, error.txt)
+    into ``dest``, and an empty stand-in for each ``checkpoint.pt`` (its presence is what the readers
+    check; the weights stay remote). Returns the number of files fetched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        urls = storage.list_files(url, "*", recursive=True)
+    except OSError as e:
+        raise UserError(f"sweep {storage.explain(e, url)}") from None
+    if not urls:
+        raise UserError(f"sweep or run {url!r} not found (no objects under it); pass the URL `stylegen tune` printed")
+    root = url.rstrip("/") + "/"
+    wanted = [u for u in urls if u.endswith(METADATA_SUFFIXES)]
+    for u in urls:
+        if storage.name(u) == "checkpoint.pt":
+            target = dest / u[len(root):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+
+    def fetch(u: str) -> None:
+        storage.download(u, dest / u[len(root):])
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fetch, wanted))
+    return len(wanted)
+
+
+def _remote_rows(rows: list[TrialRow], local: Path, url: str) -> list[TrialRow]:
+    """Point the checkpoints of rows read from a local mirror back at their objects."""
+    for r in rows:
+        if r.checkpoint:
+            r.checkpoint = storage.join(url, Path(r.checkpoint).relative_to(local).as_posix())
+    return rows
+
+
+def resolve(sweep: str, storage_root: str) -> Path | str:
+    """A local sweep/run dir, or the URL of one on object storage (``--storage s3://...`` + name, or a URL)."""
+    if storage.is_remote(sweep):
+        return sweep.rstrip("/")
+    if storage.is_remote(storage_root) and not Path(sweep).exists():
+        return storage.join(storage_root, sweep)
     p = Path(sweep)
     if not p.exists() and not p.is_absolute():
-        p = Path(storage) / sweep
+        p = Path(storage_root) / sweep
     if not p.exists():
-        raise UserError(f"sweep or run {sweep!r} not found (looked at {sweep!r} and {str(Path(storage) / sweep)!r}); "
+        raise UserError(f"sweep or run {sweep!r} not found (looked at {sweep!r} and {str(Path(storage_root) / sweep)!r}); "
                         "pass the directory `stylegen tune` printed")
     if not p.is_dir():
         raise UserError(f"{str(p)!r} is not a directory; pass a sweep or train run directory")
@@ -210,8 +253,23 @@ def format_table(rows: list[TrialRow]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
 
 
-def print_best(path: Path, *, metric: str = "val_score", mode: str = "min", top: int = 1, as_json: bool = False) -> TrialRow:
-    rows, running = read_any(path, metric, mode)
+def read_location(path: Path | str, metric: str, mode: str) -> tuple[list[TrialRow], bool]:
+    """``read_any`` for a local dir or, through a metadata mirror in a temp dir, an object-store URL."""
+    if not storage.is_remote(path):
+        return read_any(Path(path), metric, mode)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stylegen-best-") as tmp:
+        local = Path(tmp) / storage.name(str(path))
+        n = mirror_metadata(str(path), local)
+        log.debug("read %d metadata files of %s", n, path)
+        rows, running = read_any(local, metric, mode)
+        return _remote_rows(rows, local, str(path)), running
+
+
+def print_best(path: Path | str, *, metric: str = "val_score", mode: str = "min", top: int = 1,
+               as_json: bool = False) -> TrialRow:
+    rows, running = read_location(path, metric, mode)
     order = ranked(rows, mode)
     if not order:
         raise UserError(f"no trial in {str(path)!r} has a checkpoint with {metric!r} yet"
@@ -233,17 +291,18 @@ def print_best(path: Path, *, metric: str = "val_score", mode: str = "min", top:
 
 def export(best: TrialRow, out: Path) -> Path:
     """DIR/checkpoint.pt + DIR/config.toml (+ best.json); usable by stylize/eval as --checkpoint DIR."""
-    from stylegen.checkpoint import atomic_write_bytes, load_checkpoint
+    from stylegen.checkpoint import load_checkpoint_bytes
     from stylegen.config import from_dict, to_toml
 
-    src = Path(best.checkpoint) / "checkpoint.pt"
-    state = load_checkpoint(src)  # refuse to export something that would not load
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".checkpoint.pt.tmp"
-    shutil.copyfile(src, tmp)
-    tmp.replace(out / "checkpoint.pt")
-    atomic_write_bytes(out / "config.toml", to_toml(from_dict(state["config"])).encode())
-    atomic_write_bytes(out / "best.json", json.dumps(asdict(best), indent=2).encode())
+    src = storage.join(best.checkpoint, "checkpoint.pt")
+    try:
+        data = storage.read_bytes(src)
+    except OSError as e:
+        raise UserError(f"best checkpoint {storage.explain(e, src)}") from None
+    state = load_checkpoint_bytes(data, src)  # refuse to export something that would not load
+    storage.write_bytes(out / "checkpoint.pt", data)
+    storage.write_bytes(out / "config.toml", to_toml(from_dict(state["config"])).encode())
+    storage.write_bytes(out / "best.json", json.dumps(asdict(best), indent=2).encode())
     return out
 
 
@@ -258,7 +317,6 @@ def write_sweep_report(sweep_dir: Path, *, metric: str = "val_score", mode: str 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stylegen.checkpoint import atomic_write_bytes
 
     rows, _ = load_sweep(sweep_dir, metric, mode)
     cols = {k: [asdict(r)[k] for r in rows] for k in ("trial_id", "status", "steps", "val_score", "last_val_score",
@@ -267,7 +325,7 @@ def write_sweep_report(sweep_dir: Path, *, metric: str = "val_score", mode: str 
         cols[key] = [r.params.get(key) for r in rows]
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table(cols), buf)
-    atomic_write_bytes(sweep_dir / "trials.parquet", buf.getvalue().to_pybytes())
+    storage.write_bytes(sweep_dir / "trials.parquet", buf.getvalue().to_pybytes())
 
     order = ranked(rows, mode)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -287,7 +345,7 @@ def write_sweep_report(sweep_dir: Path, *, metric: str = "val_score", mode: str 
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
-    atomic_write_bytes(sweep_dir / "sweep.png", png.getvalue())
+    storage.write_bytes(sweep_dir / "sweep.png", png.getvalue())
     print(format_table(rows))
     return sweep_dir / "trials.parquet", sweep_dir / "sweep.png"
 
@@ -296,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UserError(f"--top {args.top}: expected a positive number of trials")
     path = resolve(args.sweep, args.storage)
+    if storage.is_remote(path):
+        storage.check_access(str(path), what="sweep")
     best = print_best(path, metric=args.metric, mode=args.mode, top=args.top, as_json=args.json)
     if args.export:
         out = export(best, Path(args.export))

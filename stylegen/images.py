@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stylegen.checkpoint import atomic_write_bytes
+from stylegen import storage
 from stylegen.errors import UserError
 
 # 64 MP: far above anything the generator can stylize on a CPU, far below a bomb's gigapixels.
@@ -134,5 +134,5 @@ def encode_png(chw_u8) -> bytes:
 
 def save_png(path: str | Path, chw_u8) -> Path:
     """Atomically write a uint8 (3, H, W) tensor as PNG."""
-    atomic_write_bytes(path, encode_png(chw_u8))
+    storage.write_bytes(path, encode_png(chw_u8))
     return Path(path)

@@ -15,6 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from stylegen.storage import is_remote, join, local_path, ray_storage, read_bytes, write_bytes
 from stylegen.config import Config, from_dict, to_dict, with_overrides
 from stylegen.config_cli import add_config_arguments, flag_overrides
 from stylegen.errors import UserError
@@ -167,7 +168,7 @@ SWEEP_CONFIG = "sweep_config.json"
 
 def sweep_location(storage: str, sweep: str) -> str:
     """``storage/sweep`` for a local path or a URI (s3://b/p): Path() would mangle the URI's '//'."""
-    return f"{storage.rstrip('/')}/{sweep}" if "://" in storage else str(Path(storage) / sweep)
+    return join(storage, sweep)
 
 
 def first_difference(a, b, prefix: str = "") -> str | None:
@@ -185,14 +186,14 @@ def first_difference(a, b, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".")
 
 
-def check_resume_config(sweep_dir: Path, base: dict) -> None:
+def check_resume_config(sweep_dir: str | Path, base: dict) -> None:
     """A resumed sweep must train its remaining trials with the config it started with."""
     import json
 
-    saved_file = sweep_dir / SWEEP_CONFIG
-    if not saved_file.is_file():
+    try:
+        saved = json.loads(read_bytes(join(sweep_dir, SWEEP_CONFIG)).decode("utf-8"))["base"]
+    except FileNotFoundError:
         return
-    saved = json.loads(saved_file.read_text(encoding="utf-8"))["base"]
     diff = first_difference(saved, base)
     if diff is not None:
         raise UserError(f"--resume: {diff} differs from the config the sweep started with ({SWEEP_CONFIG} in "
@@ -204,9 +205,6 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from stylegen.checkpoint import atomic_write_bytes
-    from stylegen.train.ray_worker import is_local_path
-
     tc = cfg.tune
     if not tc.space:
         raise UserError("tune.space is empty; add e.g. [tune.space] \"loss.style\" = { loguniform = [1.0, 100.0] }")
@@ -217,46 +215,49 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool):
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, train_storage=sweep_location(location, "trial_runs")),
         tune.PlacementGroupFactory([bundle]))
+    ray_path, fs = ray_storage(storage, cfg.storage)
+    ray_location = f"{ray_path}/{sweep}"
     if resume:
-        if not tune.Tuner.can_restore(location):
+        if not tune.Tuner.can_restore(ray_location, storage_filesystem=fs):
             raise UserError(f"no sweep to resume at {location}; run without --resume to start it")
-        if is_local_path(storage):
-            check_resume_config(Path(location), base)
-        return tune.Tuner.restore(location, trainable=trainable, resume_errored=True, resume_unfinished=True)
-    if tune.Tuner.can_restore(location):
+        check_resume_config(location, base)
+        return tune.Tuner.restore(ray_location, trainable=trainable, resume_errored=True, resume_unfinished=True,
+                                  storage_filesystem=fs)
+    if tune.Tuner.can_restore(ray_location, storage_filesystem=fs):
         raise UserError(f"a sweep named {sweep!r} already exists in {storage}; pass --resume to continue it "
                         f"or --name for a new one")
     scheduler = (ASHAScheduler(time_attr="step", max_t=cfg.train.steps, grace_period=tc.grace_period,
                                reduction_factor=tc.reduction_factor)
                  if tc.scheduler == "asha" else FIFOScheduler())
     n = concurrency(trial_cfg, bundle.get("CPU", 0.0))
-    if is_local_path(storage):
-        import json
+    import json
 
-        Path(location).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(location) / SWEEP_CONFIG,
-                           json.dumps({"sweep": sweep, "base": base, "space": tc.space}, indent=1).encode())
+    write_bytes(join(location, SWEEP_CONFIG),
+                json.dumps({"sweep": sweep, "base": base, "space": tc.space}, indent=1).encode(), cfg.storage)
     return tune.Tuner(
         trainable,
         param_space=search_space(tc.space),
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler, num_samples=tc.samples,
                                     # seeded sampling: the same config samples the same trials
                                     search_alg=BasicVariantGenerator(max_concurrent=n, random_state=tc.seed)),
-        run_config=tune.RunConfig(name=sweep, storage_path=storage),
+        run_config=tune.RunConfig(name=sweep, storage_path=ray_path, storage_filesystem=fs),
     )
 
 
 def run_sweep(cfg: Config, *, sweep: str, resume: bool = False):
     """Run (or resume) the sweep; returns the ResultGrid. Writes the sweep report into the sweep dir."""
     from stylegen.experiments import write_sweep_report
-    from stylegen.train.ray_worker import ensure_ray, is_local_path
+    from stylegen.storage import check_access
+    from stylegen.train.ray_worker import ensure_ray
 
     storage = cfg.ray.storage
-    if is_local_path(storage):
-        storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
+    if is_remote(storage):
+        check_access(storage, cfg.storage, write=True, what="--storage")
+    else:
+        storage = str(local_path(storage).resolve())
     ensure_ray(cfg.ray.address)
     results = build_tuner(cfg, sweep, storage, resume).fit()
-    if is_local_path(storage):
+    if not is_remote(storage):  # the report (parquet + plot) is for local sweeps; `best` reads both kinds
         write_sweep_report(Path(storage) / sweep, metric=cfg.tune.metric, mode=cfg.tune.mode)
     return results
 
@@ -264,7 +265,6 @@ def run_sweep(cfg: Config, *, sweep: str, resume: bool = False):
 def run(args: argparse.Namespace) -> int:
     from stylegen.config import load_config
     from stylegen.experiments import print_best
-    from stylegen.train.ray_worker import is_local_path
 
     cfg = load_config(args.config, [*args.overrides, *tune_overrides(args)])
     sweep = args.name or f"{cfg.ray.name}-sweep"
@@ -274,12 +274,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep {sweep}: {len(results)} trials, {errors} errored" + (f", {unfinished} unfinished" if unfinished else ""))
     if unfinished:  # Ctrl-C / SIGTERM: Tune saved its state
         print(f"sweep interrupted: continue it with the same command plus --resume")
-    if is_local_path(cfg.ray.storage):
-        try:
-            print_best(Path(cfg.ray.storage.removeprefix("file://")).expanduser() / sweep,
-                       metric=cfg.tune.metric, mode=cfg.tune.mode)
-        except UserError as e:
-            log.warning("%s", e)
+    where = join(cfg.ray.storage, sweep) if is_remote(cfg.ray.storage) else local_path(cfg.ray.storage) / sweep
+    try:
+        print_best(where, metric=cfg.tune.metric, mode=cfg.tune.mode)
+    except UserError as e:
+        log.warning("%s", e)
     if unfinished:
         return 130
     return 0 if errors < len(results) else 1

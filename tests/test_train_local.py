@@ -217,8 +217,8 @@ def test_a_local_run_dir_resolves_to_its_newest_checkpoint(tmp_path):
         d = tmp_path / "checkpoints" / f"step_{step:08d}"
         d.mkdir(parents=True)
         (d / "checkpoint.pt").write_bytes(b"x")
-    assert resolve_checkpoint_path(tmp_path) == tmp_path / "checkpoints" / "step_00000100" / "checkpoint.pt"
+    assert resolve_checkpoint_path(tmp_path) == str(tmp_path / "checkpoints" / "step_00000100" / "checkpoint.pt")
     (tmp_path / "checkpoint.pt").write_bytes(b"x")  # an export's own file wins
-    assert resolve_checkpoint_path(tmp_path) == tmp_path / "checkpoint.pt"
+    assert resolve_checkpoint_path(tmp_path) == str(tmp_path / "checkpoint.pt")
     with pytest.raises(UserError, match="not found"):
         resolve_checkpoint_path(tmp_path / "checkpoints")

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stylegen import storage
+from stylegen.config import StorageConfig
 from stylegen.data import shardio
 from stylegen.errors import UserError
 
@@ -44,15 +46,20 @@ MAX_EMPTY_SHARDS = 200  # consecutive shards without one good sample: the data i
 
 # ----------------------------------------------------------------------------- shard lists
 
-def resolve_shards(spec: list[str], split: str | None = "train") -> list[str]:
-    """Shard URLs from dirs (their manifest's ``split`` rows; all rows when split is None),
-    brace patterns (``data/train-{000000..000009}.tar``), globs, files or remote URLs."""
+def resolve_shards(spec: list[str], split: str | None = "train", storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Shard URLs from dirs or object-store prefixes (their manifest's ``split`` rows; all rows when
+    split is None), brace patterns (``data/train-{000000..000009}.tar``), globs, files or single URLs."""
     import webdataset as wds
 
     urls: list[str] = []
     for s in spec:
-        p = Path(s).expanduser()
-        if p.is_dir():
+        if "{" in s:
+            urls += wds.shardlists.expand_urls(s)
+        elif storage.is_remote(s) and not s.endswith(".tar") and storage.scheme(s) not in ("http", "https"):
+            urls += _remote_dir(s, split, storage_cfg)
+        elif storage.is_remote(s) or s.startswith("pipe:"):
+            urls.append(s)
+        elif (p := Path(s).expanduser()).is_dir():
             if (p / shardio.MANIFEST).is_file():
                 rows, _ = shardio.read_manifest(p)
                 urls += [str(p / r["file"]) for r in rows if split is None or r["split"] == split]
@@ -62,34 +69,51 @@ def resolve_shards(spec: list[str], split: str | None = "train") -> list[str]:
                     raise UserError(f"shard directory {s!r} has no manifest.parquet and no .tar files; "
                                     "make shards with `stylegen shard SRC --out DIR`")
                 urls += found
-        elif "{" in s:
-            urls += wds.shardlists.expand_urls(s)
         elif any(c in s for c in "*?["):
             found = sorted(glob.glob(str(p)))
             if not found:
                 raise UserError(f"shard pattern {s!r} matches no files; check the path")
             urls += found
-        elif p.is_file() or "://" in s or s.startswith("pipe:"):
+        elif p.is_file():
             urls.append(s)
         else:
             raise UserError(f"shard source {s!r} does not exist; pass a shard dir, a brace pattern, a glob or a .tar")
     return list(dict.fromkeys(urls))
 
 
-def _urls_for(spec: list[str], split: str, what: str, explicit_val: bool) -> list[str]:
+def _remote_dir(prefix: str, split: str | None, storage_cfg: StorageConfig | None) -> list[str]:
+    """Shards under an object-store prefix: its manifest decides the files and the split; without
+    one, the ``{split}-*.tar`` objects. Unreachable storage is one clear line, before training."""
+    storage.check_access(prefix, storage_cfg, what="shards")
+    try:
+        rows, _ = shardio.read_manifest(prefix, storage_cfg)
+    except FileNotFoundError:
+        found = storage.list_files(prefix, f"{split}-*.tar" if split else "*.tar", storage_cfg)
+        if not found and not storage.list_files(prefix, "*.tar", storage_cfg):
+            raise UserError(f"{prefix!r} has no manifest.parquet and no .tar objects; "
+                            "make shards with `stylegen shard SRC --out {prefix}`") from None
+        return found
+    except OSError as e:
+        raise UserError(f"shards {storage.explain(e, prefix)}") from None
+    return [storage.join(prefix, r["file"]) for r in rows if split is None or r["split"] == split]
+
+
+def _urls_for(spec: list[str], split: str, what: str, explicit_val: bool,
+              storage_cfg: StorageConfig | None) -> list[str]:
     if explicit_val:
-        urls = resolve_shards(spec, None)
+        urls = resolve_shards(spec, None, storage_cfg)
     else:
-        urls = resolve_shards(spec, split)
+        urls = resolve_shards(spec, split, storage_cfg)
         if not urls and split == "val":
             log.warning("no 'val' shards in %s; using its train shards for %s validation", spec, what)
-            urls = resolve_shards(spec, "train")
+            urls = resolve_shards(spec, "train", storage_cfg)
     if not urls:
         raise UserError(f"no {split} shards found for data.{what} = {spec}; check the paths or run `stylegen shard`")
     return urls
 
 
-def stream_urls(data_cfg: DataConfig, split: str = "train") -> tuple[list[str], list[str], bool]:
+def stream_urls(data_cfg: DataConfig, split: str = "train",
+                storage_cfg: StorageConfig | None = None) -> tuple[list[str], list[str], bool]:
     """``(content_urls, style_urls, style_is_content)`` following the config's defaults:
     no content -> embedded shards; no style -> embedded style (with embedded content)
     or the content shards read with another seed."""
@@ -106,10 +130,10 @@ def stream_urls(data_cfg: DataConfig, split: str = "train") -> tuple[list[str], 
             content, c_explicit = [str(emb.content_dir)], False
         if not style:
             style, s_explicit = [str(emb.style_dir)], False
-    c_urls = _urls_for(content, split, "content", c_explicit)
+    c_urls = _urls_for(content, split, "content", c_explicit, storage_cfg)
     if not style:
         return c_urls, c_urls, True
-    return c_urls, _urls_for(style, split, "style", s_explicit), False
+    return c_urls, _urls_for(style, split, "style", s_explicit, storage_cfg), False
 
 
 def _rank_share(urls: list[str], rank: int | None, world: int | None) -> tuple[list[str], int, int]:
@@ -132,23 +156,25 @@ def _zero_seed() -> int:
     return 0
 
 
-def _read_bytes(url: str) -> bytes:
-    if "://" in url or url.startswith("pipe:"):
+def read_url(url: str, storage_cfg: StorageConfig | None = None) -> bytes:
+    """A whole shard: ``pipe:CMD`` through webdataset's gopen, everything else through the storage
+    layer (local, s3://, gs://, http(s)://, retried on transient faults)."""
+    if url.startswith("pipe:"):
         import webdataset as wds
 
-        with wds.gopen.gopen(url) as f:
+        with wds.gopen(url) as f:
             return f.read()
-    with open(url, "rb") as f:
-        return f.read()
+    return storage.read_bytes(url, storage_cfg)
 
 
-def read_shards(src: Iterator[dict], counter) -> Iterator[tuple[str, bytes]]:
-    """``{url}`` -> ``(ext, payload)`` per sample; unreadable shards and samples without image are counted."""
+def read_shards(src: Iterator[dict], counter, storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, bytes]]:
+    """``{url}`` -> ``(ext, payload)`` per sample; unreadable shards (after the storage layer's
+    retries) and samples without image are counted and skipped."""
     empty = 0
     for item in src:
         good = 0
         try:
-            data = _read_bytes(item["url"])
+            data = read_url(item["url"], storage_cfg)
             for _, parts in shardio.iter_samples(data):
                 ext = "rgb8" if "rgb8" in parts else "png" if "png" in parts else None
                 if ext is None:
@@ -233,13 +259,14 @@ def _count(counter) -> None:
         counter.value += 1
 
 
-def _stream(urls: list[str], seed: int, data_cfg: DataConfig, nbatches: int, counter):
+def _stream(urls: list[str], seed: int, data_cfg: DataConfig, nbatches: int, counter,
+            storage_cfg: StorageConfig | None = None):
     import webdataset as wds
 
     rng = random.Random(seed)
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=_zero_seed, deterministic=True),
-        lambda src: read_shards(src, counter),
+        lambda src: read_shards(src, counter, storage_cfg),
         lambda src: shuffle(src, data_cfg.shuffle_buffer, rng),
         lambda src: batches(src, data_cfg.batch_size, data_cfg.image_size, data_cfg.hflip, rng, counter),
     ).with_epoch(nbatches)
@@ -251,9 +278,10 @@ class PairStream(IterableDataset):
     """Iterable of exactly ``steps`` ``(content, style)`` batches for one rank (split over DataLoader workers)."""
 
     def __init__(self, data_cfg: DataConfig, content: list[str], style: list[str], *, same: bool,
-                 rank: int, seed: int, counter) -> None:
+                 rank: int, seed: int, counter, storage_cfg: StorageConfig | None = None) -> None:
         super().__init__()
         self.data_cfg, self.content, self.style, self.same = data_cfg, content, style, same
+        self.storage_cfg = storage_cfg
         self.rank, self.seed, self.counter, self.epoch = rank, seed, counter, 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -265,8 +293,8 @@ class PairStream(IterableDataset):
         # each worker reads its own shards when there are enough, else all with its own seed
         c = self.content[w::nw] if len(self.content) >= nw else self.content
         s = self.style[w::nw] if len(self.style) >= nw else self.style
-        cs = _stream(c, 2 * base, self.data_cfg, n, self.counter)
-        ss = _stream(s, 2 * base + 1, self.data_cfg, n, self.counter)
+        cs = _stream(c, 2 * base, self.data_cfg, n, self.counter, self.storage_cfg)
+        ss = _stream(s, 2 * base + 1, self.data_cfg, n, self.counter, self.storage_cfg)
         return _pairs(cs, ss)
 
 
@@ -304,28 +332,31 @@ class PairLoader:
 
 
 def build_loader(data_cfg: DataConfig, *, split: str = "train", rank: int | None = None,
-                 world_size: int | None = None, epoch_seed: int = 0) -> PairLoader:
+                 world_size: int | None = None, epoch_seed: int = 0,
+                 storage_cfg: StorageConfig | None = None) -> PairLoader:
     """Loader of exactly ``data_cfg.steps_per_epoch`` (content, style) uint8 (B, 3, H, W) batches per epoch
     on this rank. rank/world_size default to RANK/WORLD_SIZE (set by Ray Train) or torch.distributed."""
-    c_urls, s_urls, same = stream_urls(data_cfg, split)
+    c_urls, s_urls, same = stream_urls(data_cfg, split, storage_cfg)
     c_share, r, world = _rank_share(c_urls, rank, world_size)
     s_share, _, _ = _rank_share(s_urls, rank, world_size)
     counter = multiprocessing.Value("q", 0)
     seed = data_cfg.seed + (7919 if split == "val" else 0)
-    stream = PairStream(data_cfg, c_share, s_share, same=same, rank=r, seed=seed, counter=counter)
+    stream = PairStream(data_cfg, c_share, s_share, same=same, rank=r, seed=seed, counter=counter,
+                        storage_cfg=storage_cfg)
     stream.epoch = epoch_seed
     log.debug("rank %d/%d: %d content shards, %d style shards", r, world, len(c_share), len(s_share))
     return PairLoader(stream, data_cfg.num_workers)
 
 
-def _first_samples(urls: list[str], n: int, size: int, rng: random.Random) -> np.ndarray:
+def _first_samples(urls: list[str], n: int, size: int, rng: random.Random,
+                   storage_cfg: StorageConfig | None = None) -> np.ndarray:
     order = list(urls)
     rng.shuffle(order)
     out = np.empty((n, size, size, 3), np.uint8)
     i = 0
     for url in order:
         try:
-            data = _read_bytes(url)
+            data = read_url(url, storage_cfg)
             for _, parts in shardio.iter_samples(data):
                 ext = "rgb8" if "rgb8" in parts else "png" if "png" in parts else None
                 if ext and decode_into(out[i], ext, data[parts[ext][0]:sum(parts[ext])], False):
@@ -339,16 +370,17 @@ def _first_samples(urls: list[str], n: int, size: int, rng: random.Random) -> np
     return out[np.arange(n) % i]  # fewer samples than asked for: repeat them
 
 
-def load_pairs(data_cfg: DataConfig, n: int, split: str = "val", seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+def load_pairs(data_cfg: DataConfig, n: int, split: str = "val", seed: int = 1234,
+               storage_cfg: StorageConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` fixed (content, style) uint8 (n, 3, H, W) pairs for validation grids and eval: the same every call.
     Uses the held-out val split when there is one, else the train shards (with a warning)."""
-    c_urls, s_urls, same = stream_urls(data_cfg, split)
+    c_urls, s_urls, same = stream_urls(data_cfg, split, storage_cfg)
     size = data_cfg.image_size
     if same:  # style stream = content stream: take 2n samples, half for each
-        both = _first_samples(c_urls, 2 * n, size, random.Random(seed))
+        both = _first_samples(c_urls, 2 * n, size, random.Random(seed), storage_cfg)
         c, s = both[:n], both[n:]
     else:
-        c = _first_samples(c_urls, n, size, random.Random(seed))
-        s = _first_samples(s_urls, n, size, random.Random(seed + 1))
+        c = _first_samples(c_urls, n, size, random.Random(seed), storage_cfg)
+        s = _first_samples(s_urls, n, size, random.Random(seed + 1), storage_cfg)
     return (torch.from_numpy(np.ascontiguousarray(c.transpose(0, 3, 1, 2))),
             torch.from_numpy(np.ascontiguousarray(s.transpose(0, 3, 1, 2))))

@@ -4,6 +4,9 @@
                    [--crops-per-image K] [--val-fraction F] [--workers N] [--seed S]
     stylegen shard verify DIR
 
+DIR may be a local directory or an object-store prefix (``s3://bucket/shards``, ``gs://...``):
+every read and write goes through :mod:`stylegen.storage` (atomic objects, retries).
+
 How the work is cut so that runs are deterministic and resumable: every sample is
 a *unit* (an image crop or an npz row) with a global index (its key). Units are
 assigned to a split by a seeded hash of their source, then each split's units are
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stylegen import storage
 from stylegen.data import shardio
 from stylegen.data.sources import ImageFile, NpzFile, Skip, SkipInput, discover, load_npz, open_rgb, crop_box, render
 from stylegen.errors import UserError
@@ -55,7 +59,7 @@ class ShardParams:
 
 @dataclass
 class ShardSummary:
-    out: Path
+    out: str
     samples: dict[str, int] = field(default_factory=dict)
     shards: dict[str, int] = field(default_factory=dict)
     images: int = 0
@@ -219,7 +223,7 @@ def make_shard(task: dict, p: ShardParams, out: str) -> dict:
     if not members:
         return {"row": None, "skipped": skips, "units": len(items)}
     data = shardio.tar_bytes(members)
-    shardio.write_shard_file(Path(out) / name, data)
+    shardio.write_shard_file(storage.join(out, name), data)
     row = {"file": name, "split": split, "samples": len(members) // 2, "bytes": len(data),
            "sha256": shardio.sha256_bytes(data), "encoding": p.encoding}
     return {"row": row, "skipped": skips, "units": len(items)}
@@ -231,37 +235,49 @@ def _make_shard_star(args: tuple) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: str) -> None:
+    if storage.is_remote(out):
+        storage.check_access(out, write=True, what="--out")
+        return
+    path = storage.local_path(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to output directory {str(out)!r} ({e.strerror or e}); "
+        raise UserError(f"cannot write to output directory {out!r} ({e.strerror or e}); "
                         "pass a writable --out") from None
 
 
-def _previous(out: Path, fp: str) -> tuple[dict[str, dict], list[dict]]:
-    """Rows of shards from an earlier run with the same fingerprint whose bytes still match."""
+def _previous(out: str, fp: str) -> tuple[dict[str, dict], list[dict], set[str]]:
+    """Rows of shards from an earlier run with the same fingerprint whose bytes still match, their
+    skipped rows, and every shard file the earlier manifest names (what this tool wrote there)."""
     try:
         rows, meta = shardio.read_manifest(out)
-    except Exception:
-        return {}, []
+    except FileNotFoundError:
+        return {}, [], set()
+    except Exception as e:  # a torn or foreign manifest: rebuild, but never delete what it names
+        log.warning("%s: unreadable manifest (%s); rebuilding all shards", out, type(e).__name__)
+        return {}, [], set()
+    ours = {r["file"] for r in rows}
     if meta.get("fingerprint") != fp:
         if rows:
             log.warning("%s: existing manifest is from other inputs or parameters; rebuilding all shards", out)
-        return {}, []
+        return {}, [], ours
     kept = {}
     for r in rows:
-        f = out / r["file"]
-        if f.is_file() and f.stat().st_size == r["bytes"] and shardio.sha256_file(f) == r["sha256"]:
+        try:
+            data = storage.read_bytes(storage.join(out, r["file"]))
+        except FileNotFoundError:
+            continue
+        if len(data) == r["bytes"] and shardio.sha256_bytes(data) == r["sha256"]:
             kept[r["file"]] = r
     try:
-        old_skips, _ = shardio.read_table(out / shardio.SKIPPED)
+        old_skips, _ = shardio.read_table(storage.join(out, shardio.SKIPPED))
     except Exception:
         old_skips = []
-    return kept, [s for s in old_skips if s.get("shard") in kept]
+    return kept, [s for s in old_skips if s.get("shard") in kept], ours
 
 
 def build_shards(sources: list[str], out: str | Path, params: ShardParams = ShardParams(), *,
@@ -271,13 +287,15 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
 
     if params.encoding not in ("png", "raw"):
         raise UserError(f"--encoding {params.encoding!r} is not one of png, raw")
-    out = Path(out)
+    out = str(out)
+    if not storage.is_remote(out):
+        out = str(storage.local_path(out))
     images, npzs, disc_skips = discover(sources)
     _check_writable(out)
     plan = plan_units(images, npzs, params)
     fp = fingerprint(plan, params)
     meta = {"fingerprint": fp, "params": asdict(params), "format": FORMAT_VERSION, "complete": False}
-    kept, skips = _previous(out, fp)
+    kept, skips, ours = _previous(out, fp)
     rows = dict(kept)
     skips += [{"path": s.path, "reason": s.reason, "shard": ""} for s in disc_skips]
     blocks = [b for b in _blocks(plan, params) if shardio.shard_name(b[0], b[1]) not in kept]
@@ -314,7 +332,7 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
             pool.shutdown(cancel_futures=True)
         shardio.write_manifest(out, list(rows.values()), meta)
         shardio.write_skipped(out, _dedupe(skips))
-    _remove_stale(out, set(rows))
+    _remove_stale(out, set(rows), ours)
     summary = ShardSummary(out=out, images=len(images), npz_rows=sum(f.rows for f in npzs), kept=len(kept),
                            skipped=_dedupe(skips))
     for r in rows.values():
@@ -324,7 +342,7 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
         reasons = Counter(r["reason"].split(" (")[0] for r in summary.skipped).most_common(3)
         raise UserError(f"no usable images in {' '.join(sources)} ({len(summary.skipped)} inputs skipped: "
                         f"{', '.join(f'{n} {r}' for r, n in reasons) or 'no files found'}); "
-                        f"see {out / shardio.SKIPPED}")
+                        f"see {storage.join(out, shardio.SKIPPED)}")
     return summary
 
 
@@ -366,24 +384,31 @@ def _dedupe(skips: list[dict]) -> list[dict]:
     return outl
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
-    for f in out.iterdir():
-        if SHARD_FILE.match(f.name) and f.name not in keep:
-            log.info("removing stale shard %s (not produced by this run)", f)
-            f.unlink()
-        elif f.name.startswith(".") and f.name.endswith(".tmp") and (
-                SHARD_FILE.match(f.name[1:].rsplit(".", 2)[0])
-                or f.name[1:].rsplit(".", 2)[0] in (shardio.MANIFEST, shardio.SKIPPED)):
-            f.unlink()  # temp file of an interrupted write
+def _remove_stale(out: str, keep: set[str], ours: set[str]) -> None:
+    """Delete shards an earlier run of this tool wrote here (named in its manifest) that this run did
+    not produce, and temp files of interrupted writes; never a file this tool did not write."""
+    for url in storage.list_files(out, "*"):
+        f = storage.name(url)
+        if f in ours and f not in keep:
+            log.info("removing stale shard %s (from an earlier run with other inputs)", url)
+            storage.delete(url)
+        elif f.startswith(".") and f.endswith(".tmp") and (
+                SHARD_FILE.match(f[1:].rsplit(".", 2)[0])
+                or f[1:].rsplit(".", 2)[0] in (shardio.MANIFEST, shardio.SKIPPED)):
+            storage.delete(url)  # temp file of an interrupted write
 
 
 def verify(out: str | Path) -> tuple[int, int, list[tuple[str, str]]]:
     """``(shards, samples, problems)`` after re-reading every shard of ``out``'s manifest."""
-    out = Path(out)
-    if not (out / shardio.MANIFEST).is_file():
-        raise UserError(f"{str(out)!r} has no {shardio.MANIFEST}; pass a directory written by `stylegen shard`")
-    rows, _ = shardio.read_manifest(out)
-    problems = [(r["file"], why) for r in rows if (why := shardio.verify_shard(out / r["file"], r))]
+    out = str(out)
+    storage.check_access(out, what="shards")
+    try:
+        rows, _ = shardio.read_manifest(out)
+    except FileNotFoundError:
+        raise UserError(f"{out!r} has no {shardio.MANIFEST}; pass a directory written by `stylegen shard`") from None
+    except OSError as e:
+        raise UserError(f"shards {storage.explain(e, out)}") from None
+    problems = [(r["file"], why) for r in rows if (why := shardio.verify_shard(storage.join(out, r["file"]), r))]
     return len(rows), sum(r["samples"] for r in rows), problems
 
 

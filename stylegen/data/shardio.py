@@ -21,10 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import os
-import tempfile
-
-from stylegen.checkpoint import atomic_write_bytes
+from stylegen import storage
+from stylegen.config import StorageConfig
 
 MANIFEST = "manifest.parquet"
 SKIPPED = "skipped.parquet"
@@ -55,29 +53,16 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def write_shard_file(path: Path, data: bytes) -> None:
-    """Temp file + rename, without fsync: a shard lost or torn by a crash fails its manifest
-    checksum and is rebuilt by the next run, so durability is not worth a sync per shard."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_shard_file(url: str | Path, data: bytes, storage_cfg: StorageConfig | None = None) -> None:
+    """Atomic (temp + rename, or temp object + copy), without fsync: a shard lost or torn by a crash
+    fails its manifest checksum and is rebuilt by the next run, so durability is not worth a sync per shard."""
+    storage.write_bytes(url, data, storage_cfg, fsync=False)
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _octal(field: bytes) -> int:
@@ -161,7 +146,8 @@ def count_samples(data: bytes) -> int:
 
 # ----------------------------------------------------------------------------- manifests
 
-def write_table(path: Path, rows: list[dict[str, Any]], columns: dict[str, Any], meta: dict | None = None) -> None:
+def write_table(path: str | Path, rows: list[dict[str, Any]], columns: dict[str, Any], meta: dict | None = None,
+                storage_cfg: StorageConfig | None = None) -> None:
     """Atomically write ``rows`` as parquet with the given ``{name: pyarrow type}`` schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -171,42 +157,48 @@ def write_table(path: Path, rows: list[dict[str, Any]], columns: dict[str, Any],
     table = pa.Table.from_pylist(rows, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    storage.write_bytes(path, buf.getvalue(), storage_cfg)
 
 
-def write_manifest(out: Path, rows: list[dict[str, Any]], meta: dict) -> None:
+def write_manifest(out: str | Path, rows: list[dict[str, Any]], meta: dict,
+                   storage_cfg: StorageConfig | None = None) -> None:
     import pyarrow as pa
 
     rows = sorted(rows, key=lambda r: r["file"])
-    write_table(out / MANIFEST, rows, {"file": pa.string(), "split": pa.string(), "samples": pa.int64(),
-                                       "bytes": pa.int64(), "sha256": pa.string(), "encoding": pa.string()}, meta)
+    write_table(storage.join(out, MANIFEST), rows, {"file": pa.string(), "split": pa.string(), "samples": pa.int64(),
+                                                    "bytes": pa.int64(), "sha256": pa.string(),
+                                                    "encoding": pa.string()}, meta, storage_cfg)
 
 
-def write_skipped(out: Path, rows: list[dict[str, str]]) -> None:
+def write_skipped(out: str | Path, rows: list[dict[str, str]], storage_cfg: StorageConfig | None = None) -> None:
     import pyarrow as pa
 
     rows = sorted(rows, key=lambda r: (r["path"], r["reason"], r["shard"]))
-    write_table(out / SKIPPED, rows, {"path": pa.string(), "reason": pa.string(), "shard": pa.string()})
+    write_table(storage.join(out, SKIPPED), rows, {"path": pa.string(), "reason": pa.string(), "shard": pa.string()},
+                storage_cfg=storage_cfg)
 
 
-def read_table(path: Path) -> tuple[list[dict[str, Any]], dict]:
+def read_table(path: str | Path, storage_cfg: StorageConfig | None = None) -> tuple[list[dict[str, Any]], dict]:
+    """Rows and stylegen metadata of a parquet file (local or on object storage)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(path, storage_cfg)))
     raw = (table.schema.metadata or {}).get(b"stylegen")
     return table.to_pylist(), (json.loads(raw) if raw else {})
 
 
-def read_manifest(out: str | Path) -> tuple[list[dict[str, Any]], dict]:
+def read_manifest(out: str | Path, storage_cfg: StorageConfig | None = None) -> tuple[list[dict[str, Any]], dict]:
     """``(rows, meta)``; raises FileNotFoundError when there is no manifest."""
-    return read_table(Path(out) / MANIFEST)
+    return read_table(storage.join(out, MANIFEST), storage_cfg)
 
 
-def verify_shard(path: Path, row: dict[str, Any]) -> str | None:
-    """None when ``path`` matches its manifest row, else what is wrong."""
-    if not path.is_file():
+def verify_shard(url: str | Path, row: dict[str, Any], storage_cfg: StorageConfig | None = None) -> str | None:
+    """None when ``url`` matches its manifest row, else what is wrong."""
+    try:
+        data = storage.read_bytes(url, storage_cfg)
+    except FileNotFoundError:
         return "missing"
-    data = path.read_bytes()
     if len(data) != row["bytes"]:
         return f"size {len(data)} != manifest {row['bytes']}"
     digest = sha256_bytes(data)

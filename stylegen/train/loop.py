@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from stylegen import storage
 from stylegen.config import Config, to_dict
 from stylegen.train.step import TrainState, checkpoint_state, train_step, unwrap, validate
 
@@ -137,7 +138,7 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
     from stylegen.data.loader import build_loader, load_pairs
 
     tc = cfg.train
-    val_c, val_s = load_pairs(cfg.data, tc.val_pairs)
+    val_c, val_s = load_pairs(cfg.data, tc.val_pairs, storage_cfg=cfg.storage)
     val_cache: dict = {}  # the fixed pairs' VGG features, computed at the first report only
     batch = cfg.data.batch_size
     last: dict[str, float] = {}
@@ -149,7 +150,8 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
     trace = Trace(ctx.rank, ctx.world_size, state.step)
     fault = fault_kill_step()
     while state.step < tc.steps:
-        loader = build_loader(cfg.data, split="train", rank=ctx.rank, world_size=ctx.world_size, epoch_seed=epoch)
+        loader = build_loader(cfg.data, split="train", rank=ctx.rank, world_size=ctx.world_size, epoch_seed=epoch,
+                              storage_cfg=cfg.storage)
         t_wait = time.perf_counter()
         for content, style in loader:
             t0 = time.perf_counter()
@@ -226,7 +228,7 @@ class LocalSink:
         self.cfg_dict = to_dict(cfg)
 
     def report(self, state, metrics, checkpoint, grid_index, val_pairs):
-        from stylegen.checkpoint import atomic_write_bytes, save_checkpoint
+        from stylegen.checkpoint import save_checkpoint
         from stylegen.grids import save_grid
 
         log.debug("step %d %s", state.step, metrics)
@@ -238,7 +240,7 @@ class LocalSink:
             try:
                 path = save_checkpoint(self.out / "checkpoints" / f"step_{state.step:08d}" / "checkpoint.pt",
                                        checkpoint_state(state, self.cfg_dict, metrics))
-                atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
+                storage.write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
             except OSError as e:  # read-only, full or vanished storage: one clear line, not a traceback
                 raise storage_error(self.out, e) from None
             if self.metrics is not None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stylegen.config import Config, from_dict, to_dict
+from stylegen.storage import ENDPOINT_ENV, ray_storage
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,6 @@ def hook_env() -> dict[str, str]:
     return {k: os.environ[k] for k in (TRACE_ENV, FAULT_ENV) if os.environ.get(k)}
 
 
-def is_local_path(storage: str) -> bool:
-    return "://" not in storage or storage.startswith("file://")
-
-
 def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", callbacks: list | None = None,
                   stop_actor: str | None = None, progress: bool = True):
     """A TorchTrainer for ``cfg`` (workers/resources from ``cfg.ray``); same name + storage resumes."""
@@ -217,11 +214,8 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
     resources = {"CPU": rc.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = rc.gpus_per_worker
-    if is_local_path(storage):
-        storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
-        run_dir = str(Path(storage) / name)
-    else:
-        run_dir = None
+    storage_path, storage_fs = ray_storage(storage, cfg.storage)
+    run_dir = None if storage_fs else str(Path(storage_path) / name)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir, "env": hook_env(),
@@ -229,7 +223,8 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="val_score",
                                                          checkpoint_score_order="min"),
@@ -254,6 +249,8 @@ def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
     # workers must import this package the same way the driver does
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                     os.environ.get("PYTHONPATH", "")]))}}
+    if os.environ.get(ENDPOINT_ENV):  # the S3-compatible endpoint the user chose (never credentials)
+        env["env_vars"][ENDPOINT_ENV] = os.environ[ENDPOINT_ENV]
     try:
         if address:
             ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)

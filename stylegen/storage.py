@@ -1,0 +1,338 @@
+"""One storage layer for every path stylegen reads or writes: local paths, ``s3://``, ``gs://``,
+and read-only ``http(s)://`` (shards).
+
+Why ``pyarrow.fs`` (and not fsspec/s3fs): it is already a dependency (manifests are Parquet),
+it is what Ray Train itself uses for ``storage_path``/``storage_filesystem`` (so the filesystem
+object we build for our own reads and writes is the one Ray writes checkpoints with), its
+``S3FileSystem`` takes an ``endpoint_override`` for S3-compatible servers (MinIO, Ceph, R2) and
+the AWS SDK's standard retry strategy (throttling, 5xx, connection resets), and it needs no
+second client stack (s3fs pulls aiobotocore). pyarrow has no HTTP filesystem: ``http(s)://``
+shards are read with ``urllib`` under the same retry loop.
+
+URLs stay strings everywhere (``s3://bucket/prefix/train-000000.tar``); :func:`resolve` turns
+one into ``(filesystem, path)`` at the moment of I/O. Writes are atomic on every backend: a
+local temp file renamed over the target, or a temp object server-side-copied to its key (an
+object appears complete or not at all). Errors a user can fix (missing bucket, wrong
+credentials, endpoint down) become one :class:`UserError` line naming the URL and the fix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import random
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from stylegen.config import StorageConfig
+from stylegen.errors import UserError
+
+log = logging.getLogger(__name__)
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+# ----------------------------------------------------------------------------- URLs
+
+def scheme(url: str) -> str:
+    """'' for a local path (or file://), else the URL scheme ('s3', 'gs', 'http', ...)."""
+    s = urlparse(str(url)).scheme.lower()
+    return "" if s in ("", "file") or len(s) == 1 else s  # 'c' of a Windows drive is a path
+
+
+def is_remote(url: str | Path) -> bool:
+    return scheme(str(url)) in REMOTE_SCHEMES
+
+
+def join(url: str | Path, *parts: str) -> str:
+    """``join('s3://b/p', 'x.tar') == 's3://b/p/x.tar'``; local paths join as paths."""
+    if not is_remote(url):
+        return str(Path(str(url).removeprefix("file://")).joinpath(*parts))
+    return "/".join([str(url).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def name(url: str) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(url: str) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[0] if is_remote(url) else str(Path(url).parent)
+
+
+def local_path(url: str | Path) -> Path:
+    return Path(str(url).removeprefix("file://")).expanduser()
+
+
+def _endpoint(cfg: StorageConfig) -> tuple[str | None, str | None]:
+    """(host[:port], scheme) for endpoint_override, from the config or $AWS_ENDPOINT_URL."""
+    ep = cfg.endpoint or os.environ.get(ENDPOINT_ENV, "")
+    if not ep:
+        return None, None
+    u = urlparse(ep if "://" in ep else f"https://{ep}")
+    return u.netloc, u.scheme
+
+
+def filesystem(url: str, cfg: StorageConfig | None = None) -> pafs.FileSystem:
+    """The pyarrow filesystem for ``url``'s scheme (picklable: Ray ships it to workers)."""
+    cfg = cfg or StorageConfig()
+    s = scheme(url)
+    if s == "":
+        return pafs.LocalFileSystem()
+    if s == "s3":
+        host, ep_scheme = _endpoint(cfg)
+        region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return pafs.S3FileSystem(endpoint_override=host, scheme=ep_scheme, region=region,
+                                 connect_timeout=cfg.timeout, request_timeout=cfg.timeout,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.retries))
+    if s in ("gs", "gcs"):
+        from datetime import timedelta
+
+        try:  # it resolves credentials here: a missing/bad credentials file raises now
+            return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=cfg.timeout * cfg.retries))
+        except Exception as e:  # pyarrow raises ArrowInvalid (not OSError) for unusable credentials
+            raise OSError(f"GCS credentials: {e}") from None
+    raise UserError(f"{url!r}: {s}:// is read-only here (shards only); use a local path, s3:// or gs://")
+
+
+def resolve(url: str | Path, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a URL or local path."""
+    url = str(url)
+    if not is_remote(url):
+        return pafs.LocalFileSystem(), str(local_path(url).resolve())
+    u = urlparse(url)
+    return filesystem(url, cfg), f"{u.netloc}{u.path}".rstrip("/")
+
+
+def ray_storage(url: str, cfg: StorageConfig | None = None) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train/Tune ``RunConfig``: a remote URL goes
+    with our filesystem (endpoint, retries) and its path stripped of the scheme, as Ray asks."""
+    if not is_remote(url):
+        return str(local_path(url).resolve()), None
+    fs, path = resolve(url, cfg)
+    return path, fs
+
+
+# ----------------------------------------------------------------------------- errors
+
+def explain(e: BaseException, url: str) -> str:
+    """One line naming what is wrong with ``url`` and the fix (for pyarrow / urllib errors)."""
+    text = " ".join(str(e).split())
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low or ("bucket" in low and "not found" in low):
+        return f"{url}: the bucket does not exist; create it or fix the bucket name"
+    if any(k in low for k in ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                              "forbidden", "credentials", "403", "401", "unauthenticated")):
+        return (f"{url}: access denied (wrong or missing credentials); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "(or an instance role / service account; for gs:// GOOGLE_APPLICATION_CREDENTIALS)")
+    if any(k in low for k in ("couldn't connect", "could not connect", "connection refused", "curlcode: 7",
+                              "failed to connect", "timed out", "timeout", "name or service not known",
+                              "couldn't resolve", "resolve host", "curlcode: 6", "connection reset", "urlopen error")):
+        ep = os.environ.get(ENDPOINT_ENV, "")
+        return (f"{url}: storage endpoint unreachable{f' ({ep})' if ep else ''}; check the endpoint "
+                "(storage.endpoint / AWS_ENDPOINT_URL) and the network")
+    if isinstance(e, FileNotFoundError) or "not found" in low or "404" in low or "nosuchkey" in low:
+        return f"{url}: not found; check the path"
+    return f"{url}: storage error ({text[:200]})"
+
+
+def _transient(e: BaseException) -> bool:
+    low = str(e).lower()
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code == 429 or e.code >= 500
+    return any(k in low for k in ("throttl", "slowdown", "slow down", "503", "500", "502", "504",
+                                  "internalerror", "connection reset", "timed out", "timeout",
+                                  "broken pipe", "curlcode: 56", "curlcode: 52", "temporarily"))
+
+
+def retry(fn, url: str, attempts: int = 5, base_delay: float = 0.2):
+    """``fn()`` retried with jittered exponential backoff while its error looks transient
+    (throttling, 5xx, reset connections); the last error is re-raised (pyarrow's non-OSError
+    ArrowException as OSError, so callers handle one kind)."""
+    for i in range(attempts):
+        try:
+            try:
+                return fn()
+            except pa.ArrowException as e:
+                if isinstance(e, OSError):
+                    raise
+                raise OSError(str(e)) from None
+        except (OSError, urllib.error.URLError) as e:
+            if i == attempts - 1 or not _transient(e):
+                raise
+            delay = base_delay * 2 ** i * (0.5 + random.random())
+            log.warning("%s: transient storage error (%s); retry %d/%d in %.1f s", url, str(e).splitlines()[0][:120],
+                        i + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- reads
+
+def read_bytes(url: str | Path, cfg: StorageConfig | None = None) -> bytes:
+    """The whole object/file, retried on transient faults. Raises OSError (FileNotFoundError when absent)."""
+    url = str(url)
+    cfg = cfg or StorageConfig()
+    s = scheme(url)
+    if s == "":
+        with open(local_path(url), "rb") as f:
+            return f.read()
+    if s in ("http", "https"):
+        def get() -> bytes:
+            with urllib.request.urlopen(url, timeout=cfg.timeout) as r:
+                return r.read()
+        try:
+            return retry(get, url, cfg.retries)
+        except urllib.error.HTTPError as e:
+            raise (FileNotFoundError if e.code == 404 else OSError)(f"{url}: HTTP {e.code}") from None
+        except urllib.error.URLError as e:
+            raise OSError(f"{url}: {e.reason}") from None
+    fs, path = resolve(url, cfg)
+
+    def get_obj() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    return retry(get_obj, url, cfg.retries)
+
+
+def exists(url: str | Path, cfg: StorageConfig | None = None) -> bool:
+    url = str(url)
+    if scheme(url) in ("http", "https"):
+        try:
+            read_bytes(url, cfg)
+            return True
+        except OSError:
+            return False
+    fs, path = resolve(url, cfg)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(url: str | Path, cfg: StorageConfig | None = None) -> bool:
+    if scheme(str(url)) in ("http", "https"):
+        return False
+    fs, path = resolve(url, cfg)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(url: str | Path, pattern: str = "*", cfg: StorageConfig | None = None,
+               recursive: bool = False) -> list[str]:
+    """Sorted URLs of the files under ``url`` whose name matches ``pattern`` ([] when it is absent)."""
+    url = str(url)
+    fs, path = resolve(url, cfg)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern):
+            rel = info.path[len(path):].lstrip("/")
+            out.append(join(url, rel))
+    return sorted(out)
+
+
+def file_size(url: str, cfg: StorageConfig | None = None) -> int | None:
+    fs, path = resolve(url, cfg)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+# ----------------------------------------------------------------------------- writes
+
+def _honour_umask(path: str) -> None:
+    """mkstemp creates 0600; give the file what a plain open() would (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def write_bytes(url: str | Path, data: bytes, cfg: StorageConfig | None = None, *, fsync: bool = True) -> None:
+    """Atomic write: local temp file + rename (fsync'd unless ``fsync=False``), or a temp object
+    server-side-copied to ``url`` and deleted, retried on transient faults."""
+    url = str(url)
+    if not is_remote(url):
+        path = local_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            _honour_umask(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    cfg = cfg or StorageConfig()
+    fs, path = resolve(url, cfg)
+    tmp = f"{path.rsplit('/', 1)[0]}/.{name(path)}.{uuid.uuid4().hex[:8]}.tmp"
+
+    def put() -> None:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    try:
+        retry(put, url, cfg.retries)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def delete(url: str | Path, cfg: StorageConfig | None = None) -> None:
+    fs, path = resolve(url, cfg)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def makedirs(url: str | Path, cfg: StorageConfig | None = None) -> None:
+    fs, path = resolve(url, cfg)
+    fs.create_dir(path, recursive=True)
+
+
+def download(url: str, dest: Path, cfg: StorageConfig | None = None) -> Path:
+    """Copy one file/object to a local path (atomically)."""
+    write_bytes(dest, read_bytes(url, cfg), fsync=False)
+    return dest
+
+
+# ----------------------------------------------------------------------------- preflight
+
+def check_access(url: str, cfg: StorageConfig | None = None, *, write: bool = False, what: str = "storage") -> None:
+    """Fail fast with one line when ``url`` cannot be listed (or, with ``write``, written): a missing
+    bucket, wrong credentials or an unreachable endpoint, before any work starts."""
+    url = str(url)
+    if not is_remote(url):
+        return
+    try:
+        if scheme(url) in ("http", "https"):
+            read_bytes(url, cfg)
+            return
+        fs, path = resolve(url, cfg)
+        bucket = path.split("/", 1)[0]
+        if retry(lambda: fs.get_file_info(bucket).type, url, 1) == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"NoSuchBucket {bucket}")
+        retry(lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), url, 1)
+        if write:
+            probe = join(url, f".stylegen-write-probe-{uuid.uuid4().hex[:8]}")
+            write_bytes(probe, b"", cfg)
+            delete(probe, cfg)
+    except UserError:
+        raise
+    except (OSError, urllib.error.URLError) as e:
+        line = explain(e, url)
+        if "bucket does not exist" in line or "NoSuchBucket" in str(e):
+            line = f"{url}: the bucket does not exist; create it or fix the bucket name"
+        raise UserError(f"{what} {line}") from None

@@ -1,0 +1,93 @@
+"""A real S3-compatible server on 127.0.0.1 for the object-storage tests (moto's server mode).
+
+It runs as its own process (``python -m moto.server``), so the test process keeps no server
+thread and Ray workers in other processes reach it over HTTP like any S3 endpoint. Import the
+fixtures into a test module: ``from s3server import s3, s3_server  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client process needs to reach the server."""
+        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def start_server(port: int | None = None, log_path: str | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS})
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError("moto server did not start within 60 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    proc, endpoint = start_server()
+    yield endpoint
+    stop_server(proc)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> S3:
+    """A fresh bucket on the shared server; this process's env points S3 clients at it."""
+    for k, v in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(k, v)
+    box = S3(endpoint=s3_server, bucket=f"sg-{uuid.uuid4().hex[:12]}")
+    box.client().create_bucket(Bucket=box.bucket)
+    return box

@@ -1,0 +1,213 @@
+"""The storage layer against a real S3 server (moto, on 127.0.0.1): shards, manifests, checkpoints,
+sweeps and every bad-input path, without Ray. The Ray chain is in test_s3_ray.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from s3server import S3, free_port, s3, s3_server  # noqa: F401  (fixtures)
+from stylegen import storage
+from stylegen.checkpoint import load_checkpoint, save_checkpoint
+from stylegen.config import DataConfig, StorageConfig
+from stylegen.data import shardio
+from stylegen.data.loader import build_loader, load_pairs, resolve_shards
+from stylegen.data.shard import ShardParams, build_shards, verify
+from stylegen.errors import UserError
+from tiny import ROOT
+
+RAW = ShardParams(encoding="raw", shard_size=6, val_fraction=0.25)
+
+
+def images(d: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (80, 72, 3), dtype=np.uint8)).save(d / f"img{i:03d}.png")
+    return d
+
+
+def keys(bucket: S3, prefix: str = "") -> list[str]:
+    resp = bucket.client().list_objects_v2(Bucket=bucket.bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in resp.get("Contents", []) if not o["Key"].endswith("/"))  # no dir markers
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "stylegen", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+# ----------------------------------------------------------------------------- storage layer
+
+def test_write_is_atomic_and_listing_sees_only_complete_objects(s3):
+    url = s3.url("a", "x.bin")
+    storage.write_bytes(url, b"0123456789")
+    assert storage.read_bytes(url) == b"0123456789"
+    assert storage.list_files(s3.url("a")) == [url]
+    assert keys(s3) == ["a/x.bin"]  # the temp object is gone after the copy
+    with pytest.raises(OSError):
+        storage.write_bytes("s3://sg-no-such-bucket-zz/x.bin", b"data", StorageConfig(retries=1))
+    assert keys(s3) == ["a/x.bin"]
+
+
+def test_remote_and_local_paths_join_and_classify():
+    assert storage.join("s3://b/p/", "x.tar") == "s3://b/p/x.tar"
+    assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+    assert storage.is_remote("gs://b/p") and storage.is_remote("https://h/x.tar")
+    assert not storage.is_remote("file:///tmp/x") and not storage.is_remote("runs/ray")
+    path, fs = storage.ray_storage("s3://bkt/runs")
+    assert path == "bkt/runs" and fs.type_name == "s3"
+
+
+def test_transient_errors_are_retried_then_raised(monkeypatch):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate (503)")
+        return b"ok"
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    assert storage.retry(flaky, "s3://b/k", attempts=5) == b"ok" and len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("Path does not exist 'b/k'")
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.retry(missing, "s3://b/k", attempts=5)
+    assert len(calls) == 1  # not transient: no retry
+
+
+# ----------------------------------------------------------------------------- shards
+
+def test_shard_to_s3_verify_and_load_same_batches_as_local(tmp_path, s3):
+    src = images(tmp_path / "src", 20)
+    out = s3.url("shards", "c")
+    remote = build_shards([str(src)], out, RAW, workers=1, progress=False)
+    local = build_shards([str(src)], tmp_path / "local", RAW, workers=1, progress=False)
+    assert remote.samples == local.samples and sum(remote.samples.values()) == 20
+    names = keys(s3, "shards/c/")
+    assert "shards/c/manifest.parquet" in names and "shards/c/skipped.parquet" in names
+    assert not [k for k in names if k.rsplit("/", 1)[-1].startswith(".")]  # no temp objects left
+    assert not Path("s3:").exists()  # nothing written to a local dir named like the URL
+    shards, samples, problems = verify(out)
+    assert (shards, samples, problems) == (sum(remote.shards.values()), 20, [])
+    assert resolve_shards([out], "train") == [storage.join(out, f) for f in
+                                             sorted(p.name for p in (tmp_path / "local").glob("train-*.tar"))]
+    cfg = DataConfig(batch_size=4, steps_per_epoch=5, shuffle_buffer=8, hflip=False)
+    a = [(c.clone(), s.clone()) for c, s in build_loader(DataConfig(**{**cfg.__dict__, "content": [out]}),
+                                                         rank=0, world_size=1)]
+    b = [(c.clone(), s.clone()) for c, s in build_loader(DataConfig(**{**cfg.__dict__,
+                                                                        "content": [str(tmp_path / "local")]}),
+                                                         rank=0, world_size=1)]
+    assert len(a) == 5 and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    vc, _ = load_pairs(DataConfig(content=[out]), 3)
+    lc, _ = load_pairs(DataConfig(content=[str(tmp_path / "local")]), 3)
+    assert torch.equal(vc, lc)
+
+
+def test_shard_rerun_on_s3_keeps_matching_shards_and_rebuilds_a_tampered_one(tmp_path, s3):
+    src = images(tmp_path / "src", 14)
+    out = s3.url("shards")
+    first = build_shards([str(src)], out, RAW, workers=1, progress=False)
+    rows, _ = shardio.read_manifest(out)
+    victim = rows[0]["file"]
+    storage.write_bytes(storage.join(out, victim), b"garbage")
+    assert any(f == victim for f, _ in verify(out)[2])
+    again = build_shards([str(src)], out, RAW, workers=1, progress=False)
+    assert again.kept == sum(first.shards.values()) - 1
+    assert verify(out)[2] == []
+
+
+def test_shard_cli_to_s3_and_verify_problems(tmp_path, s3):
+    src = images(tmp_path / "src", 8)
+    out = s3.url("cli")
+    r = cli("shard", str(src), "--out", out, "--encoding", "raw", "--no-progress", env=s3.env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert out in r.stdout and not (tmp_path / "s3:").exists()
+    r = cli("shard", "verify", out, env=s3.env)
+    assert r.returncode == 0 and "verified" in r.stdout, r.stderr
+    first = storage.list_files(out, "*.tar")[0]
+    data = storage.read_bytes(first)
+    storage.write_bytes(first, data[: len(data) // 2])  # a truncated object
+    r = cli("shard", "verify", out, env=s3.env)
+    assert r.returncode != 0 and storage.name(first) in r.stdout
+    assert r.stderr.strip().count("\n") == 0 and "failed verification" in r.stderr
+
+
+# ----------------------------------------------------------------------------- bad input: one line each
+
+@pytest.mark.parametrize("case", ["missing_bucket", "endpoint_down", "gs_no_credentials"])
+def test_unreachable_storage_is_one_line_before_any_work(tmp_path, s3, case):
+    src = images(tmp_path / "src", 3)
+    env = dict(s3.env)
+    if case == "missing_bucket":
+        out, expect = "s3://sg-no-such-bucket-zz/shards", "bucket does not exist"
+    elif case == "endpoint_down":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+        out, expect = s3.url("shards"), "endpoint unreachable"
+    else:
+        env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "none.json"), STORAGE_EMULATOR_HOST="")
+        out, expect = "gs://sg-bucket/shards", "gs://sg-bucket/shards"
+    for args in (["shard", str(src), "--out", out, "--no-progress"], ["shard", "verify", out],
+                 ["best", out]):
+        r = cli(*args, env=env, cwd=tmp_path)
+        err = r.stderr.strip()
+        assert r.returncode != 0 and "Traceback" not in err, (args, err)
+        assert len(err.splitlines()) == 1 and expect in err, (args, err)
+    assert not list(tmp_path.glob("s3*")) and not list(tmp_path.glob("gs*"))
+
+
+def test_loader_skips_and_counts_a_deleted_and_a_truncated_shard(tmp_path, s3):
+    src = images(tmp_path / "src", 24)
+    out = s3.url("shards")
+    build_shards([str(src)], out, ShardParams(encoding="raw", shard_size=4, val_fraction=0.0), workers=1,
+                 progress=False)
+    tars = storage.list_files(out, "train-*.tar")
+    storage.delete(tars[0])  # deleted mid-run: the manifest still names it
+    data = storage.read_bytes(tars[1])
+    storage.write_bytes(tars[1], data[:700])  # truncated object
+    loader = build_loader(DataConfig(content=[out], batch_size=4, steps_per_epoch=6, shuffle_buffer=0, hflip=False),
+                          rank=0, world_size=1, storage_cfg=StorageConfig(retries=1))
+    assert len(list(loader)) == 6
+    assert loader.skipped >= 2
+
+
+def test_loader_on_missing_bucket_is_one_line(s3):
+    with pytest.raises(UserError, match="bucket does not exist"):
+        resolve_shards(["s3://sg-no-such-bucket-zz/shards"], "train")
+
+
+# ----------------------------------------------------------------------------- checkpoints and sweeps
+
+def test_checkpoint_on_s3_loads_safely_and_stylize_reads_it(tmp_path, s3):
+    from stylegen.config import Config, to_dict
+    from stylegen.models.generator import Generator
+
+    cfg = Config()
+    cfg.model.channels, cfg.model.res_blocks = 4, 1
+    gen = Generator(cfg.model)
+    local = save_checkpoint(tmp_path / "ck", {"step": 3, "config": to_dict(cfg), "generator": gen.state_dict(),
+                                              "discriminator": None, "opt_g": {}, "opt_d": None, "metrics": {}})
+    url = s3.url("runs", "r1", "checkpoints", "step_00000003", "checkpoint.pt")
+    storage.write_bytes(url, local.read_bytes())
+    assert load_checkpoint(s3.url("runs", "r1"))["step"] == 3  # a run prefix: its newest step
+    images(tmp_path / "in", 2)
+    r = cli("stylize", "--checkpoint", s3.url("runs", "r1"), "--content", str(tmp_path / "in" / "img000.png"),
+            "--style", str(tmp_path / "in" / "img001.png"), "--out", str(tmp_path / "out.png"), env=s3.env)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "out.png").size[0] > 0
+    storage.write_bytes(s3.url("bad", "checkpoint.pt"), b"\x80\x04not a zip")
+    with pytest.raises(UserError, match="corrupt or not a checkpoint"):
+        load_checkpoint(s3.url("bad"))
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(s3.url("nothing-here"))
