@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from stylegen.errors import UserError
 
 FORMAT = "stylegen-checkpoint-v1"
 FILENAME = "checkpoint.pt"
+STEP_FILE = re.compile(r"^/(checkpoints/)?step_\d+/checkpoint\.pt$")
 log = logging.getLogger(__name__)
 
 
@@ -39,8 +41,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 def resolve_checkpoint_path(path: str | Path) -> str:
     """A checkpoint file, a dir holding ``checkpoint.pt`` (a Ray checkpoint dir or an export), or a
-    ``--local`` run dir (its newest ``checkpoints/step_XXXXXXXX/checkpoint.pt``); local or on object
-    storage (``s3://...``). Returns the file's path/URL."""
+    run dir (its newest ``step_XXXXXXXX/checkpoint.pt``: ``checkpoints/step_*`` of a ``--local`` run,
+    ``step_*`` of a Ray run); local or on object storage (``s3://...``). Returns the file's path/URL."""
     if storage.is_remote(path):
         url = str(path)
         try:
@@ -48,7 +50,8 @@ def resolve_checkpoint_path(path: str | Path) -> str:
                 return url
             if storage.file_size(storage.join(url, FILENAME)) is not None:
                 return storage.join(url, FILENAME)
-            steps = [u for u in storage.list_files(url, FILENAME, recursive=True) if "/checkpoints/step_" in u]
+            steps = sorted((u for u in storage.list_files(url, FILENAME, recursive=True)
+                            if STEP_FILE.search(u[len(url):])), key=lambda u: u.rsplit("/step_", 1)[1])
         except OSError as e:
             raise UserError(f"checkpoint {storage.explain(e, url)}") from None
         if not steps:
@@ -56,7 +59,8 @@ def resolve_checkpoint_path(path: str | Path) -> str:
         return steps[-1]
     p = Path(path)
     if p.is_dir():
-        steps = sorted(p.glob(f"checkpoints/step_*/{FILENAME}"))
+        steps = sorted([*p.glob(f"checkpoints/step_*/{FILENAME}"), *p.glob(f"step_*/{FILENAME}")],
+                       key=lambda f: f.parent.name)
         p = steps[-1] if not (p / FILENAME).exists() and steps else p / FILENAME
     if not p.is_file():
         raise UserError(f"checkpoint {str(path)!r} not found; pass a checkpoint.pt file or a directory holding one")
@@ -82,8 +86,6 @@ def load_checkpoint_bytes(data: bytes, p: str, map_location: str = "cpu") -> dic
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        import re
-
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if not found:

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--python", default="python", metavar="EXE",
                    help="python on the head node that runs the entrypoint (default: 'python' from the cluster's PATH)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect/answer timeout in seconds (default 10)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the check that every node reaches the storage and shards (a short job of its own)")
     p.add_argument("--job-args", default="", metavar="'ARGS'",
                    help="extra arguments for the job's command as one string, written with '=' "
                         "(e.g. --job-args='--workers 4 --storage s3://b/p')")
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
                 "submitted_by": "stylegen submit"}
     with staged_project(cfg_text) as working_dir:
         client = _client(address, headers)
+        if not args.no_preflight:
+            preflight(client, working_dir, args.python, storage_arg(job_args), name, timeout=300)
         try:
             client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
                               runtime_env={"working_dir": str(working_dir), "env_vars": {"PYTHONUNBUFFERED": "1"}})
@@ -187,7 +191,56 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def storage_arg(job_args: list[str]) -> str | None:
+    """The ``--storage`` a job's own arguments set (it overrides ray.storage), if any."""
+    for i, a in enumerate(job_args):
+        if a.startswith("--storage="):
+            return a.split("=", 1)[1]
+        if a == "--storage" and i + 1 < len(job_args):
+            return job_args[i + 1]
+    return None
+
+
 # ----------------------------------------------------------------------------- cluster calls
+
+def preflight(client, working_dir: Path, python: str, storage: str | None, name: str, timeout: float) -> dict:
+    """Run ``stylegen.preflight`` as a job on the cluster (one tiny task per node); raise UserError
+    naming the first problem when a node cannot reach the storage or the shards."""
+    import time
+
+    from stylegen.preflight import parse_result
+
+    argv = [python, "-m", "stylegen.preflight", "--config", CONFIG_IN_JOB]
+    if storage:
+        argv += ["--storage", storage]
+    job_id = f"{make_submission_id('preflight', name)}-{os.urandom(3).hex()}"
+    try:
+        client.submit_job(entrypoint=shlex.join(argv), submission_id=job_id,
+                          runtime_env={"working_dir": str(working_dir)}, metadata={"submitted_by": "stylegen submit"})
+        deadline = time.monotonic() + timeout
+        while (status := str(client.get_job_status(job_id)).rsplit(".", 1)[-1]) not in TERMINAL:
+            if time.monotonic() > deadline:
+                client.stop_job(job_id)
+                raise UserError(f"the preflight job {job_id} did not finish within {timeout:.0f} s; "
+                                "check the cluster, or pass --no-preflight")
+            time.sleep(0.5)
+        logs = client.get_job_logs(job_id)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"the preflight job on the cluster failed to run: {_one_line(e)}") from None
+    result = parse_result(logs)
+    if result is None:
+        last = next((ln for ln in reversed(logs.splitlines()) if ln.strip()), status)
+        raise UserError(f"the preflight job ended {status} without a result ({_one_line(Exception(last))}); "
+                        "pass --no-preflight to skip it")
+    if result["problems"]:
+        more = len(result["problems"]) - 1
+        raise UserError(f"preflight on {result['nodes']} node(s): {result['problems'][0]}"
+                        + (f" (and {more} more problem(s))" if more else ""))
+    log.info("preflight: %d node(s) reach the storage and the shards", result["nodes"])
+    return result
+
 
 def check_job_server(address: str, headers: dict[str, str], timeout: float, *, token_given: bool) -> str:
     """One authenticated GET of /api/version; returns the cluster's Ray version or raises UserError."""

@@ -211,3 +211,16 @@ def test_checkpoint_on_s3_loads_safely_and_stylize_reads_it(tmp_path, s3):
         load_checkpoint(s3.url("bad"))
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(s3.url("nothing-here"))
+
+
+def test_a_ray_run_prefix_resolves_to_its_newest_step(s3, tmp_path):
+    from stylegen.checkpoint import resolve_checkpoint_path
+
+    for step in (4, 12, 8):
+        storage.write_bytes(s3.url("runs", "r", f"step_{step:08d}", "checkpoint.pt"), b"x")
+    storage.write_bytes(s3.url("runs", "r", "step_00000099", "epoch_0001.png"), b"x")  # no checkpoint in it
+    assert resolve_checkpoint_path(s3.url("runs", "r")) == s3.url("runs", "r", "step_00000012", "checkpoint.pt")
+    for step in (3, 10):
+        (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / f"step_{step:08d}" / "checkpoint.pt").write_bytes(b"x")
+    assert resolve_checkpoint_path(tmp_path) == str(tmp_path / "step_00000010" / "checkpoint.pt")

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from stylegen import storage
 from stylegen.config_cli import add_config_arguments, flag_overrides
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,15 @@ def run(args: argparse.Namespace) -> int:
         log.warning("stopped by SIGTERM at step %s with a checkpoint; rerun the same command to resume",
                     result.metrics.get("step"))
     best = result.get_best_checkpoint(metric="val_score", mode="min") if result.best_checkpoints else None
-    print(f"run directory: {result.path}")
-    print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"best checkpoint:   {best.path if best else None}")
-    print(f"result grids: in each checkpoint directory (epoch_XXXX.png) and {result.path}/samples when storage is local")
+    root = cfg.ray.storage if storage.is_remote(cfg.ray.storage) else str(storage.local_path(cfg.ray.storage).resolve())
+    run_dir = storage.join(root, cfg.ray.name)
+
+    def where(ckpt) -> str | None:  # Ray prints remote paths without their scheme
+        return storage.join(run_dir, storage.name(ckpt.path)) if ckpt else None
+    print(f"run directory: {run_dir}")
+    print(f"latest checkpoint: {where(result.checkpoint)}")
+    print(f"best checkpoint:   {where(best)}")
+    grids = f" and {run_dir}/samples" if not storage.is_remote(run_dir) else ""
+    print(f"result grids: in each checkpoint directory (epoch_XXXX.png){grids}")
     print(f"final metrics: val_score={result.metrics.get('val_score', float('nan')):.4f} step={result.metrics.get('step')}")
     return 0
