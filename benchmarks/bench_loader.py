@@ -8,32 +8,50 @@
     shard: ``stylegen shard`` img/s (1 worker process) against an encode-only loop
         (open, crop/resize, PNG-encode) over the same images in one process.
     shard_2workers: the same with 2 worker processes (informational).
+    loader_s3: img/s of the same pipeline (num_workers=0) reading raw shards from
+        ``s3://`` on a local moto server (``python -m moto.server``, as tests/s3server.py),
+        i.e. through ``stylegen.storage`` / pyarrow's S3FileSystem, against a bare loop of
+        boto3 ``get_object`` + ``iter_samples`` + ``np.frombuffer`` on the same server and shards.
+    loader_s3_scaling: the same S3 pipeline with 2 DataLoader workers against 1.
+        The S3 rows also print ``#`` lines with the server's requests and CPU time per
+        1000 images (read from its log and /proc): moto is Python and shares the 2 cores.
 
 Data: 64x64 crops of the photos bundled with scikit-image (realistic PNG sizes).
-Prints ``name: ours=X baseline=Y ratio=Z``; runs in about a minute.
+Prints ``name: ours=X baseline=Y ratio=Z``; runs in a few minutes.
+``--only NAME`` (repeatable) runs just those rows, e.g. ``--only loader_s3 --only loader_s3_scaling``.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
+import socket
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from stylegen.config import DataConfig
+from stylegen.data import shardio
 from stylegen.data.embedded import CONTENT, _files
 from stylegen.data.loader import build_loader
 from stylegen.data.shard import ShardParams, build_shards
 from stylegen.data.sources import crop_box, open_rgb, render
 
 N_IMAGES = 4000
+LOCAL_ROWS = ("loader_raw", "loader_png", "loader_scaling", "shard", "shard_2workers")
+S3_ROWS = ("loader_s3", "loader_s3_scaling")
+BUCKET = "bench-loader"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -88,19 +106,192 @@ def encode_only(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
+# ----------------------------------------------------------------------------- S3 (moto server)
+
+class MotoServer:
+    """``python -m moto.server`` on a free loopback port, started and stopped like tests/s3server.py;
+    its request log goes to a file so requests can be counted, its CPU time is read from /proc."""
+
+    def __init__(self, log_path: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **S3_CREDENTIALS})
+        self.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.proc.returncode}")
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("moto server did not start within 60 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def cpu(self) -> float:
+        """User + system CPU seconds the server has used so far."""
+        return proc_cpu(self.proc.pid)
+
+    def requests(self) -> int:
+        """Object reads served so far (GET and HEAD lines of the werkzeug log; 206 lines are colour-coded)."""
+        with open(self.log_path, "rb") as f:
+            return sum(1 for ln in f if (b"GET /" in ln or b"HEAD /" in ln) and b"/moto-api" not in ln)
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; 0 when it is gone)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu(exclude: int) -> float:
+    """CPU seconds of this process and its live children (DataLoader workers), minus the server's."""
+    me, total = os.getpid(), proc_cpu(os.getpid())
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != exclude:
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                    total += proc_cpu(int(d.name))
+            except OSError:
+                pass
+    return total
+
+
+class ServerUse:
+    """Server requests and CPU summed over measured windows (``start`` ... ``stop(images)``)."""
+
+    def __init__(self, server: MotoServer) -> None:
+        self.server, self.images, self.wall = server, 0, 0.0
+        self.req, self.cpu, self.client = 0, 0.0, 0.0
+        self._at = (0, 0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._at = (self.server.requests(), self.server.cpu(), client_cpu(self.server.proc.pid), time.perf_counter())
+
+    def stop(self, images: int) -> None:
+        self.client += client_cpu(self.server.proc.pid) - self._at[2]
+        self.wall += time.perf_counter() - self._at[3]
+        self.req += self.server.requests() - self._at[0]
+        self.cpu += self.server.cpu() - self._at[1]
+        self.images += images
+
+    def __str__(self) -> str:
+        k = max(self.images, 1) / 1000
+        return (f"{self.req / k:.0f} requests (GET+HEAD), {self.cpu / k:.2f} s server CPU, "
+                f"{self.client / k:.2f} s client CPU (process + workers); "
+                f"{(self.cpu + self.client) / max(self.wall, 1e-9):.2f} cores busy (server + client)")
+
+
+def baseline_s3(client, keys: list[str], seconds: float, use: ServerUse) -> float:
+    """Bare get_object + tar walk + np.frombuffer over the shards (cycled until ``seconds`` passed)."""
+    use.start()
+    t, n, i = time.perf_counter(), 0, 0
+    while True:
+        data = client.get_object(Bucket=BUCKET, Key=keys[i % len(keys)])["Body"].read()
+        i += 1
+        for _, parts in shardio.iter_samples(data):
+            if "rgb8" in parts:
+                off, size = parts["rgb8"]
+                arr = np.frombuffer(data, np.uint8, count=size, offset=off).reshape(64, 64, 3)
+                n += arr.shape[0] > 0
+        dt = time.perf_counter() - t
+        if dt >= seconds and i >= len(keys):
+            use.stop(n)
+            return n / dt
+
+
+def loader_rate_timed(content: str, seconds: float, workers: int, use: ServerUse, batch: int = 64,
+                      warm: int = 2) -> float:
+    """Like loader_rate, but measured over whole batches until ``seconds`` passed (S3 speed is unknown)."""
+    cfg = DataConfig(content=[content], steps_per_epoch=1_000_000, batch_size=batch, num_workers=workers)
+    gen = iter(build_loader(cfg, rank=0, world_size=1))
+    try:
+        for _ in range(warm):  # worker start-up and shuffle-buffer fill are one-off costs
+            next(gen)
+        use.start()
+        t, n = time.perf_counter(), 0
+        for c, s in gen:
+            n += c.shape[0] + s.shape[0]
+            if time.perf_counter() - t >= seconds:
+                break
+        rate = n / (time.perf_counter() - t)
+        use.stop(n)
+        return rate
+    finally:
+        gen.close()  # shuts DataLoader workers down
+
+
+def s3_rows(tmp: Path, want: set[str], seconds: float) -> None:
+    import boto3
+
+    server = MotoServer(tmp / "moto.log")
+    saved = {k: os.environ.get(k) for k in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    try:
+        os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL": server.endpoint})
+        client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        url = f"s3://{BUCKET}/shards"
+        t = time.perf_counter()
+        build_shards([str(tmp / "images")], url, ShardParams(encoding="raw", shard_size=500, val_fraction=0.0),
+                     workers=2, progress=False)
+        keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="shards/")["Contents"]
+                      if o["Key"].endswith(".tar"))
+        mib = sum(o["Size"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="shards/")["Contents"]
+                  if o["Key"].endswith(".tar")) / len(keys) / 2**20
+        print(f"# s3: {len(keys)} raw shards of {N_IMAGES // len(keys)} samples ({mib:.1f} MiB each) written to "
+              f"{url} on moto {server.endpoint} in {time.perf_counter() - t:.1f} s", flush=True)
+        use = {tag: ServerUse(server) for tag in ("get_object loop", "ours, 0 workers", "ours, 1 worker",
+                                                   "ours, 2 workers")}
+        if "loader_s3" in want:
+            base = ours = 0.0
+            for _ in range(3):  # interleaved, best of 3 (each loader measurement has its own warm-up)
+                base = max(base, baseline_s3(client, keys, seconds, use["get_object loop"]))
+                ours = max(ours, loader_rate_timed(url, seconds, 0, use["ours, 0 workers"]))
+            line("loader_s3", ours, base, "boto3 get_object + iter_samples + np.frombuffer loop, 1 process, "
+                 "same moto server and shards; ours: num_workers=0")
+        if "loader_s3_scaling" in want:
+            one = two = 0.0
+            for _ in range(3):
+                one = max(one, loader_rate_timed(url, seconds, 1, use["ours, 1 worker"]))
+                two = max(two, loader_rate_timed(url, seconds, 2, use["ours, 2 workers"]))
+            line("loader_s3_scaling", two, one, "same S3 pipeline with 1 DataLoader worker; ours: 2 workers, raw")
+        for tag, u in use.items():
+            if u.images:
+                print(f"# s3 server per 1000 images, {tag}: {u}", flush=True)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def line(name: str, ours: float, base: float, what: str) -> None:
     print(f"{name}: ours={ours:.0f} baseline={base:.0f} ratio={ours / base:.2f}  (img/s; baseline: {what})", flush=True)
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.WARNING)
-    print(f"# load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the run "
-          "(other jobs share the machine; ratios are interleaved best-of-n)", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        paths = make_images(tmp / "images", N_IMAGES)
-        p1 = ShardParams(encoding="png", shard_size=500, val_fraction=0.0)
-        shard1 = shard2 = enc = 0.0
+def local_rows(tmp: Path, paths: list[Path], want: set[str]) -> None:
+    p1 = ShardParams(encoding="png", shard_size=500, val_fraction=0.0)
+    shard1 = shard2 = enc = 0.0
+    if want & {"shard", "shard_2workers"}:
         for rep in range(2):  # interleaved, best of 2
             enc = max(enc, encode_only(paths))
             for workers in (1, 2):
@@ -109,22 +300,49 @@ def main() -> int:
                 rate = N_IMAGES / (time.perf_counter() - t)
                 shard1, shard2 = (max(shard1, rate), shard2) if workers == 1 else (shard1, max(shard2, rate))
         (tmp / "png10").rename(tmp / "png")
+    elif want & {"loader_png", "loader_scaling"}:
+        build_shards([str(tmp / "images")], tmp / "png", p1, workers=2, progress=False)
+    if "loader_raw" in want:
         build_shards([str(tmp / "images")], tmp / "raw", ShardParams(encoding="raw", shard_size=500, val_fraction=0.0),
                      workers=2, progress=False)
-        for name, d, ext, steps in (("loader_raw", "raw", ".rgb8", 200), ("loader_png", "png", ".png", 60)):
-            tars = sorted(str(f) for f in (tmp / d).glob("*.tar"))
-            base = ours = 0.0
-            for _ in range(3):  # interleaved, best of 3: the machine is shared, so timings are noisy
-                base = max(base, baseline_read(tars, ext))
-                ours = max(ours, loader_rate(tmp / d, steps, 0))
-            line(name, ours, base, f"tarfile + {'np.frombuffer' if ext == '.rgb8' else 'PIL'} loop, 1 process")
+    for name, d, ext, steps in (("loader_raw", "raw", ".rgb8", 200), ("loader_png", "png", ".png", 60)):
+        if name not in want:
+            continue
+        tars = sorted(str(f) for f in (tmp / d).glob("*.tar"))
+        base = ours = 0.0
+        for _ in range(3):  # interleaved, best of 3: the machine is shared, so timings are noisy
+            base = max(base, baseline_read(tars, ext))
+            ours = max(ours, loader_rate(tmp / d, steps, 0))
+        line(name, ours, base, f"tarfile + {'np.frombuffer' if ext == '.rgb8' else 'PIL'} loop, 1 process")
+    if "loader_scaling" in want:
         one = two = 0.0
         for _ in range(2):
             one = max(one, loader_rate(tmp / "png", 100, 1))
             two = max(two, loader_rate(tmp / "png", 100, 2))
         line("loader_scaling", two, one, "same pipeline with 1 DataLoader worker; ours: 2 workers, PNG")
+    if "shard" in want:
         line("shard", shard1, enc, "encode-only loop (open, crop/resize, PNG), 1 process; ours: --workers 1")
+    if "shard_2workers" in want:
         line("shard_2workers", shard2, enc, "same encode-only loop, 1 process; ours: --workers 2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", action="append", choices=LOCAL_ROWS + S3_ROWS, metavar="ROW",
+                    help=f"run only this row (repeatable; default all): {', '.join(LOCAL_ROWS + S3_ROWS)}")
+    ap.add_argument("--s3-seconds", type=float, default=4.0, help="length of each S3 measurement (s)")
+    args = ap.parse_args(argv)
+    want = set(args.only or LOCAL_ROWS + S3_ROWS)
+    logging.basicConfig(level=logging.WARNING)
+    print(f"# load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the run "
+          "(other jobs share the machine; ratios are interleaved best-of-n)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_images(tmp / "images", N_IMAGES)
+        if want & set(LOCAL_ROWS):
+            local_rows(tmp, paths, want)
+        if want & set(S3_ROWS):
+            s3_rows(tmp, want, args.s3_seconds)
     return 0
 
 
