@@ -12,6 +12,17 @@ itself a process-group leader and its reaper tears the group down when it dies, 
 stopping the PID in our PID file (signalling its group) stops exactly what we started.
 Never ``ray stop``: it stops every Ray on the machine, including other people's.
 
+Loopback only. Ray 2.60 binds GCS, raylet, object manager, core workers (C++ gRPC), the
+dashboard agent, the client server and the metrics endpoints to 127.0.0.1 only when the
+node's IP *is* 127.0.0.1; otherwise they listen on every interface. ``ray start
+--node-ip-address 127.0.0.1`` does not get there on Linux: ``resolve_ip_for_localhost``
+rewrites a loopback address to the routable one. Ray keeps loopback only where
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (its macOS/Windows default), so every process of
+the cluster, and every process that connects to its GCS, runs with it (``cluster_env``).
+That variable also makes the ``ray start`` CLI refuse a worker node, so the worker node's
+``ray start`` runs through ``_ray_start_loopback``. README "Ports and listeners" lists
+what is left (measured by tests/test_local_listeners.py).
+
 ``python -m stylegen.raycluster up|down|status`` backs ``cluster/local-up.sh`` and
 ``cluster/local-down.sh``.
 """
@@ -31,7 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,6 +51,9 @@ from stylegen.errors import UserError
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# "0": Ray resolves this node's IP to 127.0.0.1 (its macOS/Windows behaviour); see the module doc.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK_IP = "127.0.0.1"
 STATE_FILE = "cluster.json"
 DEFAULT_STATE_DIR = "runs/cluster"
 DEFAULT_PORT = 6390            # Ray's default is 6379
@@ -120,6 +134,7 @@ class LocalCluster:
     dashboard_port: int
     token_path: str
     temp_dir: str
+    ports: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> listener -> port we chose
 
     @property
     def gcs_address(self) -> str:
@@ -137,16 +152,24 @@ def free_port() -> int:
 
 
 def cluster_env(token_path: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for Ray processes: token auth on, token from our file, venv first on PATH.
+    """Environment for Ray processes: token auth on, token from our file, venv first on PATH,
+    node IP 127.0.0.1.
 
     Jobs inherit it: their entrypoint's ``python`` is this venv's, and their drivers
-    find the token without it ever being sent in a job.
+    find the token without it ever being sent in a job. A process that connects to the
+    GCS (``ray.init(address=...)``, ``stylegen train --address 127.0.0.1:PORT``) needs it
+    too: without ``LOOPBACK_ENV=0`` Ray turns 127.0.0.1 into the routable IP, where
+    nothing listens. ``GLOO_SOCKET_IFNAME=lo`` keeps DDP's gloo pairs on loopback even
+    where the hostname resolves to a routable address.
     """
     env = dict(os.environ if base is None else base)
     for k in (TOKEN_ENV, "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(k, None)
     env[AUTH_MODE_ENV] = "token"
     env[TOKEN_PATH_ENV] = str(token_path)
+    env[LOOPBACK_ENV] = "0"
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env
@@ -157,11 +180,47 @@ def _ray_bin() -> str:
     return str(path) if path.exists() else (shutil.which("ray") or "ray")
 
 
-def _node_ports() -> list[str]:
+NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                   "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+
+
+def _node_ports() -> dict[str, int]:
     """Per-node ports Ray would otherwise take from fixed defaults shared by every cluster here."""
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    return {flag: free_port() for flag in NODE_PORT_FLAGS}
+
+
+def _flags(ports: dict[str, int]) -> list[str]:
+    return [a for flag, port in ports.items() for a in (f"--{flag}", str(port))]
+
+
+def _ray_start_loopback(argv: list[str]) -> int:
+    """``ray start ARGV`` for a worker node on 127.0.0.1 (``python -m stylegen.raycluster _ray-start``).
+
+    With ``LOOPBACK_ENV=0`` Ray resolves this node to 127.0.0.1, but its CLI then refuses
+    a non-head node ("Multi-node Ray clusters are not supported on Windows and OSX").
+    Only the CLI module's view of that flag is changed: node IP resolution in
+    ``ray._private.services`` still reads the real constant (False, so loopback), and so
+    does every process Ray starts from here.
+    """
+    import types
+
+    import ray._private.ray_constants as ray_constants
+    import ray.scripts.scripts as ray_scripts
+
+    if getattr(ray_scripts, "ray_constants", None) is not ray_constants:
+        print("stylegen.raycluster: this Ray's `ray start` has no ray_constants to adjust; "
+              "start the cluster without --workers-node", file=sys.stderr)
+        return 2
+
+    class _Constants(types.ModuleType):
+        def __getattr__(self, name: str):
+            return getattr(ray_constants, name)
+
+    view = _Constants("ray_constants_for_ray_start")
+    view.ENABLE_RAY_CLUSTER = True
+    ray_scripts.ray_constants = view
+    sys.argv = ["ray", "start", *argv]
+    return ray_scripts.main()
 
 
 def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> int:
@@ -223,21 +282,34 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
     # people's ray.init(address="auto") reads, and socket paths must stay < 108 bytes.
     temp_dir = tempfile.mkdtemp(prefix="sg-ray-", dir="/tmp")
     log = state / "head.log"
-    head = [_ray_bin(), "start", "--head", "--block", "--port", str(port),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-            "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats",
-            "--object-store-memory", str(object_store_mb * 2**20), *_node_ports()]
+    head_ports = {"port": port, "dashboard-port": dashboard_port, "ray-client-server-port": free_port(),
+                  **_node_ports()}
+    # The head's autoscaler and dashboard serve their own /metrics on fixed ports (44217,
+    # 44227) unless told otherwise: a second cluster here would silently lose them.
+    metric_ports = {"AUTOSCALER_METRIC_PORT": free_port(), "DASHBOARD_METRIC_PORT": free_port()}
+    head = [_ray_bin(), "start", "--head", "--block", "--node-ip-address", LOOPBACK_IP,
+            "--dashboard-host", LOOPBACK_IP, "--include-dashboard", "true", *_flags(head_ports),
+            "--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", str(object_store_mb * 2**20)]
     if num_cpus is not None:
         head += ["--num-cpus", str(num_cpus)]
-    cluster = LocalCluster(str(state), _spawn(head, env, log), None, port, dashboard_port, str(tok), temp_dir)
+    # A SIGTERM'd `ray start` drains its node first (up to 30 s); the head's raylet never
+    # finishes that drain, so local-down would wait out _stop_group's timeout and SIGKILL it.
+    # A worker node keeps Ray's default drain.
+    head_env = {**env, **{k: str(v) for k, v in metric_ports.items()}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    cluster = LocalCluster(str(state), _spawn(head, head_env, log), None, port, dashboard_port, str(tok), temp_dir,
+                           ports={"head": {**head_ports, **metric_ports}})
     _write_state(cluster)
     try:
         _wait_http(f"{cluster.dashboard_url}/api/version", tok, cluster.head_pid, timeout, log)
         if worker_node:
             wlog = state / "worker.log"
-            cmd = [_ray_bin(), "start", "--block", "--address", cluster.gcs_address, "--num-cpus", str(worker_cpus), "--object-store-memory", str(object_store_mb * 2**20),
-                   "--disable-usage-stats", *_node_ports()]
+            worker_ports = _node_ports()
+            cmd = [sys.executable, "-m", "stylegen.raycluster", "_ray-start", "--block",
+                   "--address", cluster.gcs_address, "--node-ip-address", LOOPBACK_IP, *_flags(worker_ports),
+                   "--num-cpus", str(worker_cpus), "--object-store-memory", str(object_store_mb * 2**20),
+                   "--disable-usage-stats"]
             cluster.worker_pid = _spawn(cmd, env, wlog)
+            cluster.ports["worker"] = worker_ports
             _write_state(cluster)
             _wait_nodes(cluster.dashboard_url, tok.read_text().strip(), 2, timeout)
     except BaseException:
@@ -284,7 +356,8 @@ def _is_our_ray(pid: int) -> bool:
     """PID still runs `ray start` (guards against a recycled PID) and leads its own group."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return any(a.endswith(b"ray") for a in cmd) and b"start" in cmd and os.getpgid(pid) == pid
+        ray_start = (any(a.endswith(b"ray") for a in cmd) and b"start" in cmd) or b"_ray-start" in cmd
+        return ray_start and os.getpgid(pid) == pid
     except (OSError, ProcessLookupError):
         return False
 
@@ -334,6 +407,9 @@ def stop_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, timeout: float
 # ----------------------------------------------------------------------------- CLI for cluster/*.sh
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_ray-start"]:  # internal: the worker node's `ray start` (see _ray_start_loopback)
+        return _ray_start_loopback(argv[1:])
     p = argparse.ArgumentParser(prog="stylegen.raycluster", description="local token-auth Ray cluster on 127.0.0.1")
     sub = p.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up")
@@ -353,9 +429,12 @@ def main(argv: list[str] | None = None) -> int:
                                     worker_node=args.workers_node, num_cpus=args.num_cpus, token_path=args.token_path)
             print(f"Ray cluster up (token auth on): head pid {c.head_pid}"
                   + (f", worker node pid {c.worker_pid}" if c.worker_pid else ""))
-            print(f"  dashboard / job API: {c.dashboard_url} (loopback only); GCS port {c.port} (token-protected gRPC)")
+            print(f"  dashboard / job API: {c.dashboard_url}; GCS {c.gcs_address} (token-protected gRPC); "
+                  f"every Ray listener on 127.0.0.1 (README: Ports and listeners)")
             print(f"  token file (mode 0600, not printed here): {c.token_path}   read it with: cat {c.token_path}")
-            print(f"  use it:  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={c.token_path}")
+            print(f"  use it:  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={c.token_path} {LOOPBACK_ENV}=0")
+            print(f"           ({LOOPBACK_ENV}=0 lets ray.init / `stylegen train --address {c.gcs_address}` "
+                  f"reach the loopback-only GCS; `stylegen submit` does not need it)")
             print(f"  submit:  stylegen submit train --address {c.dashboard_url} --config jobs/configs/demo.toml --wait")
             print(f"  stop:    cluster/local-down.sh --state-dir {c.state_dir}")
         elif args.action == "down":

@@ -1,8 +1,10 @@
-"""Cluster definitions parse, validate and point at files that exist; the local cluster scripts
-start a token-auth cluster on free ports and stop exactly the processes they started."""
+"""Cluster definitions parse, validate (Ray's `ray up` schema, KubeRay's CRD schemas) and point at
+files that exist; the local cluster scripts start a token-auth cluster on free ports and stop
+exactly the processes they started."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -25,7 +27,8 @@ from stylegen.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS = ROOT / "cluster" / "aws-gpu.yaml"
-KUBE = [ROOT / "cluster" / "kuberay" / "raycluster.yaml", ROOT / "cluster" / "kuberay" / "rayjob-train.yaml"]
+KUBE = [ROOT / "cluster" / "kuberay" / n for n in ("raycluster.yaml", "rayjob-train.yaml", "common.yaml")]
+CRD_SCHEMAS = ROOT / "tests" / "data" / "kuberay"  # copies of ../shared/kuberay-crd-schemas (see its README)
 DOCKERFILE = ROOT / "infra" / "Dockerfile"
 ALL = [AWS, *KUBE, DOCKERFILE, ROOT / "cluster" / "local-up.sh", ROOT / "cluster" / "local-down.sh"]
 REPO_PATH = re.compile(r"(?<![\w/.-])(?:/app/)?((?:cluster|infra|jobs|stylegen|tests)/[\w./-]*\w)")
@@ -68,33 +71,188 @@ def test_aws_config_passes_rays_schema_and_turns_auth_on():
     assert not re.search(r"[0-9a-f]{64}", AWS.read_text()), "a token must never be in the file"
 
 
+def test_aws_nodes_reach_s3_through_an_instance_role_and_the_job_stores_there():
+    raw = yaml.safe_load(AWS.read_text())
+    for name, node_type in raw["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile", {})
+        assert re.fullmatch(r"arn:aws:iam::[\w-]+:instance-profile/[\w+=,.@-]+", profile.get("Arn", "")), name
+    assert not re.search(r"AWS_(SECRET_)?ACCESS_KEY|aws_access_key_id", AWS.read_text(), re.I)
+    configs = {r for r in referenced_paths(AWS.read_text()) if r.endswith(".toml")}
+    assert configs, "the file names the job config it runs"
+    for ref in configs:
+        cfg = load_config(ROOT / ref)
+        assert cfg.ray.storage.startswith("s3://"), (ref, cfg.ray.storage)
+        assert cfg.data.content and all(c.startswith("s3://") for c in cfg.data.content + cfg.data.style), ref
+
+
+# ----------------------------------------------------------------------------- KubeRay
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def _ray_pods(doc: dict) -> list[dict]:
+    spec = _cluster_spec(doc)
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
 def _ray_containers(doc: dict) -> list[dict]:
-    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
-    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    pods = _ray_pods(doc)
     if doc["kind"] == "RayJob":
-        pods.append(doc["spec"]["submitterPodTemplate"])
+        pods = pods + [doc["spec"]["submitterPodTemplate"]]
     return [c for p in pods for c in p["spec"]["containers"]]
 
 
-@pytest.mark.parametrize("path", KUBE, ids=lambda p: p.name)
-def test_kuberay_auth_from_secret_and_gpu_workers(path):
+RAY_DOCS = [(path, i) for path in KUBE for i, d in enumerate(_docs(path)) if d["kind"] in ("RayCluster", "RayJob")]
+
+
+def _strict(schema):
+    """Close every object schema that lists its properties: the API server's strict field validation
+    (kubectl's default) rejects unknown fields, while plain JSON Schema would let a typo through."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: ({name: _strict(sub) for name, sub in v.items()} if k == "properties" else _strict(v))
+           for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_validators():
+    import jsonschema
+
+    out = {}
+    for f in sorted(CRD_SCHEMAS.glob("kuberay-*.json")):
+        crd = json.loads(f.read_text())
+        jsonschema.Draft7Validator.check_schema(crd["schema"])
+        out[crd["kind"]] = jsonschema.Draft7Validator(_strict(crd["schema"]))
+    assert set(out) == {"RayCluster", "RayJob"}, f"schemas in {CRD_SCHEMAS}: {sorted(out)}"
+    return out
+
+
+def crd_errors(validators, doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in validators[doc["kind"]].iter_errors(doc)]
+
+
+def check_token_auth(doc: dict) -> None:
+    """authOptions turns token auth on with our Secret (KubeRay >= 1.6.0 reads secretName); no Ray
+    container carries a token of its own."""
+    auth = _cluster_spec(doc).get("authOptions")
+    assert auth == {"mode": "token", "secretName": "stylegen-ray-auth"}, f"{doc['kind']} authOptions: {auth}"
+    for c in _ray_containers(doc):
+        for e in c.get("env", []):
+            assert not (e["name"].startswith("RAY_AUTH") and "value" in e and e["name"] != "RAY_AUTH_MODE"), c["name"]
+
+
+def test_kuberay_crd_schemas_are_the_shared_copies():
+    shared = ROOT.parent / "shared" / "kuberay-crd-schemas"
+    if not shared.is_dir():
+        pytest.skip("no ../shared here (a clean clone): the repo's copies are used")
+    for f in CRD_SCHEMAS.glob("kuberay-*.json"):
+        assert f.read_bytes() == (shared / f.name).read_bytes(), f"{f.name} differs from {shared}"
+
+
+@pytest.mark.parametrize("path,index", RAY_DOCS, ids=lambda v: v.name if isinstance(v, Path) else str(v))
+def test_kuberay_documents_pass_the_crd_schema_with_token_auth(path, index, crd_validators):
     import ray
 
-    [doc] = list(yaml.safe_load_all(path.read_text()))
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
-    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    doc = _docs(path)[index]
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert crd_errors(crd_validators, doc) == []
+    check_token_auth(doc)
+    spec = _cluster_spec(doc)
     assert spec["rayVersion"] == ray.__version__
-    for c in _ray_containers(doc):
-        env = {e["name"]: e for e in c["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
-        assert "value" not in env["RAY_AUTH_TOKEN"], "the token must come from the Secret, not the file"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "stylegen-ray-auth", "key": "auth_token"}
+    major, minor = map(int, spec["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52), "KubeRay's token auth needs rayVersion >= 2.52"
+    text = path.read_text()
+    assert "KubeRay operator >= 1.6.0" in text and "2.52" in text, "say which KubeRay and Ray it needs"
+    assert not re.search(r"[0-9a-f]{64}", text), "a token must never be in the file"
     gpus = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
             for g in spec["workerGroupSpecs"]]
     assert gpus and all(int(g) >= 1 for g in gpus)
-    if doc["kind"] == "RayJob":
-        assert doc["spec"]["entrypoint"].startswith("python /app/jobs/train.py")
-        assert "s3://" in doc["spec"]["entrypoint"]
+    for pod in _ray_pods(doc):
+        assert pod["metadata"]["labels"]["stylegen.io/role"] == "ray-node"  # what the NetworkPolicy admits
+        assert pod["spec"]["serviceAccountName"] == "stylegen-s3"            # IRSA: S3 without keys
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+def test_kuberay_schema_check_rejects_bad_documents(crd_validators):
+    import copy
+
+    for path, index in RAY_DOCS:
+        doc = _docs(path)[index]
+        spec_path = ["spec", "rayClusterSpec"] if doc["kind"] == "RayJob" else ["spec"]
+
+        def mutated(change):
+            d = copy.deepcopy(doc)
+            spec = d
+            for k in spec_path:
+                spec = spec[k]
+            change(spec)
+            return d
+
+        typo = mutated(lambda s: s.update(authOption=s.pop("authOptions")))  # a misspelt field
+        assert any("authOption" in e for e in crd_errors(crd_validators, typo)), path.name
+        with pytest.raises(AssertionError):
+            check_token_auth(typo)
+        gone = mutated(lambda s: s.pop("authOptions"))  # valid for KubeRay, but auth is off
+        assert crd_errors(crd_validators, gone) == []
+        with pytest.raises(AssertionError):
+            check_token_auth(gone)
+        bad_mode = mutated(lambda s: s["authOptions"].update(mode="Token"))
+        assert any("authOptions.mode" in e for e in crd_errors(crd_validators, bad_mode)), path.name
+        deep = mutated(lambda s: s["headGroupSpec"]["template"]["spec"].update(serviceAcountName="x"))
+        assert crd_errors(crd_validators, deep), "unknown fields deep in the pod template are caught too"
+
+
+def test_kuberay_rayjob_trains_from_s3_shards_into_s3_storage():
+    import shlex
+
+    from stylegen.train.cli import add_arguments
+
+    [job] = [d for d in _docs(KUBE[1]) if d["kind"] == "RayJob"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "/app/jobs/train.py"]
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(argv[2:])
+    assert args.storage.startswith("s3://") and args.name
+    cfg = load_config(ROOT / args.config.removeprefix("/app/"), args.overrides)
+    assert cfg.data.content and all(u.startswith("s3://") for u in cfg.data.content + cfg.data.style)
+    assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"]["stylegen.io/role"] == "ray-submitter"
+
+
+def test_kuberay_common_has_the_irsa_account_and_a_network_policy_that_fits_the_pods():
+    docs = {d["kind"]: d for d in _docs(KUBE[2])}
+    sa = docs["ServiceAccount"]
+    assert sa["metadata"]["name"] == "stylegen-s3"
+    assert re.fullmatch(r"arn:aws:iam::[\w-]+:role/[\w+=,.@-]+", sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
+    pol = docs["NetworkPolicy"]
+    assert pol["apiVersion"] == "networking.k8s.io/v1" and pol["spec"]["policyTypes"] == ["Ingress"]
+    ray_node = {"stylegen.io/role": "ray-node"}
+    assert pol["spec"]["podSelector"] == {"matchLabels": ray_node}
+    admitted: dict[str, set] = {}  # who -> ports (None = every port)
+    for rule in pol["spec"]["ingress"]:
+        ports = {p["port"] for p in rule["ports"]} if "ports" in rule else None
+        assert all(p.get("protocol", "TCP") == "TCP" for p in rule.get("ports", []))
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "no address ranges: label selectors only"
+            assert peer["podSelector"]["matchLabels"], "a peer without a pod selector admits whole namespaces"
+            who = next(iter(peer["podSelector"]["matchLabels"].values()))
+            admitted[who] = ports
+    assert admitted == {"ray-node": None, "ray-submitter": {8265}, "kuberay-operator": {8265},
+                        "prometheus": {8080, 44217, 44227}}
+    # GCS, client server, and every other Ray port: Ray pods only
+    assert all(6379 not in (p or set()) and 10001 not in (p or set()) for w, p in admitted.items() if w != "ray-node")
 
 
 def test_dockerfile_is_consistent_with_the_project():
@@ -156,10 +314,11 @@ def test_local_up_down_scripts_start_token_cluster_and_stop_only_it(tmp_path):
         assert _get(f"{base}/api/version", token) == 200
         from ray._private.services import get_node_ip_address
 
-        ip = get_node_ip_address()
-        if not ip.startswith("127."):  # the dashboard/job API is loopback only
-            with pytest.raises(OSError), socket.create_connection((ip, dash), timeout=3):
-                pass
+        ip = get_node_ip_address()  # this process has no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: routable
+        if not ip.startswith("127."):  # job API and GCS are loopback only (all ports: test_local_listeners)
+            for p in (dash, port):
+                with pytest.raises(OSError), socket.create_connection((ip, p), timeout=3):
+                    pass
 
         again = subprocess.run([str(ROOT / "cluster" / "local-up.sh"), "--state-dir", str(state)],
                                capture_output=True, text=True, timeout=60)
