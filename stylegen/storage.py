@@ -198,7 +198,9 @@ def read_bytes(url: str | Path, cfg: StorageConfig | None = None) -> bytes:
     fs, path = resolve(url, cfg)
 
     def get_obj() -> bytes:
-        with fs.open_input_stream(path) as f:
+        # a random-access file knows its size: one HEAD + one GET. (open_input_stream cannot seek and
+        # reads in 256 KiB ranged GETs: 27 requests for a 6.6 MiB shard, 0.11x a bare get-object loop)
+        with fs.open_input_file(path) as f:
             return f.read()
     return retry(get_obj, url, cfg.retries)
 

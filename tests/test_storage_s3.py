@@ -224,3 +224,46 @@ def test_a_ray_run_prefix_resolves_to_its_newest_step(s3, tmp_path):
         (tmp_path / f"step_{step:08d}").mkdir()
         (tmp_path / f"step_{step:08d}" / "checkpoint.pt").write_bytes(b"x")
     assert resolve_checkpoint_path(tmp_path) == str(tmp_path / "step_00000010" / "checkpoint.pt")
+
+
+def test_throttling_5xx_and_resets_are_retried_for_shard_reads_and_checkpoint_writes(tmp_path, s3, monkeypatch):
+    """The same data through a proxy that fails every 3rd request (503 SlowDown, 500, connection reset):
+    the loader yields the same batches with nothing skipped, and checkpoint writes land whole."""
+    src = images(tmp_path / "src", 16)
+    out = s3.url("shards")
+    build_shards([str(src)], out, ShardParams(encoding="raw", shard_size=4, val_fraction=0.0), workers=1,
+                 progress=False)
+    cfg = DataConfig(content=[out], batch_size=4, steps_per_epoch=6, shuffle_buffer=4, hflip=False)
+    clean = [c.clone() for c, _ in build_loader(cfg, rank=0, world_size=1)]
+
+    port, counter = free_port(), tmp_path / "faults"
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("faultproxy.py")),
+                              s3.endpoint.rsplit(":", 1)[1], str(port), "3", str(counter)])
+    try:
+        import urllib.request
+
+        for _ in range(100):  # wait for it to listen
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        loader = build_loader(cfg, rank=0, world_size=1, storage_cfg=StorageConfig(retries=6))
+        faulty = [c.clone() for c, _ in loader]
+        assert loader.skipped == 0
+        assert all(torch.equal(a, b) for a, b in zip(clean, faulty)) and len(faulty) == 6
+        blob = np.random.default_rng(0).bytes(300_000)
+        for i in range(4):
+            storage.write_bytes(s3.url("ckpt", f"step_{i}", "checkpoint.pt"), blob, StorageConfig(retries=6))
+        faults = int(counter.read_text())
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    assert faults >= 5, faults  # faults really happened on reads and writes
+    for i in range(4):
+        assert storage.read_bytes(s3.url("ckpt", f"step_{i}", "checkpoint.pt")) == blob
