@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import random
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,14 +168,38 @@ def read_url(url: str, storage_cfg: StorageConfig | None = None) -> bytes:
     return storage.read_bytes(url, storage_cfg)
 
 
+def prefetched(src: Iterator[dict], storage_cfg: StorageConfig | None = None) -> Iterator[tuple[dict, Future]]:
+    """``(item, future of its bytes)``: remote shards are read one ahead in a thread (the read releases
+    the GIL), so the download of shard k+1 overlaps the decoding of shard k; local files are read inline."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="stylegen-prefetch")
+    try:
+        pending: tuple[dict, Future] | None = None
+        for item in src:
+            if storage.is_remote(item["url"]):
+                fut = pool.submit(read_url, item["url"], storage_cfg)
+            else:
+                fut = Future()
+                try:
+                    fut.set_result(read_url(item["url"], storage_cfg))
+                except OSError as e:
+                    fut.set_exception(e)
+            if pending is not None:
+                yield pending
+            pending = (item, fut)
+        if pending is not None:
+            yield pending
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def read_shards(src: Iterator[dict], counter, storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, bytes]]:
     """``{url}`` -> ``(ext, payload)`` per sample; unreadable shards (after the storage layer's
     retries) and samples without image are counted and skipped."""
     empty = 0
-    for item in src:
+    for item, fut in prefetched(src, storage_cfg):
         good = 0
         try:
-            data = read_url(item["url"], storage_cfg)
+            data = fut.result()
             for _, parts in shardio.iter_samples(data):
                 ext = "rgb8" if "rgb8" in parts else "png" if "png" in parts else None
                 if ext is None:
