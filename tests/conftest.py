@@ -1,12 +1,35 @@
-"""Shared fixtures. Ray tests are marked ``ray``; all run in CI."""
+"""Shared fixtures and the suite's no-hang rules. Ray tests are marked ``ray``; all run in CI.
+
+No test may leave a thread or a Ray session behind (``_no_leaked_threads_or_ray``): a Train ``fit``
+left in a background thread once held Ray's connect lock, and the next module's ``ray.init`` hung
+for good. Ray tests get pytest-timeout's ``thread`` method (``pytest_collection_modifyitems``): the
+default ``signal`` method fires only when the main thread runs Python bytecode again, not while it
+is blocked inside C/C++ code (Ray's); the thread method dumps every stack and ends the pytest process.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
+import traceback
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+RAY_TIMEOUT_S = 600.0  # ray tests without a timeout marker of their own (the global default is in pyproject)
+THREAD_JOIN_GRACE_S = 3.0  # a thread the test asked to stop may still be finishing its last loop
+
+# The Python threads Ray 2.60's driver runs while connected, all ended by ray.shutdown():
+# "ray_print_logs" and "ray_listen_error_messages" (ray/_private/worker.py), "PythonGCThread"
+# (ray/_private/gc_collect_manager.py, started by the core worker in _raylet).
+RAY_DRIVER_THREADS = ("ray_print_logs", "ray_listen_error_messages", "PythonGCThread")
+# Process-wide singletons a library starts once and keeps until the interpreter exits:
+# - "tqdm_monitor": tqdm's TMonitor, started by the first progress bar of the process (even a
+#   disabled one), restarted only if dead, stopped by tqdm's atexit hook; it holds nothing of a test.
+PROCESS_SINGLETON_THREADS = frozenset({"tqdm_monitor"})
 
 
 @pytest.fixture
@@ -14,3 +37,91 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``ray`` keep their timeout (marker, else RAY_TIMEOUT_S) but with the thread method."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    for item in items:
+        if item.get_closest_marker("ray") is None:
+            continue
+        own = item.get_closest_marker("timeout")
+        timeout = RAY_TIMEOUT_S
+        if own is not None:
+            timeout = own.kwargs.get("timeout", own.args[0] if own.args else RAY_TIMEOUT_S)
+        item.add_marker(pytest.mark.timeout(timeout, method="thread"), append=False)  # first = closest
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")  # never import Ray here: most tests do not need it
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def _ignored(t: threading.Thread, ray_up: bool) -> bool:
+    """Threads that may outlive a test on purpose: PROCESS_SINGLETON_THREADS, and Ray's driver
+    threads while Ray is still up (they belong to the session, which the Ray checks account for:
+    a module fixture's session ends at the module boundary, a test's own is a failure)."""
+    return t.name in PROCESS_SINGLETON_THREADS or (ray_up and t.name in RAY_DRIVER_THREADS)
+
+
+def _describe(threads: list[threading.Thread]) -> str:
+    frames = sys._current_frames()
+    out = []
+    for t in threads:
+        frame = frames.get(t.ident)
+        where = "".join(traceback.format_stack(frame, limit=4)).rstrip() if frame is not None else "  (no frame)"
+        out.append(f"{t.name!r} (daemon={t.daemon}, target={getattr(t, '_target', None)!r}):\n{where}")
+    return "\n".join(out)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads_or_ray(request):
+    """Fail (after cleaning up) a test that leaves a new thread running or Ray initialized.
+
+    Ray initialized *before* the test was set up by a module fixture (module fixtures are set up
+    before function ones) and is that fixture's to shut down; Ray initialized only *after* the test
+    is this test's leak: it is shut down here and the test fails. Costs two thread listings a test.
+    """
+    before = set(threading.enumerate())
+    ray_before = _ray_initialized()
+    yield
+    problems = []
+    ray_after = _ray_initialized()
+
+    def leaked() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before and t.is_alive() and not _ignored(t, ray_after)]
+
+    deadline = time.monotonic() + THREAD_JOIN_GRACE_S
+    for t in leaked():
+        t.join(max(0.0, deadline - time.monotonic()))
+    left = leaked()
+    if left:
+        problems.append(f"{len(left)} thread(s) started by the test still ran after a {THREAD_JOIN_GRACE_S:.0f} s "
+                        f"grace; stop and join them in the test:\n{_describe(left)}")
+    if ray_after and not ray_before:
+        problems.append("Ray is still initialized: shut it down in the test (try/finally), or share one "
+                        "session through a module-scoped fixture")
+        _shutdown_ray()  # also ends threads waiting in ray.get (they raise SystemExit)
+        for t in left:
+            t.join(1.0)
+    if problems:
+        pytest.fail(f"{request.node.nodeid} left things behind:\n- " + "\n- ".join(problems), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a module's fixtures are torn down (last test of the module), Ray must be down too."""
+    result = yield
+    module = item.getparent(pytest.Module)
+    if (nextitem is None or nextitem.getparent(pytest.Module) is not module) and _ray_initialized():
+        _shutdown_ray()
+        pytest.fail(f"Ray is still initialized after the fixtures of {module.nodeid if module else item.nodeid} "
+                    "were torn down: the fixture that started it must shut it down", pytrace=False)
+    return result

@@ -21,7 +21,8 @@ from stylegen import prom
 from stylegen.metrics import TrainMetrics
 
 log = logging.getLogger(__name__)
-PROM_DIR = Path(__file__).resolve().parents[1] / "infra" / "prometheus"
+ROOT = Path(__file__).resolve().parents[1]
+PROM_DIR = ROOT / "infra" / "prometheus"
 STEPS, BATCH = 6, 4
 
 
@@ -219,46 +220,57 @@ def test_local_training_run_samples_equal_steps_times_batch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.prometheus
+@pytest.mark.timeout(420)
 def test_prometheus_scrapes_a_two_worker_ray_train_run(tmp_path):
-    """Prometheus finds both ranks of a real 2-worker Ray Train run through Ray's discovery file."""
-    import threading
+    """Prometheus finds both ranks of a real 2-worker Ray Train run through Ray's discovery file.
 
-    import ray
+    Nothing of the run lives in this process: a token-auth head (``ray start``, its own temp dir,
+    which holds the discovery file its dashboard writes) and an endless ``stylegen train`` driver
+    are subprocesses, each in its own process group, stopped by PID in ``finally``. (A fit in a
+    thread of this process, ended by ``ray.shutdown()``, once left a thread inside ``ray.get``
+    that blocked the next module's ``ray.init`` for good.)
+    """
+    import signal
+    import subprocess
+    import sys
 
-    from stylegen.config import load_config
-    from stylegen.train.ray_worker import build_trainer
+    from stylegen import raycluster
 
-    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgrt{os.getpid()}"
-    ray.init(num_cpus=2, _temp_dir=str(ray_tmp), _metrics_export_port=_free_port(), include_dashboard=True,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-    proc = None
+    state = tmp_path / "cluster"
+    c = raycluster.start_local_cluster(state, port=raycluster.free_port(), dashboard_port=raycluster.free_port(),
+                                       num_cpus=2)
+    proc = driver = None
+    log_path = tmp_path / "driver.log"
     try:
         proc, base = _start_prometheus(tmp_path, local_targets=[], targets_files=[str(tmp_path / "none-*.json")],
-                                       ray_discovery_file=str(ray_tmp / "prom_metrics_service_discovery.json"))
-        cfg = load_config(None, ["train.steps=100000", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
-                                 "features.weights=random", "train.report_every=1000", "train.checkpoint_every=100000",
-                                 "train.sample_every=100000", "train.val_pairs=2", "train.threads=1",
-                                 "ray.workers=2", "train.max_failures=0"])
-        trainer = build_trainer(cfg, name="prom-live", storage=str(tmp_path / "runs"))
-        result: dict = {}
-        t = threading.Thread(target=lambda: result.setdefault("r", _fit_quietly(trainer)), daemon=True)
-        t.start()
+                                       ray_discovery_file=str(Path(c.temp_dir) / "prom_metrics_service_discovery.json"))
+        sets = ["train.steps=100000", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
+                "features.weights=random", "train.report_every=1000", "train.checkpoint_every=100000",
+                "train.sample_every=100000", "train.val_pairs=2", "train.threads=1", "ray.workers=2",
+                "train.max_failures=0"]
+        # RAY_ADDRESS too: Train's placement-group cleaner needs it with several Rays on one machine
+        env = {**raycluster.cluster_env(Path(c.token_path)), "RAY_ADDRESS": c.gcs_address}
+        with open(log_path, "wb") as log_file:
+            driver = subprocess.Popen([sys.executable, "-m", "stylegen", "train", *[f"--set={s}" for s in sets],
+                                       "--address", c.gcs_address, "--storage", str(tmp_path / "runs"),
+                                       "--name", "prom-live", "--no-progress"],
+                                      cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 240
         seen: dict[str, float] = {}
         while time.monotonic() < deadline and not (len(seen) == 2 and all(v > 0 for v in seen.values())):
+            assert driver.poll() is None, f"the driver exited ({driver.returncode}):\n{log_path.read_text()[-3000:]}"
             time.sleep(2)
             rows = prom.query(base, 'sum by (rank) (stylegen_train_samples_total{run="prom-live"})')
             seen = {r["metric"]["rank"]: float(r["value"][1]) for r in rows}
-        assert set(seen) == {"0", "1"} and all(v > 0 for v in seen.values()), seen
+        assert set(seen) == {"0", "1"} and all(v > 0 for v in seen.values()), (seen, log_path.read_text()[-3000:])
     finally:
+        if driver is not None:  # the endless run: its whole group, then the cluster that hosts its workers
+            try:
+                os.killpg(driver.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            driver.wait(timeout=30)
         if proc is not None:
             _stop(proc)
-        ray.shutdown()  # ends the endless run
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _fit_quietly(trainer):
-    try:
-        return trainer.fit()
-    except (Exception, SystemExit) as e:  # the run is cut short by ray.shutdown() (ray.get raises SystemExit)
-        return e
+        raycluster.stop_local_cluster(state)
