@@ -220,5 +220,8 @@ def test_a_local_run_dir_resolves_to_its_newest_checkpoint(tmp_path):
     assert resolve_checkpoint_path(tmp_path) == str(tmp_path / "checkpoints" / "step_00000100" / "checkpoint.pt")
     (tmp_path / "checkpoint.pt").write_bytes(b"x")  # an export's own file wins
     assert resolve_checkpoint_path(tmp_path) == str(tmp_path / "checkpoint.pt")
+    # the checkpoints dir itself is laid out like a Ray run dir (step_* children): its newest step
+    assert resolve_checkpoint_path(tmp_path / "checkpoints") == str(
+        tmp_path / "checkpoints" / "step_00000100" / "checkpoint.pt")
     with pytest.raises(UserError, match="not found"):
-        resolve_checkpoint_path(tmp_path / "checkpoints")
+        resolve_checkpoint_path(tmp_path / "checkpoints" / "step_00000009" / "nothing")
