@@ -129,7 +129,7 @@ def explain(e: BaseException, url: str) -> str:
     low = text.lower()
     if "nosuchbucket" in low or "bucket does not exist" in low or ("bucket" in low and "not found" in low):
         return f"{url}: the bucket does not exist; create it or fix the bucket name"
-    if any(k in low for k in ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch",
+    if any(k in low for k in ("accessdenied", "access denied", "access_denied", "invalidaccesskeyid", "signaturedoesnotmatch",
                               "forbidden", "credentials", "403", "401", "unauthenticated")):
         return (f"{url}: access denied (wrong or missing credentials); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "(or an instance role / service account; for gs:// GOOGLE_APPLICATION_CREDENTIALS)")

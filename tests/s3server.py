@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 
@@ -48,18 +47,24 @@ class S3:
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def start_server(port: int | None = None, log_path: str | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(port: int | None = None, log_path: str | None = None,
+                 free_requests: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``free_requests``: after that many unauthenticated requests the server checks credentials
+    (moto's IAM auth: the dummy keys are then refused with AccessDenied, as wrong keys on S3)."""
     port = port or free_port()
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    env = {**os.environ, **CREDENTIALS}
+    if free_requests is not None:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(free_requests)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS})
+                            stdout=out, stderr=subprocess.STDOUT, env=env)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"moto server exited with {proc.returncode}")
         try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
             return proc, endpoint
         except OSError:
             time.sleep(0.2)

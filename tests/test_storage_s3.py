@@ -267,3 +267,22 @@ def test_throttling_5xx_and_resets_are_retried_for_shard_reads_and_checkpoint_wr
     assert faults >= 5, faults  # faults really happened on reads and writes
     for i in range(4):
         assert storage.read_bytes(s3.url("ckpt", f"step_{i}", "checkpoint.pt")) == blob
+
+
+def test_wrong_credentials_are_one_line(tmp_path):
+    """A server that checks credentials (moto's IAM auth): the bucket exists, the keys are not valid."""
+    from s3server import CREDENTIALS, start_server, stop_server
+
+    proc, endpoint = start_server(free_requests=1)
+    try:
+        S3(endpoint=endpoint, bucket="sg-locked").client().create_bucket(Bucket="sg-locked")  # the one free request
+        env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+        src = images(tmp_path / "src", 2)
+        for args in (["shard", "verify", "s3://sg-locked/shards"], ["best", "s3://sg-locked/sweep"],
+                     ["shard", str(src), "--out", "s3://sg-locked/shards", "--no-progress"]):
+            r = cli(*args, env=env, cwd=tmp_path)
+            err = r.stderr.strip()
+            assert r.returncode != 0 and len(err.splitlines()) == 1, (args, err)
+            assert "access denied" in err and "AWS_ACCESS_KEY_ID" in err and "s3://sg-locked" in err, err
+    finally:
+        stop_server(proc)
