@@ -5,6 +5,9 @@
         loop that reads the same tars with ``tarfile`` and decodes each sample
         (``np.frombuffer`` / PIL) with no pipeline.
     loader_scaling: img/s with 2 DataLoader workers against 1 (PNG).
+    loader_seek: seconds from a saved mid-epoch data position (batch 150 of 200, raw) to the next
+        batch, against the naive seek of iterating the 150 batches from the epoch's start; the
+        ratio is baseline / ours (how many times faster a resume reaches its data).
     shard: ``stylegen shard`` img/s (1 worker process) against an encode-only loop
         (open, crop/resize, PNG-encode) over the same images in one process.
     shard_2workers: the same with 2 worker processes (informational).
@@ -47,7 +50,7 @@ from stylegen.data.shard import ShardParams, build_shards
 from stylegen.data.sources import crop_box, open_rgb, render
 
 N_IMAGES = 4000
-LOCAL_ROWS = ("loader_raw", "loader_png", "loader_scaling", "shard", "shard_2workers")
+LOCAL_ROWS = ("loader_raw", "loader_png", "loader_scaling", "loader_seek", "shard", "shard_2workers")
 S3_ROWS = ("loader_s3", "loader_s3_scaling")
 BUCKET = "bench-loader"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -95,6 +98,27 @@ def loader_rate(shard_dir: Path, steps: int, workers: int, batch: int = 64, warm
     for c, s in it:
         n += c.shape[0] + s.shape[0]
     return n / (time.perf_counter() - t)
+
+
+def seek_times(shard_dir: Path, at: int, batch: int = 64) -> tuple[float, float]:
+    """(resume from the saved position to the next batch, iterate ``at`` batches then take one), best of 3."""
+    cfg = DataConfig(content=[str(shard_dir)], batch_size=batch, steps_per_epoch=200, hflip=True)
+    loader = build_loader(cfg, rank=0, world_size=1)
+    it = iter(loader)
+    for _ in range(at):
+        next(it)
+    saved = loader.state()
+    ours = base = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        next(iter(build_loader(cfg, rank=0, world_size=1, resume=saved)))
+        ours = min(ours, time.perf_counter() - t)
+        t = time.perf_counter()
+        naive = iter(build_loader(cfg, rank=0, world_size=1))
+        for _ in range(at + 1):
+            next(naive)
+        base = min(base, time.perf_counter() - t)
+    return ours, base
 
 
 def encode_only(paths: list[Path]) -> float:
@@ -302,7 +326,7 @@ def local_rows(tmp: Path, paths: list[Path], want: set[str]) -> None:
         (tmp / "png10").rename(tmp / "png")
     elif want & {"loader_png", "loader_scaling"}:
         build_shards([str(tmp / "images")], tmp / "png", p1, workers=2, progress=False)
-    if "loader_raw" in want:
+    if want & {"loader_raw", "loader_seek"}:
         build_shards([str(tmp / "images")], tmp / "raw", ShardParams(encoding="raw", shard_size=500, val_fraction=0.0),
                      workers=2, progress=False)
     for name, d, ext, steps in (("loader_raw", "raw", ".rgb8", 200), ("loader_png", "png", ".png", 60)):
@@ -320,6 +344,11 @@ def local_rows(tmp: Path, paths: list[Path], want: set[str]) -> None:
             one = max(one, loader_rate(tmp / "png", 100, 1))
             two = max(two, loader_rate(tmp / "png", 100, 2))
         line("loader_scaling", two, one, "same pipeline with 1 DataLoader worker; ours: 2 workers, PNG")
+    if "loader_seek" in want:
+        ours, base = seek_times(tmp / "raw", at=150)
+        print(f"loader_seek: ours={ours:.3f}s baseline={base:.3f}s ratio={base / ours:.1f}  (seconds to the batch "
+              "after a saved position at batch 150 of 200, raw, batch 64; baseline: iterate the 150 batches from the "
+              "epoch's start; ratio = baseline / ours)", flush=True)
     if "shard" in want:
         line("shard", shard1, enc, "encode-only loop (open, crop/resize, PNG), 1 process; ours: --workers 1")
     if "shard_2workers" in want:

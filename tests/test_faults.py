@@ -80,7 +80,7 @@ def test_shard_truncated_mid_run_is_skipped_counted_and_the_run_finishes(tmp_pat
 
     watcher = threading.Thread(target=truncate_after_first_report, daemon=True)
     watcher.start()
-    cfg = tiny_cfg(f"data.content=['{tmp_path / 'shards' / 'train-*.tar'}']", "data.shuffle_buffer=0",
+    cfg = tiny_cfg(f"data.content=['{tmp_path / 'shards' / 'train-*.tar'}']", "data.shuffle_shards=1",
                    "train.steps=40", "train.report_every=2", "train.checkpoint_every=40")
     with caplog.at_level(logging.WARNING, logger="stylegen.data.loader"):
         last = run_local(cfg, tmp_path / "out", trace, monkeypatch)
@@ -179,10 +179,12 @@ def test_read_only_output_dir_is_a_clear_error_before_training(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_output_dir_turning_read_only_mid_run_is_a_clear_error(tmp_path):
+def test_output_dir_turning_read_only_mid_run_is_a_clear_error(tmp_path, monkeypatch):
     base = tmp_path / "store"
     out = base / "out"
     out.mkdir(parents=True)
+    trace = tmp_path / "trace"  # outside the read-only tree: every report the run made, in order
+    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
     first = out / "checkpoints" / "step_00000002" / "checkpoint.pt"
     res = _run_readonly(base, _cmd_local(out, "train.steps=200", "train.checkpoint_every=2", "train.report_every=2"),
                         first, 100)
@@ -190,10 +192,49 @@ def test_output_dir_turning_read_only_mid_run_is_a_clear_error(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("stylegen train: error: " + ERR)
     from stylegen.checkpoint import load_checkpoint
 
-    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert steps and steps[-1] < "step_00000200"  # stopped at the first checkpoint it could not write
-    assert load_checkpoint(out / "checkpoints" / steps[-1])["step"] >= 2  # what was written is intact
+    steps = sorted(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").iterdir())
+    reported = [r["step"] for r in trace_records(trace)]  # a report is traced after its checkpoint is written
+    # stopped at the first checkpoint it could not write: no report after the newest checkpoint on disk (a
+    # run that went on after a failed write would trace later steps; the last traced report is that
+    # checkpoint's, or the one before when the storage turned read-only between checkpoint.pt and
+    # metrics.json), and well before the end
+    assert steps and reported and steps[-1] - 2 <= reported[-1] <= steps[-1] < 200, (reported, steps)
+    assert load_checkpoint(out / "checkpoints" / f"step_{steps[-1]:08d}")["step"] == steps[-1]  # intact
     assert not list(out.rglob("*.tmp"))  # and no temp file was left behind
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: writes past ``limit`` bytes fail with EFBIG (SIGXFSZ ignored), as a full disk fails with ENOSPC."""
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("limit, written", [(32_000, []), (200_000, ["samples/epoch_0000.png"])],
+                         ids=["result-grid-fails", "checkpoint-fails"])
+def test_file_size_limit_during_local_training_is_one_line_and_leaves_no_partial_file(tmp_path, limit, written):
+    # the tiny run writes a ~75 KB result grid, then a ~580 KB checkpoint at its last step
+    from PIL import Image
+    from tiny import TINY as TINY_WITH_GRIDS
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stylegen.cli", "train", "--local", "--config", str(DEMO),
+           *[f"--set={s}" for s in [*TINY_WITH_GRIDS, "train.steps=2"]], "--out", str(out), "--no-progress"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100,
+                         preexec_fn=_file_size_limit(limit))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert errors == [res.stderr.strip().splitlines()[-1]], res.stderr[-2000:]
+    assert errors[0].startswith("stylegen train: error: " + ERR) and "EFBIG" in errors[0] and "ulimit -f" in errors[0]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == written  # nothing half-written (no temp file, no torn checkpoint)
+    for f in written:
+        Image.open(out / f).load()  # complete
 
 
 # ----------------------------------------------------------------------------- Ray

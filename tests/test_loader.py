@@ -59,7 +59,7 @@ def ids_of(batch: torch.Tensor) -> list[int]:
 
 
 def cfg(**kw) -> DataConfig:
-    return DataConfig(**{"batch_size": 4, "steps_per_epoch": 7, "shuffle_buffer": 16, "hflip": False, **kw})
+    return DataConfig(**{"batch_size": 4, "steps_per_epoch": 7, "shuffle_shards": 2, "hflip": False, **kw})
 
 
 @pytest.mark.parametrize("encoding", ["raw", "png"])
@@ -110,7 +110,7 @@ def test_dataloader_workers_exact_count_and_distinct_streams(tmp_path):
 
 def test_empty_style_uses_content_with_other_seed(tmp_path):
     d, ids, _ = make_dir(tmp_path, "c", [20, 20])
-    batches = list(build_loader(cfg(content=[str(d)], shuffle_buffer=40), rank=0, world_size=1))
+    batches = list(build_loader(cfg(content=[str(d)], shuffle_shards=8), rank=0, world_size=1))
     assert any(ids_of(c) != ids_of(s) for c, s in batches)
     assert {i for _, s in batches for i in ids_of(s)} <= set(ids)
 
@@ -188,3 +188,56 @@ def test_load_pairs_fixed_val_and_train_fallback(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         c, _ = load_pairs(cfg(content=[str(t)]), 4)
     assert "no 'val' shards" in caplog.text and set(ids_of(c)) <= set(range(10))
+
+
+# ----------------------------------------------------------------------------- positions (exact resume)
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_resumed_mid_epoch_yields_exactly_the_rest_without_decoding_the_skipped(tmp_path, monkeypatch,
+                                                                                         workers):
+    from stylegen.data import loader as L
+
+    d, _, _ = make_dir(tmp_path, "c", [6] * 10)
+    s, _, _ = make_dir(tmp_path, "s", [6] * 4, base=500)
+    c = cfg(content=[str(d)], style=[str(s)], steps_per_epoch=9, num_workers=workers, hflip=True)
+    full = build_loader(c, rank=0, world_size=1, epoch_seed=2)
+    ref = [(a.clone(), b.clone()) for a, b in full]
+    first = build_loader(c, rank=0, world_size=1, epoch_seed=2)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    saved = first.state()
+    assert (saved.epoch, saved.batch) == (2, 5)
+    decoded = []
+    real = L.decode_into
+    monkeypatch.setattr(L, "decode_into", lambda out, ext, payload, flip: decoded.append(1) or real(out, ext, payload,
+                                                                                                    flip))
+    rest = [(a.clone(), b.clone()) for a, b in build_loader(c, rank=0, world_size=1, epoch_seed=2, resume=saved)]
+    assert len(rest) == 4
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(rest, ref[5:]))
+    if workers == 0:  # in-process: the decodes are countable; the skipped 5 batches were never decoded
+        assert len(decoded) == 2 * 4 * 4  # content + style, 4 batches of 4
+
+
+def test_epoch_sampling_sees_every_sample_once_with_equal_batches_per_rank(tmp_path):
+    d, ids, _ = make_dir(tmp_path, "c", [7, 5, 9, 4, 6])  # 31 samples over 5 uneven shards
+    c = cfg(content=[str(d)], sampling="epoch", steps_per_epoch=999)
+    seen, counts = [], []
+    for rank in (0, 1):
+        loader = build_loader(c, rank=rank, world_size=2)
+        got = [ids_of(b) for b, _ in loader]
+        counts.append(len(got))
+        seen += [i for b in got for i in b]
+    assert counts[0] == counts[1] == len(loader)  # equal per rank (DDP never waits on a short rank)
+    assert len(seen) == len(set(seen))  # exactly once: nothing repeated within the epoch
+    assert set(seen) <= set(ids) and len(seen) == 2 * counts[0] * 4
+    # rank 0 holds shards 0, 2, 4 (22 samples -> 5 batches), rank 1 shards 1, 3 (9 -> 2): both take 2
+    assert counts[0] == 2
+
+
+def test_epoch_sampling_needs_a_manifest(tmp_path):
+    d = tmp_path / "bare"
+    d.mkdir()
+    write_shards(d, [4, 4])
+    with pytest.raises(UserError, match="needs shard dirs with a manifest"):
+        build_loader(cfg(content=[str(d)], sampling="epoch"), rank=0, world_size=1)

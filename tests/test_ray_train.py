@@ -49,6 +49,44 @@ def ray_session():
     ray.shutdown()
 
 
+# the killed-worker and killed-driver runs, and the uninterrupted run they must equal: 16 steps over
+# epochs of 6 batches, so a resume lands mid-epoch after an epoch boundary
+RESUME_SETS = ["train.steps=16", "train.report_every=4", "train.checkpoint_every=4", "train.sample_every=100",
+               "data.steps_per_epoch=6", "data.shuffle_shards=2"]
+
+
+def batches_by_step(recs: list[dict]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for r in recs:  # a step trained twice (after a restart) keeps its last record: what the run kept
+        out.update({int(k): v for k, v in r["batches"].items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory):
+    """Per rank: {step: batch digest} and the final parameters of the run the resumed ones must equal."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    os.environ["STYLEGEN_TRACE_DIR"] = str(tmp / "trace")
+    try:
+        result = fit(tiny_cfg(*RESUME_SETS), tmp, "reference")
+    finally:
+        del os.environ["STYLEGEN_TRACE_DIR"]
+    assert result.error is None
+    ranks = read_trace(tmp / "trace")
+    return {r: (batches_by_step(recs), recs[-1]["params_digest"], recs[-1]["param_checksum"])
+            for r, recs in ranks.items()}
+
+
+def assert_same_run(ranks: dict[int, list[dict]], uninterrupted) -> None:
+    assert sorted(ranks) == sorted(uninterrupted) == [0, 1]
+    for rank, recs in ranks.items():
+        batches, digest, checksum = uninterrupted[rank]
+        assert sorted(batches) == list(range(1, 17))
+        assert batches_by_step(recs) == batches, f"rank {rank} trained on other batches than the uninterrupted run"
+        assert abs(recs[-1]["param_checksum"] - checksum) <= 1e-6
+        assert recs[-1]["params_digest"] == digest
+
+
 def start_driver(trace: Path, storage: Path, name: str, log_path: Path, sets: list[str]) -> subprocess.Popen:
     """`stylegen train` (its own local Ray) in a new process group, tracing every rank's reports."""
     env = {**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}
@@ -97,14 +135,13 @@ def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path, monk
 
 
 @pytest.mark.timeout(300)
-def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, monkeypatch):
+def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path, monkeypatch):
     trace, flag = tmp_path / "trace", tmp_path / "kill-once"
     flag.write_text("")
     monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
     monkeypatch.setenv("STYLEGEN_FAULT_KILL_AT_STEP", f"10:{flag}")
     every = 4
-    cfg = tiny_cfg("train.steps=16", f"train.report_every={every}", f"train.checkpoint_every={every}",
-                   "train.sample_every=100", "train.max_failures=1")
+    cfg = tiny_cfg(*RESUME_SETS, "train.max_failures=1")
     result = fit(cfg, tmp_path, "killed")
     assert result.error is None, result.error
     assert result.metrics["step"] == 16
@@ -122,16 +159,17 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, monke
         assert {r["start_step"] for r in after} == {8}
         assert 10 - after[0]["start_step"] <= every
         assert [r["step"] for r in after] == [12, 16]
+        # the data stream resumed where the checkpoint left it: epoch 1, batch 2 (8 = 6 + 2)
+        assert (after[0]["data_resume_epoch"], after[0]["data_resume_batch"]) == (1, 2)
     assert ranks[0][-1]["params_digest"] == ranks[1][-1]["params_digest"]
+    assert_same_run(ranks, uninterrupted)  # same batches per step and rank, same parameters
 
 
 @pytest.mark.timeout(420)
-def test_killed_driver_then_same_name_resumes(ray_session, tmp_path):
+def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_path):
     """SIGKILL the `stylegen train` driver after its first checkpoint; rerunning the name resumes."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
-    proc = start_driver(trace, storage, "again", tmp_path / "driver.log", ["train.steps=24", "train.report_every=4",
-                                                                         "train.checkpoint_every=4",
-                                                                         "train.sample_every=100"])
+    proc = start_driver(trace, storage, "again", tmp_path / "driver.log", RESUME_SETS)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -152,23 +190,26 @@ def test_killed_driver_then_same_name_resumes(ray_session, tmp_path):
     first = read_trace(trace)
     last_ckpt = max(r["step"] for r in first[0] if r["checkpoint"])
     killed_at = max(r["step"] for r in first[0])
-    assert killed_at < 24
+    assert killed_at < 16
+    kept = {r: [x for x in recs if x["step"] <= last_ckpt] for r, recs in first.items()}
     for f in trace.glob("rank*.jsonl"):
         f.unlink()
 
-    cfg = tiny_cfg("train.steps=24", "train.report_every=4", "train.checkpoint_every=4", "train.sample_every=100")
+    cfg = tiny_cfg(*RESUME_SETS)
     from stylegen.train.ray_worker import build_trainer
 
     result = build_trainer(cfg, name="again", storage=str(storage)).fit()
     assert result.error is None, result.error
-    assert result.metrics["step"] == 24
+    assert result.metrics["step"] == 16
     second = read_trace(trace)
+    # up to the checkpoint from the killed run, the rest from the rerun: the uninterrupted run's batches
+    assert_same_run({r: kept[r] + second[r] for r in second}, uninterrupted)
     for recs in second.values():
         # resumed from the killed run's newest checkpoint (even one Ray had not registered yet)
         assert recs[0]["start_step"] == last_ckpt > 0
         assert killed_at - last_ckpt <= 4
         assert recs[0]["step"] == last_ckpt + 4
-        assert recs[-1]["step"] == 24
+        assert recs[-1]["step"] == 16
 
 
 def _wait_group_gone(pgid: int, timeout: float) -> None:

@@ -103,7 +103,7 @@ def test_shard_to_s3_verify_and_load_same_batches_as_local(tmp_path, s3):
     assert (shards, samples, problems) == (sum(remote.shards.values()), 20, [])
     assert resolve_shards([out], "train") == [storage.join(out, f) for f in
                                              sorted(p.name for p in (tmp_path / "local").glob("train-*.tar"))]
-    cfg = DataConfig(batch_size=4, steps_per_epoch=5, shuffle_buffer=8, hflip=False)
+    cfg = DataConfig(batch_size=4, steps_per_epoch=5, shuffle_shards=2, hflip=False)
     a = [(c.clone(), s.clone()) for c, s in build_loader(DataConfig(**{**cfg.__dict__, "content": [out]}),
                                                          rank=0, world_size=1)]
     b = [(c.clone(), s.clone()) for c, s in build_loader(DataConfig(**{**cfg.__dict__,
@@ -176,7 +176,7 @@ def test_loader_skips_and_counts_a_deleted_and_a_truncated_shard(tmp_path, s3):
     storage.delete(tars[0])  # deleted mid-run: the manifest still names it
     data = storage.read_bytes(tars[1])
     storage.write_bytes(tars[1], data[:700])  # truncated object
-    loader = build_loader(DataConfig(content=[out], batch_size=4, steps_per_epoch=6, shuffle_buffer=0, hflip=False),
+    loader = build_loader(DataConfig(content=[out], batch_size=4, steps_per_epoch=6, shuffle_shards=1, hflip=False),
                           rank=0, world_size=1, storage_cfg=StorageConfig(retries=1))
     assert len(list(loader)) == 6
     assert loader.skipped >= 2
@@ -233,7 +233,7 @@ def test_throttling_5xx_and_resets_are_retried_for_shard_reads_and_checkpoint_wr
     out = s3.url("shards")
     build_shards([str(src)], out, ShardParams(encoding="raw", shard_size=4, val_fraction=0.0), workers=1,
                  progress=False)
-    cfg = DataConfig(content=[out], batch_size=4, steps_per_epoch=6, shuffle_buffer=4, hflip=False)
+    cfg = DataConfig(content=[out], batch_size=4, steps_per_epoch=6, shuffle_shards=2, hflip=False)
     clean = [c.clone() for c, _ in build_loader(cfg, rank=0, world_size=1)]
 
     port, counter = free_port(), tmp_path / "faults"

@@ -2,13 +2,20 @@
 
 Per stream (content, style) and per DataLoader worker, a small pipeline:
 
-    shard URLs --split_by_node--> rank's URLs --[worker]--> ResampledShards(seeded)
-      -> read shard (hand-rolled tar walk) -> shuffle buffer -> decode into a
-         preallocated (B, H, W, 3) array (+ random hflip) -> .with_epoch(n)
+    shard URLs --split_by_node--> rank's URLs --[worker]--> seeded shard order
+      -> windows of data.shuffle_shards shards (read one shard ahead; hand-rolled tar walk)
+      -> the window's samples in a seeded permutation, a seeded flip bit each
+      -> decode into a preallocated (B, H, W, 3) array -> exactly n batches
 
-``resampled=True`` makes every stream endless, so each rank simply takes exactly
-``steps_per_epoch`` batches: uneven shard counts can never make one DDP rank stop
-early and hang the others. Decoding is done by hand (``np.frombuffer`` for raw,
+Everything after the shard list is a function of (seed, epoch, rank, worker, window index), so a
+stream's position is two integers (``StreamPos``: windows done, samples into the next) and a
+resumed run seeks there by drawing the earlier windows' shard names without reading them
+(``DataState`` in every checkpoint; see train/loop.py). ``data.sampling='resampled'`` draws
+shards with replacement, an endless stream of which each rank takes exactly
+``steps_per_epoch`` batches; ``'epoch'`` takes a seeded permutation of the rank's shards and a
+batch count from the manifests that every (rank, worker) can fill, so every content sample is
+seen once per epoch (the remainder dropped). Either way uneven shard counts can never make one
+DDP rank stop early and hang the others. Decoding is done by hand (``np.frombuffer`` for raw,
 PIL for PNG), not by webdataset's generic decoders, which are several times slower.
 Batches are ``torch.uint8`` of shape (B, 3, H, W) (a channels-last view of the
 decoded array, no copy); the trainer converts to float on its device.
@@ -19,12 +26,15 @@ is skipped and counted in ``PairLoader.skipped``; it never stops training.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
+import itertools
 import logging
 import multiprocessing
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,8 +163,27 @@ def _rank_share(urls: list[str], rank: int | None, world: int | None) -> tuple[l
 
 # ----------------------------------------------------------------------------- pipeline stages
 
-def _zero_seed() -> int:
-    return 0
+@dataclass(frozen=True)
+class StreamPos:
+    """Where one sample stream stands: ``window`` windows of ``data.shuffle_shards`` shards are done
+    and ``offset`` samples (corrupt ones included) of the next were consumed. Seeking to it reads
+    only that window's shards: the earlier windows' shards are drawn from the seeded order, not read."""
+
+    window: int = 0
+    offset: int = 0
+
+
+def shard_order(urls: list[str], seed: int, sampling: str) -> Iterator[str]:
+    """The stream's shards: drawn with replacement ('resampled'), or a seeded permutation repeated
+    ('epoch': a second pass only pads a stream that corrupt samples made too short)."""
+    rng = random.Random(seed)
+    if sampling == "epoch":
+        order = list(urls)
+        rng.shuffle(order)
+        while True:
+            yield from order
+    while True:
+        yield urls[rng.randrange(len(urls))]
 
 
 def read_url(url: str, storage_cfg: StorageConfig | None = None) -> bytes:
@@ -168,36 +197,35 @@ def read_url(url: str, storage_cfg: StorageConfig | None = None) -> bytes:
     return storage.read_bytes(url, storage_cfg)
 
 
-def prefetched(src: Iterator[dict], storage_cfg: StorageConfig | None = None) -> Iterator[tuple[dict, Future]]:
-    """``(item, future of its bytes)``: remote shards are read one ahead in a thread (the read releases
+def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, Future]]:
+    """``(url, future of its bytes)``: remote shards are read one ahead in a thread (the read releases
     the GIL), so the download of shard k+1 overlaps the decoding of shard k; local files are read inline."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="stylegen-prefetch")
     try:
-        pending: tuple[dict, Future] | None = None
-        for item in src:
-            if storage.is_remote(item["url"]):
-                fut = pool.submit(read_url, item["url"], storage_cfg)
+        pending: tuple[str, Future] | None = None
+        for url in urls:
+            if storage.is_remote(url):
+                fut = pool.submit(read_url, url, storage_cfg)
             else:
                 fut = Future()
                 try:
-                    fut.set_result(read_url(item["url"], storage_cfg))
+                    fut.set_result(read_url(url, storage_cfg))
                 except OSError as e:
                     fut.set_exception(e)
             if pending is not None:
                 yield pending
-            pending = (item, fut)
+            pending = (url, fut)
         if pending is not None:
             yield pending
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def read_shards(src: Iterator[dict], counter, storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, bytes]]:
-    """``{url}`` -> ``(ext, payload)`` per sample; unreadable shards (after the storage layer's
-    retries) and samples without image are counted and skipped."""
-    empty = 0
-    for item, fut in prefetched(src, storage_cfg):
-        good = 0
+def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, bytes, int, int]]:
+    """``(ext, shard bytes, offset, size)`` of every sample with an image in a window's shards;
+    unreadable shards (after the storage layer's retries) and samples without image are counted."""
+    items = []
+    for url, fut in group:
         try:
             data = fut.result()
             for _, parts in shardio.iter_samples(data):
@@ -205,33 +233,38 @@ def read_shards(src: Iterator[dict], counter, storage_cfg: StorageConfig | None 
                 if ext is None:
                     _count(counter)
                     continue
-                off, size = parts[ext]
-                good += 1
-                yield ext, data[off:off + size]
+                items.append((ext, data, *parts[ext]))
         except (OSError, shardio.CorruptShard) as e:
-            log.warning("skipping rest of shard %s: %s", item["url"], e)
+            log.warning("skipping rest of shard %s: %s", url, e)
             _count(counter)
-        empty = 0 if good else empty + 1
+    return items
+
+
+def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, start: StreamPos = StreamPos(),
+                   storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, bytes, bool, StreamPos]]:
+    """``(ext, payload, flip, position after it)``: the samples of each window of ``data.shuffle_shards``
+    shards in a seeded permutation, with a seeded flip bit each. Everything is a function of (seed,
+    window index), so a stream restarted at ``start`` continues exactly where one stopped."""
+    per = data_cfg.shuffle_shards
+    order = shard_order(urls, seed, data_cfg.sampling)
+    for _ in range(start.window * per):  # earlier windows: drawn, never read
+        next(order)
+    reads = prefetched(order, storage_cfg)
+    window, empty = start.window, 0
+    while True:
+        items = _window_items(list(itertools.islice(reads, per)), counter)
+        empty = 0 if items else empty + per
         if empty >= MAX_EMPTY_SHARDS:
-            raise UserError(f"{empty} shards in a row had no readable sample (last {item['url']}); "
+            raise UserError(f"{empty} shards in a row had no readable sample (last window {window} of {urls[0]}...); "
                             "check them with `stylegen shard verify DIR`")
-
-
-def shuffle(src: Iterator, bufsize: int, rng: random.Random) -> Iterator:
-    """Shuffle buffer: fill ``bufsize`` items, then each new item replaces a random one, which is yielded."""
-    if bufsize <= 1:
-        yield from src
-        return
-    buf: list = []
-    for x in src:
-        if len(buf) < bufsize:
-            buf.append(x)
-            continue
-        k = rng.randrange(bufsize)
-        buf[k], x = x, buf[k]
-        yield x
-    rng.shuffle(buf)
-    yield from buf
+        rng = random.Random(seed * 1_000_003 + window)
+        perm = list(range(len(items)))
+        rng.shuffle(perm)
+        flips = rng.getrandbits(len(items)) if items and data_cfg.hflip else 0
+        for k in range(start.offset if window == start.window else 0, len(perm)):
+            ext, data, off, size = items[perm[k]]
+            yield ext, data[off:off + size], bool(flips >> perm[k] & 1), StreamPos(window, k + 1)
+        window += 1
 
 
 def decode_into(out: np.ndarray, ext: str, payload: bytes, flip: bool) -> bool:
@@ -264,16 +297,17 @@ def decode_into(out: np.ndarray, ext: str, payload: bytes, flip: bool) -> bool:
     return True
 
 
-def batches(src: Iterator[tuple[str, bytes]], batch_size: int, size: int, hflip: bool,
-            rng: random.Random, counter) -> Iterator[np.ndarray]:
-    """Samples -> (B, size, size, 3) uint8 arrays; corrupt samples are counted and replaced by the next."""
+def batches(src: Iterator[tuple[str, bytes, bool, StreamPos]], batch_size: int, size: int,
+            counter) -> Iterator[tuple[np.ndarray, StreamPos]]:
+    """Samples -> ``((B, size, size, 3) uint8, stream position after the batch)``; corrupt samples
+    are counted and replaced by the next."""
     out = np.empty((batch_size, size, size, 3), np.uint8)
     i = 0
-    for ext, payload in src:
-        if decode_into(out[i], ext, payload, hflip and rng.random() < 0.5):
+    for ext, payload, flip, pos in src:
+        if decode_into(out[i], ext, payload, flip):
             i += 1
             if i == batch_size:
-                yield out
+                yield out, pos
                 out, i = np.empty_like(out), 0
         else:
             _count(counter)
@@ -284,93 +318,175 @@ def _count(counter) -> None:
         counter.value += 1
 
 
-def _stream(urls: list[str], seed: int, data_cfg: DataConfig, nbatches: int, counter,
-            storage_cfg: StorageConfig | None = None):
-    import webdataset as wds
-
-    rng = random.Random(seed)
-    return wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, worker_seed=_zero_seed, deterministic=True),
-        lambda src: read_shards(src, counter, storage_cfg),
-        lambda src: shuffle(src, data_cfg.shuffle_buffer, rng),
-        lambda src: batches(src, data_cfg.batch_size, data_cfg.image_size, data_cfg.hflip, rng, counter),
-    ).with_epoch(nbatches)
-
-
 # ----------------------------------------------------------------------------- datasets
 
+@dataclass
+class DataState:
+    """The data position a checkpoint carries: epoch, batches this rank consumed in it, and where
+    each (rank, DataLoader worker)'s content and style streams stand. With the seeds (data.seed and
+    the epoch) it defines the rest of the stream exactly."""
+
+    epoch: int = 0
+    batch: int = 0
+    world: int = 1
+    workers: int = 1
+    # positions[rank][worker] = [content window, content offset, style window, style offset]
+    positions: list[list[list[int]]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "world": self.world, "workers": self.workers,
+                "positions": self.positions}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> DataState | None:
+        if not d:
+            return None
+        return cls(epoch=int(d["epoch"]), batch=int(d["batch"]), world=int(d["world"]), workers=int(d["workers"]),
+                   positions=[[[int(v) for v in w] for w in r] for r in d["positions"]])
+
+
 class PairStream(IterableDataset):
-    """Iterable of exactly ``steps`` ``(content, style)`` batches for one rank (split over DataLoader workers)."""
+    """Iterable of exactly ``steps`` ``(content, style, worker, content pos, style pos)`` batches for one
+    rank (split over DataLoader workers), each stream starting at its worker's position in ``starts``."""
 
     def __init__(self, data_cfg: DataConfig, content: list[str], style: list[str], *, same: bool,
-                 rank: int, seed: int, counter, storage_cfg: StorageConfig | None = None) -> None:
+                 rank: int, seed: int, counter, steps: int, storage_cfg: StorageConfig | None = None) -> None:
         super().__init__()
         self.data_cfg, self.content, self.style, self.same = data_cfg, content, style, same
-        self.storage_cfg = storage_cfg
+        self.storage_cfg, self.steps = storage_cfg, steps
         self.rank, self.seed, self.counter, self.epoch = rank, seed, counter, 0
+        self.starts: list[list[int]] = []  # per worker: [c window, c offset, s window, s offset]
+        self.done: list[int] = []          # per worker: batches it already yielded this epoch
+        self.rotate = 0                    # resumed at global batch b: b % workers
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, StreamPos, StreamPos]]:
         info = get_worker_info()
-        w, nw = (info.id, info.num_workers) if info else (0, 1)
-        steps = self.data_cfg.steps_per_epoch
-        n = steps // nw + (1 if w < steps % nw else 0)
+        nw = info.num_workers if info else 1
+        # The DataLoader takes batches round-robin from worker 0 on; a stream resumed at global batch
+        # b must continue with logical worker b % nw, so physical worker i plays logical (i + b) % nw.
+        w = ((info.id if info else 0) + self.rotate) % nw
+        n = worker_batches(self.steps, w, nw) - (self.done[w] if self.done else 0)
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.rank * 1009 + w
+        cw, co, sw, so = self.starts[w] if self.starts else (0, 0, 0, 0)
         # each worker reads its own shards when there are enough, else all with its own seed
         c = self.content[w::nw] if len(self.content) >= nw else self.content
         s = self.style[w::nw] if len(self.style) >= nw else self.style
-        cs = _stream(c, 2 * base, self.data_cfg, n, self.counter, self.storage_cfg)
-        ss = _stream(s, 2 * base + 1, self.data_cfg, n, self.counter, self.storage_cfg)
-        return _pairs(cs, ss)
+        size, bs = self.data_cfg.image_size, self.data_cfg.batch_size
+        cs = batches(window_samples(c, 2 * base, self.data_cfg, self.counter, StreamPos(cw, co), self.storage_cfg),
+                     bs, size, self.counter)
+        style_cfg = dataclasses.replace(self.data_cfg, sampling="resampled")  # style: always an endless draw
+        ss = batches(window_samples(s, 2 * base + 1, style_cfg, self.counter, StreamPos(sw, so), self.storage_cfg),
+                     bs, size, self.counter)
+        for (cb, cpos), (sb, spos) in itertools.islice(zip(cs, ss), max(n, 0)):
+            # (B, H, W, 3) -> (B, 3, H, W): a channels-last view, no copy
+            yield torch.from_numpy(cb).permute(0, 3, 1, 2), torch.from_numpy(sb).permute(0, 3, 1, 2), w, cpos, spos
 
 
-def _pairs(cs, ss) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for cb, sb in zip(cs, ss):
-        # (B, H, W, 3) -> (B, 3, H, W): a channels-last view, no copy
-        yield torch.from_numpy(cb).permute(0, 3, 1, 2), torch.from_numpy(sb).permute(0, 3, 1, 2)
+def worker_batches(steps: int, w: int, nw: int) -> int:
+    """Batches DataLoader worker ``w`` of ``nw`` yields: the loader takes them round-robin."""
+    return steps // nw + (1 if w < steps % nw else 0)
 
 
 class PairLoader:
-    """What ``build_loader`` returns: ``len()`` = steps_per_epoch; each ``iter()`` is a new epoch."""
+    """What ``build_loader`` returns: ``len()`` = batches per epoch; the first ``iter()`` runs the epoch
+    from the position it was built with, each later one the next epoch; ``state()`` is the position
+    after the last batch yielded."""
 
-    def __init__(self, stream: PairStream, num_workers: int) -> None:
-        self.stream, self.num_workers = stream, num_workers
+    def __init__(self, stream: PairStream, num_workers: int, world: int, epoch: int, start_batch: int = 0) -> None:
+        self.stream, self.num_workers, self.world = stream, num_workers, world
+        self.epoch, self.batch = epoch, start_batch
+        nw = max(num_workers, 1)
+        self.positions = [list(p) for p in stream.starts] if stream.starts else [[0, 0, 0, 0] for _ in range(nw)]
 
     def __len__(self) -> int:
-        return self.stream.data_cfg.steps_per_epoch
+        return self.stream.steps
 
     @property
     def skipped(self) -> int:
         """Corrupt samples/shards skipped so far (all epochs, all DataLoader workers)."""
         return int(self.stream.counter.value)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.epoch = epoch
+    def state(self) -> DataState:
+        """This rank's position (``positions`` holds only this rank's row; the loop gathers all ranks')."""
+        return DataState(epoch=self.epoch, batch=self.batch, world=self.world, workers=max(self.num_workers, 1),
+                         positions=[[list(p) for p in self.positions]])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stream = self.stream
+        stream.epoch = self.epoch
         if self.num_workers == 0:
             it = iter(stream)
         else:
             it = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
-        stream.epoch += 1
-        yield from it
+        for content, style, w, cpos, spos in it:
+            self.positions[w] = [cpos.window, cpos.offset, spos.window, spos.offset]
+            self.batch += 1
+            yield content, style
+        # a finished epoch: the next iter() is the next epoch, from its start
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.positions = [[0, 0, 0, 0] for _ in self.positions]
+        stream.starts, stream.done, stream.rotate = [], [], 0
+
+
+def epoch_steps(data_cfg: DataConfig, urls: list[str], world: int, storage_cfg: StorageConfig | None) -> int:
+    """data.sampling='epoch': batches per rank so that every (rank, DataLoader worker) has enough samples
+    from the manifests (the remainder is dropped); 'resampled': data.steps_per_epoch."""
+    if data_cfg.sampling != "epoch":
+        return data_cfg.steps_per_epoch
+    counts = shard_counts(urls, storage_cfg)
+    nw = max(data_cfg.num_workers, 1)
+    per_worker = []
+    for r in range(world):
+        share = urls[r::world] if len(urls) >= world else urls
+        for w in range(nw):
+            mine = share[w::nw] if len(share) >= nw else share
+            per_worker.append(sum(counts[u] for u in mine) // data_cfg.batch_size)
+    if min(per_worker) < 1:
+        raise UserError(f"data.sampling='epoch': {len(urls)} shards hold too few samples for {world} rank(s) x {nw} "
+                        f"loader worker(s) at batch size {data_cfg.batch_size}; use fewer workers, a smaller batch "
+                        "or data.sampling='resampled'")
+    return min(per_worker) * nw
+
+
+def shard_counts(urls: list[str], storage_cfg: StorageConfig | None) -> dict[str, int]:
+    """Samples per shard URL, from the manifests beside the shards."""
+    counts: dict[str, int] = {}
+    for d in dict.fromkeys(storage.parent(u) for u in urls):
+        try:
+            rows, _ = shardio.read_manifest(d, storage_cfg)
+        except (OSError, ValueError):
+            continue
+        counts.update({storage.join(d, r["file"]): int(r["samples"]) for r in rows})
+    missing = [u for u in urls if u not in counts]
+    if missing:
+        raise UserError(f"data.sampling='epoch' needs shard dirs with a manifest.parquet (no sample count for "
+                        f"{missing[0]}); make shards with `stylegen shard` or use data.sampling='resampled'")
+    return counts
 
 
 def build_loader(data_cfg: DataConfig, *, split: str = "train", rank: int | None = None,
                  world_size: int | None = None, epoch_seed: int = 0,
-                 storage_cfg: StorageConfig | None = None) -> PairLoader:
-    """Loader of exactly ``data_cfg.steps_per_epoch`` (content, style) uint8 (B, 3, H, W) batches per epoch
-    on this rank. rank/world_size default to RANK/WORLD_SIZE (set by Ray Train) or torch.distributed."""
+                 storage_cfg: StorageConfig | None = None, resume: DataState | None = None) -> PairLoader:
+    """Loader of one epoch (``epoch_seed``) of (content, style) uint8 (B, 3, H, W) batches, the same
+    number on every rank. rank/world_size default to RANK/WORLD_SIZE (set by Ray Train) or
+    torch.distributed. ``resume``: continue that epoch from a saved position (same world and
+    DataLoader workers; otherwise the caller restarts the epoch)."""
     c_urls, s_urls, same = stream_urls(data_cfg, split, storage_cfg)
     c_share, r, world = _rank_share(c_urls, rank, world_size)
     s_share, _, _ = _rank_share(s_urls, rank, world_size)
     counter = multiprocessing.Value("q", 0)
     seed = data_cfg.seed + (7919 if split == "val" else 0)
     stream = PairStream(data_cfg, c_share, s_share, same=same, rank=r, seed=seed, counter=counter,
-                        storage_cfg=storage_cfg)
-    stream.epoch = epoch_seed
+                        steps=epoch_steps(data_cfg, c_urls, world, storage_cfg), storage_cfg=storage_cfg)
+    start = 0
+    if resume is not None and resume.epoch == epoch_seed:
+        stream.starts = [list(p) for p in resume.positions[r]]
+        nw = max(data_cfg.num_workers, 1)
+        start = resume.batch
+        stream.done = [worker_batches(start, w, nw) for w in range(nw)]
+        stream.rotate = start % nw
     log.debug("rank %d/%d: %d content shards, %d style shards", r, world, len(c_share), len(s_share))
-    return PairLoader(stream, data_cfg.num_workers)
+    return PairLoader(stream, data_cfg.num_workers, world, epoch_seed, start)
 
 
 def _first_samples(urls: list[str], n: int, size: int, rng: random.Random,

@@ -94,18 +94,24 @@ class Trace:
         self.path = Path(d) / f"rank{rank}.jsonl" if d else None
         self.base = {"rank": rank, "world": world, "pid": os.getpid(), "start_step": start_step}
         self.first_batch = ""
+        self.batches: dict[str, str] = {}  # step -> digest of its batch, since the last report
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def batch(self, content: torch.Tensor, style: torch.Tensor) -> None:
-        if self.path is not None and not self.first_batch:
-            self.first_batch = batch_digest(content, style)
+    def batch(self, step: int, content: torch.Tensor, style: torch.Tensor) -> None:
+        """``step``: the step this batch trains (1-based)."""
+        if self.path is not None:
+            digest = batch_digest(content, style)
+            self.first_batch = self.first_batch or digest
+            self.batches[str(step)] = digest
 
     def report(self, state: TrainState, metrics: dict, checkpoint: bool) -> None:
         if self.path is None:
             return
         rec = {**self.base, **metrics, "first_batch": self.first_batch, "checkpoint": checkpoint,
-               "params_digest": params_digest(state.generator), "time": time.time()}
+               "params_digest": params_digest(state.generator), "time": time.time(), "batches": self.batches,
+               "data": state.data}
+        self.batches = {}
         with open(self.path, "a") as f:  # one short line per append: readable while the run goes on
             f.write(json.dumps(rec) + "\n")
 
@@ -143,20 +149,28 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
     batch = cfg.data.batch_size
     last: dict[str, float] = {}
     bar = tqdm(total=tc.steps, initial=state.step, disable=not ctx.progress, unit="step", dynamic_ncols=True)
-    epoch = state.step // cfg.data.steps_per_epoch
+    resume, epoch = resume_point(cfg, state, ctx)
+    resumed: dict[str, float] = {}
     wait_sum = step_sum = 0.0
     t_img, n_img = time.perf_counter(), 0
     skipped_before = 0  # corrupt samples/shards skipped in earlier epochs
     trace = Trace(ctx.rank, ctx.world_size, state.step)
     fault = fault_kill_step()
     while state.step < tc.steps:
+        t_seek = time.perf_counter()
         loader = build_loader(cfg.data, split="train", rank=ctx.rank, world_size=ctx.world_size, epoch_seed=epoch,
-                              storage_cfg=cfg.storage)
+                              storage_cfg=cfg.storage, resume=resume)
         t_wait = time.perf_counter()
         for content, style in loader:
             t0 = time.perf_counter()
             wait = t0 - t_wait
-            trace.batch(content, style)
+            if resume is not None:  # the first batch of a resumed stream: the seek is done
+                resumed = {"data_resume_epoch": resume.epoch, "data_resume_batch": resume.batch,
+                           "data_seek_s": t0 - t_seek}
+                log.info("rank %d: data stream resumed at epoch %d, batch %d (seek %.2f s)", ctx.rank, resume.epoch,
+                         resume.batch, t0 - t_seek)
+                resume = None
+            trace.batch(state.step + 1, content, style)
             terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
                                total_steps=tc.steps, device=ctx.device, amp=tc.amp,
                                cpu_bf16=tc.cpu_bf16)
@@ -181,13 +195,14 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 log.warning("rank %d: preemption announced at step %d: writing a checkpoint now", ctx.rank, step)
                 ckpt = True
             if report:
+                state.data = gather_data_state(loader.state(), ctx.world_size).to_dict()
                 val = validate(state.generator, vgg, val_c, val_s, ctx.device, cache=val_cache)
                 now = time.perf_counter()
                 last = {**{f"loss_{k}": v for k, v in terms.items()}, **val, "step": step,
                         "epoch": epoch, "img_per_s": n_img * ctx.world_size / max(now - t_img, 1e-9),
                         "data_wait_frac": wait_sum / max(step_sum, 1e-9),
                         "data_skipped": skipped_before + loader.skipped,
-                        "param_checksum": param_checksum(state.generator)}
+                        "param_checksum": param_checksum(state.generator), **resumed}
                 t_img, n_img, wait_sum, step_sum = now, 0, 0.0, 0.0
                 if ctx.metrics is not None:
                     ctx.metrics.val(val["val_score"])
@@ -199,11 +214,44 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 break
             t_wait = time.perf_counter()
         skipped_before += loader.skipped
-        if ctx.stop_requested[0]:
+        if ctx.stop_requested[0] or state.step >= tc.steps:
             break
-        epoch += 1
+        resume, epoch = None, epoch + 1
     bar.close()
     return last
+
+
+def resume_point(cfg: Config, state: TrainState, ctx: LoopContext):
+    """``(DataState to resume from | None, epoch)`` for a state restored from a checkpoint.
+
+    The saved position is used when it was saved with the same number of ranks and DataLoader
+    workers. Otherwise the split of shards over ranks/workers differs and the epoch restarts from
+    its first batch with the new split: at most the ``batch x world x batch_size`` samples this
+    epoch had consumed are seen twice, none is skipped. A checkpoint without a position (older
+    stylegen) resumes at the epoch its step falls in, from that epoch's first batch.
+    """
+    from stylegen.data.loader import DataState
+
+    saved = DataState.from_dict(state.data)
+    if saved is None:
+        return None, state.step // cfg.data.steps_per_epoch
+    workers = max(cfg.data.num_workers, 1)
+    if (saved.world, saved.workers) != (ctx.world_size, workers):
+        log.warning("data position saved with %d rank(s) x %d loader worker(s), now %d x %d: epoch %d restarts "
+                    "from its first batch with the new split (at most %d samples of it are seen twice)",
+                    saved.world, saved.workers, ctx.world_size, workers, saved.epoch,
+                    saved.batch * saved.world * cfg.data.batch_size)
+        return None, saved.epoch
+    return saved, saved.epoch
+
+
+def gather_data_state(mine, world: int):
+    """Every rank's stream positions in one DataState (a collective under DDP: report steps only)."""
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rows: list = [None] * world
+        torch.distributed.all_gather_object(rows, mine.positions[0])
+        mine.positions = rows
+    return mine
 
 
 def grid_tensors(state: TrainState, val_pairs: tuple, device: torch.device):
@@ -234,7 +282,10 @@ class LocalSink:
         log.debug("step %d %s", state.step, metrics)
         if grid_index is not None:
             device = next(unwrap(state.generator).parameters()).device
-            save_grid(self.out / "samples" / f"epoch_{grid_index:04d}.png", *grid_tensors(state, val_pairs, device))
+            try:
+                save_grid(self.out / "samples" / f"epoch_{grid_index:04d}.png", *grid_tensors(state, val_pairs, device))
+            except OSError as e:  # full disk, file-size limit: as for checkpoints (the atomic write left nothing)
+                raise storage_error(self.out, e) from None
         if checkpoint:
             t0 = time.perf_counter()
             try:
@@ -252,8 +303,9 @@ class LocalSink:
 def storage_error(out: Path, e: OSError):
     from stylegen.errors import UserError
 
-    return UserError(f"cannot write to the output directory {str(out)!r} ({e.strerror or e}); make it writable, "
-                     "free space or choose another --out, then rerun: training resumes from the last checkpoint")
+    what, fix = storage.describe_write_error(e)  # e.g. ('EFBIG: File too large', 'raise the file-size limit ...')
+    return UserError(f"cannot write to the output directory {str(out)!r} ({what}); {fix} or choose another --out, "
+                     "then rerun: training resumes from the last checkpoint")
 
 
 def check_writable(out: Path) -> None:

@@ -26,6 +26,7 @@ class TrainState:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer | None
     step: int = 0
+    data: dict | None = None  # the data position (stylegen.data.loader.DataState.to_dict()) after `step`
 
 
 def unwrap(module: nn.Module | None) -> nn.Module | None:
@@ -193,6 +194,7 @@ def checkpoint_state(state: TrainState, cfg_dict: dict, metrics: dict[str, float
         "opt_g": state.opt_g.state_dict(),
         "opt_d": state.opt_d.state_dict() if state.opt_d is not None else None,
         "metrics": {k: float(v) for k, v in metrics.items()},
+        "data": state.data,
         "saved_at": time.time(),
     }
 
@@ -214,3 +216,4 @@ def restore_state(state: TrainState, ckpt: dict) -> None:
         if state.opt_d is not None and ckpt.get("opt_d") is not None:
             state.opt_d.load_state_dict(ckpt["opt_d"])
     state.step = int(ckpt["step"])
+    state.data = ckpt.get("data")  # None in checkpoints from before data positions were saved
