@@ -85,6 +85,9 @@ TRAIN_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("stylegen_checkpoint_last_success_timestamp_seconds", "gauge",
                "unix time of the last successful checkpoint save"),
     MetricSpec("stylegen_worker_restarts_total", "counter", "times this worker resumed after a failure"),
+    MetricSpec("stylegen_data_resume_position", "gauge",
+               "where the data stream of the last resume continued: the epoch and the batch in it", ("field",)),
+    MetricSpec("stylegen_data_seek_seconds", "gauge", "time the last resume took to reach its first batch"),
     MetricSpec("stylegen_device_memory_allocated_bytes", "gauge",
                "accelerator memory held by tensors (torch.cuda.memory_allocated); GPU only"),
 )
@@ -146,6 +149,18 @@ class _WithoutCreated:
             yield family
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether a bound address is reachable only from this machine (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
 class _ClientSink:
     """prometheus-client metrics in a private registry, optionally served over HTTP."""
 
@@ -174,6 +189,10 @@ class _ClientSink:
                             "pick another port with --set metrics.port=N (0 = any free port)") from e
         bound = self._server.server_port
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/metrics"
+        if not _is_loopback(self._server.server_address[0]):
+            log.warning("metrics endpoint %s is unauthenticated and bound to %s (not loopback): anyone who "
+                        "reaches the port can read it; set metrics.host=127.0.0.1 unless a firewall limits who can",
+                        self.url, self._server.server_address[0])
         return self.url
 
     def inc(self, name, value, tags):
@@ -312,6 +331,11 @@ class TrainMetrics:
 
     def worker_restart(self) -> None:
         self._sink.inc("stylegen_worker_restarts_total", 1.0, self.tags)
+
+    def data_resumed(self, epoch: int, batch: int, seek_s: float) -> None:
+        self._sink.set("stylegen_data_resume_position", float(epoch), {**self.tags, "field": "epoch"})
+        self._sink.set("stylegen_data_resume_position", float(batch), {**self.tags, "field": "batch"})
+        self._sink.set("stylegen_data_seek_seconds", max(seek_s, 0.0), self.tags)
 
     def close(self) -> None:
         """Mark the run finished and stop the local endpoint (idempotent)."""

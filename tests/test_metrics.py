@@ -46,6 +46,7 @@ def test_exposition_follows_naming_rules(metrics):
     metrics.val(0.4)
     metrics.checkpoint_saved(0.3)
     metrics.worker_restart()
+    metrics.data_resumed(2, 17, 0.12)
     families = list(text_string_to_metric_families(metrics.exposition().decode()))
     kinds = {s.name: s.kind for s in TRAIN_SPECS}
     seen = set()
@@ -55,7 +56,7 @@ def test_exposition_follows_naming_rules(metrics):
         assert full.startswith("stylegen_"), full
         assert full in kinds and kinds[full] == fam.type, (full, fam.type)
         for s in fam.samples:
-            assert set(s.labels) - {"le", "term", "version", "torch", "ray"} == {"run", "rank", "trial"}, s
+            assert set(s.labels) - {"le", "term", "version", "torch", "ray", "field"} == {"run", "rank", "trial"}, s
             if fam.type == "counter":
                 assert s.name.endswith("_total"), s.name
             if fam.type == "histogram":
@@ -69,6 +70,9 @@ def test_exposition_follows_naming_rules(metrics):
     with_samples = {f.name for f in families if f.samples}
     assert "stylegen_device_memory_allocated_bytes" not in with_samples
     assert "stylegen_train_samples" in with_samples and "stylegen_val_score" in with_samples
+    resume = {s.labels["field"]: s.value for f in families if f.name == "stylegen_data_resume_position"
+              for s in f.samples}
+    assert resume == {"epoch": 2.0, "batch": 17.0}
     assert set(METRIC_NAMES) == {s.name for s in TRAIN_SPECS + COMMAND_SPECS}
     assert all(n.startswith("stylegen_") for n in METRIC_NAMES)
 

@@ -169,6 +169,8 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                            "data_seek_s": t0 - t_seek}
                 log.info("rank %d: data stream resumed at epoch %d, batch %d (seek %.2f s)", ctx.rank, resume.epoch,
                          resume.batch, t0 - t_seek)
+                if ctx.metrics is not None:
+                    ctx.metrics.data_resumed(resume.epoch, resume.batch, t0 - t_seek)
                 resume = None
             trace.batch(state.step + 1, content, style)
             terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
