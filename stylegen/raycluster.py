@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,7 @@ from urllib.parse import urlparse
 
 from stylegen.errors import UserError
 
+log = logging.getLogger(__name__)
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -63,7 +67,12 @@ DEFAULT_DASHBOARD_PORT = 8275  # Ray's default is 8265
 # ----------------------------------------------------------------------------- token
 
 def find_token(env: dict[str, str] | None = None, home: Path | None = None) -> tuple[str, str] | None:
-    """(token, where it came from) in Ray's order, or None. Never logs the token."""
+    """(token, where it came from) in Ray's order, or None. Never logs the token.
+
+    A token file open to group or others is refused (UserError naming ``chmod 600 PATH``):
+    whoever can read it can run code on the cluster. Ray itself writes ``~/.ray/auth_token``
+    with the umask's mode (0644 under umask 022), so that file is checked too.
+    """
     env = os.environ if env is None else env
     if env.get(TOKEN_ENV, "").strip():
         return env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
@@ -76,13 +85,25 @@ def find_token(env: dict[str, str] | None = None, home: Path | None = None) -> t
                             f"point it at the cluster's token file or unset it") from None
         if not token:
             raise UserError(f"{TOKEN_PATH_ENV}={str(path)!r} is empty; point it at the cluster's token file")
+        check_token_file_mode(path)
         return token, f"${TOKEN_PATH_ENV} ({path})"
     path = (home or Path.home()) / ".ray" / "auth_token"
     try:
         token = path.read_text(encoding="utf-8").strip()
     except OSError:
         return None
-    return (token, str(path)) if token else None
+    if not token:
+        return None
+    check_token_file_mode(path)
+    return token, str(path)
+
+
+def check_token_file_mode(path: Path) -> None:
+    """Refuse a token file that group or others may read or write (one line, with the fix)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise UserError(f"token file {str(path)!r} is open to group/others (mode {mode:04o}): anyone who can read "
+                        f"it can run code on the cluster; run: chmod 600 {shlex.quote(str(path))}")
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -90,8 +111,21 @@ def auth_headers(token: str | None) -> dict[str, str]:
 
 
 def ensure_token_file(path: Path) -> bool:
-    """Create a 256-bit token file (mode 0600, atomic) if missing; True if created."""
+    """Create a 256-bit token file (mode 0600, atomic) if missing; True if created.
+
+    An existing token file is reused at mode 0600: one we own is tightened (with a warning)
+    if group or others had access; one owned by someone else that is open to others is refused.
+    """
     if path.is_file() and path.read_text(encoding="utf-8").strip():
+        st = path.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            if st.st_uid != os.geteuid():
+                raise UserError(f"token file {str(path)!r} is open to group/others (mode {mode:04o}) and owned by "
+                                f"uid {st.st_uid}, not you: its owner must run chmod 600 {shlex.quote(str(path))}, "
+                                f"or pass another --token-path")
+            os.chmod(path, 0o600)
+            log.warning("token file %s was open to group/others (mode %04o): tightened to 0600", path, mode)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auth_token.")
@@ -431,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", worker node pid {c.worker_pid}" if c.worker_pid else ""))
             print(f"  dashboard / job API: {c.dashboard_url}; GCS {c.gcs_address} (token-protected gRPC); "
                   f"every Ray listener on 127.0.0.1 (README: Ports and listeners)")
-            print(f"  token file (mode 0600, not printed here): {c.token_path}   read it with: cat {c.token_path}")
+            mode = stat.S_IMODE(os.stat(c.token_path).st_mode)  # what the file has, not what we meant it to have
+            print(f"  token file (mode {mode:04o}, not printed here): {c.token_path}   read it with: cat {c.token_path}")
             print(f"  use it:  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={c.token_path} {LOOPBACK_ENV}=0")
             print(f"           ({LOOPBACK_ENV}=0 lets ray.init / `stylegen train --address {c.gcs_address}` "
                   f"reach the loopback-only GCS; `stylegen submit` does not need it)")

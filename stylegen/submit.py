@@ -7,9 +7,10 @@ found (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) unl
 short timeout tells an unreachable address, a missing token (401) and a wrong token
 (403) apart, each as one line. Only then is the job submitted.
 
-What is uploaded is an allow-list, staged in a temp dir: ``stylegen/``, ``jobs/``,
-``pyproject.toml`` and the resolved config as ``_submit/config.toml`` — never ``.venv``,
-``runs/`` (which holds the local cluster's token), ``.git`` or caches. The token only
+What is uploaded is an allow-list, staged in a temp dir: the ``*.py`` and ``*.toml`` files under
+``stylegen/`` and ``jobs/``, ``stylegen/assets/*``, ``pyproject.toml`` and the resolved config as
+``_submit/config.toml`` — never dot-files (``jobs/.env``), symlinks leading off the allow-list,
+``.venv``, ``runs/`` (which holds the local cluster's token), ``.git`` or caches. The token only
 travels in the HTTP ``Authorization`` header: it is not in the entrypoint, the
 runtime_env or the job metadata, and nothing here prints or logs it. The job's own
 Ray calls authenticate with the cluster's token from the head node's environment.
@@ -43,8 +44,12 @@ log = logging.getLogger(__name__)
 KINDS = ("train", "tune")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 CONFIG_IN_JOB = "_submit/config.toml"
-UPLOAD = ("stylegen", "jobs", "pyproject.toml")
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
+# The upload allow-list (see upload_allowed): *.py and *.toml under UPLOAD_DIRS, the package's
+# assets (pyproject.toml's package-data) and the top-level files named here.
+UPLOAD_DIRS = ("stylegen", "jobs")
+UPLOAD_SUFFIXES = (".py", ".toml")
+UPLOAD_ASSETS = ("stylegen", "assets")
+UPLOAD_TOP = ("pyproject.toml",)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -168,19 +173,67 @@ def project_root() -> Path:
     return root
 
 
+def upload_allowed(rel: Path) -> bool:
+    """Whether a project-relative path is on the upload allow-list; dot-files never are."""
+    parts = rel.parts
+    if not parts or any(part.startswith(".") or part == "__pycache__" for part in parts):
+        return False
+    if len(parts) == 1:
+        return parts[0] in UPLOAD_TOP
+    if parts[0] not in UPLOAD_DIRS:
+        return False
+    return rel.suffix in UPLOAD_SUFFIXES or (len(parts) == 3 and parts[:2] == UPLOAD_ASSETS)
+
+
+def upload_files(root: Path) -> list[Path]:
+    """Project-relative paths of the files ``submit`` uploads: allow-listed regular files under
+    ``UPLOAD_DIRS`` plus ``UPLOAD_TOP``. Dot-files and dot-dirs are never visited; a symlink is
+    taken (as a copy of its target) only when it resolves to an allow-listed file inside ``root``,
+    otherwise it is skipped with a warning; symlinked directories are not followed."""
+    root = root.resolve()
+    found: list[Path] = []
+
+    def consider(path: Path) -> None:
+        rel = path.relative_to(root)
+        if not upload_allowed(rel):
+            return
+        if path.is_symlink():
+            target = path.resolve()
+            if not (target.is_relative_to(root) and target.is_file() and upload_allowed(target.relative_to(root))):
+                log.warning("not uploading %s: a symlink to %s, outside the upload allow-list", rel, target)
+                return
+        elif not path.is_file():  # FIFOs, devices, sockets
+            return
+        found.append(rel)
+
+    for top in UPLOAD_DIRS:
+        for dirpath, dirnames, filenames in os.walk(root / top):  # does not descend into symlinked dirs
+            here = Path(dirpath)
+            for d in list(dirnames):
+                if d.startswith(".") or d == "__pycache__" or d.endswith(".egg-info"):
+                    dirnames.remove(d)
+                elif (here / d).is_symlink():
+                    dirnames.remove(d)
+                    log.warning("not uploading %s: a symlinked directory", (here / d).relative_to(root))
+            dirnames.sort()
+            for f in sorted(filenames):
+                consider(here / f)
+    for name in UPLOAD_TOP:
+        if (root / name).exists() or (root / name).is_symlink():
+            consider(root / name)
+    return found
+
+
 @contextlib.contextmanager
 def staged_project(config_toml: str) -> Iterator[Path]:
-    """A temp dir with the allow-listed project files and the resolved config."""
+    """A temp dir with the allow-listed project files (``upload_files``) and the resolved config."""
     root = project_root()
     with tempfile.TemporaryDirectory(prefix="stylegen-submit-") as tmp:
         stage = Path(tmp) / "project"
         stage.mkdir()
-        for item in UPLOAD:
-            src = root / item
-            if src.is_dir():
-                shutil.copytree(src, stage / item, ignore=IGNORE)
-            elif src.is_file():
-                shutil.copy2(src, stage / item)
+        for rel in upload_files(root):
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, stage / rel)  # contents only (a vetted symlink's target)
         (stage / CONFIG_IN_JOB).parent.mkdir()
         (stage / CONFIG_IN_JOB).write_text(config_toml, encoding="utf-8")
         yield stage

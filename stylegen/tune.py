@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 from pathlib import Path
 
 from stylegen.storage import is_remote, join, local_path, ray_storage, read_bytes, write_bytes
@@ -34,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="sweep storage (ray.storage)")
     p.add_argument("--address", help="Ray cluster address (ray.address)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (errored trials restart)")
+    p.add_argument("--trust-storage", action="store_true",
+                   help="with --resume from object storage (s3://, gs://): trust whoever can write the sweep's "
+                        "prefix (resuming unpickles Tune's saved state from it; see README 'Security')")
 
 
 def search_space(space: dict) -> dict:
@@ -194,13 +199,61 @@ def check_resume_config(sweep_dir: str | Path, base: dict) -> None:
         saved = json.loads(read_bytes(join(sweep_dir, SWEEP_CONFIG)).decode("utf-8"))["base"]
     except FileNotFoundError:
         return
+    except (ValueError, KeyError, TypeError) as e:  # half-written or foreign (UnicodeDecodeError is a ValueError)
+        raise UserError(f"--resume: {SWEEP_CONFIG} in {str(sweep_dir)!r} is not a sweep config "
+                        f"({type(e).__name__}: {e}); restore it, or start a new sweep with another --name") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {SWEEP_CONFIG} in {str(sweep_dir)!r} is not a sweep config ('base' is not a "
+                        f"table); restore it, or start a new sweep with another --name")
     diff = first_difference(saved, base)
     if diff is not None:
         raise UserError(f"--resume: {diff} differs from the config the sweep started with ({SWEEP_CONFIG} in "
                         f"{str(sweep_dir)!r}); resume with the same --config/--set")
 
 
-def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool):
+def check_resume_trust(sweep_dir: str | Path, trust_storage: bool = False) -> None:
+    """Refuse to resume a sweep whose saved state someone else could have written.
+
+    ``Tuner.restore`` unpickles the sweep's state (``tuner.pkl``, the cloudpickled trials in
+    ``experiment_state-*.json``, the searcher's state, trials' pickled errors): whoever can write
+    those files runs code in this driver. A local sweep must therefore be yours: the sweep dir and
+    everything in it owned by you and not writable by group or others. Object storage has no owner
+    to check, so resuming from it needs ``--trust-storage`` (you vouch for everyone with write
+    access to the prefix).
+    """
+    if is_remote(sweep_dir):
+        if not trust_storage:
+            raise UserError(f"--resume from {sweep_dir} unpickles Tune's saved state (tuner.pkl) from object storage: "
+                            f"anyone with write access to that prefix could plant code that runs here; pass "
+                            f"--trust-storage if only you and people you trust can write there")
+        log.warning("--trust-storage: resuming %s trusts everyone who can write to it", sweep_dir)
+        return
+    root = local_path(sweep_dir)
+    if not root.exists():
+        return  # nothing to unpickle; the caller says there is no sweep to resume
+    me, fix = os.geteuid(), f"chmod -R go-w {shlex.quote(str(root))}"
+    seen: set[tuple[int, int]] = set()
+    todo = [root]
+    while todo:  # the sweep tree, following symlinks (as Tune would), each directory once
+        path = todo.pop()
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # a dangling link: nothing there to read
+        if st.st_uid != me:
+            raise UserError(f"--resume: {path} is owned by uid {st.st_uid}, not you (uid {me}): resuming unpickles "
+                            f"this sweep's files, so their owner could run code as you; resume as that user, or "
+                            f"start a new sweep in a directory of your own")
+        if st.st_mode & 0o022:
+            raise UserError(f"--resume: {path} is writable by group/others (mode {st.st_mode & 0o7777:04o}): "
+                            f"resuming unpickles this sweep's files, so anyone who can write there could run code "
+                            f"as you; check nothing was planted, then run: {fix}")
+        if path.is_dir() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            todo.extend(sorted(path.iterdir()))
+
+
+def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_storage: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -218,9 +271,11 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool):
     ray_path, fs = ray_storage(storage, cfg.storage)
     ray_location = f"{ray_path}/{sweep}"
     if resume:
+        check_resume_trust(location, trust_storage)  # before anything is read from the sweep
         if not tune.Tuner.can_restore(ray_location, storage_filesystem=fs):
             raise UserError(f"no sweep to resume at {location}; run without --resume to start it")
         check_resume_config(location, base)
+        # audited-unpickle: the sweep passed check_resume_trust (README "Security", resuming a sweep)
         return tune.Tuner.restore(ray_location, trainable=trainable, resume_errored=True, resume_unfinished=True,
                                   storage_filesystem=fs)
     if tune.Tuner.can_restore(ray_location, storage_filesystem=fs):
@@ -244,7 +299,7 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool):
     )
 
 
-def run_sweep(cfg: Config, *, sweep: str, resume: bool = False):
+def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: bool = False):
     """Run (or resume) the sweep; returns the ResultGrid. Writes the sweep report into the sweep dir."""
     from stylegen.experiments import write_sweep_report
     from stylegen.storage import check_access
@@ -256,7 +311,7 @@ def run_sweep(cfg: Config, *, sweep: str, resume: bool = False):
     else:
         storage = str(local_path(storage).resolve())
     ensure_ray(cfg.ray.address)
-    results = build_tuner(cfg, sweep, storage, resume).fit()
+    results = build_tuner(cfg, sweep, storage, resume, trust_storage).fit()
     if not is_remote(storage):  # the report (parquet + plot) is for local sweeps; `best` reads both kinds
         write_sweep_report(Path(storage) / sweep, metric=cfg.tune.metric, mode=cfg.tune.mode)
     return results
@@ -268,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, [*args.overrides, *tune_overrides(args)])
     sweep = args.name or f"{cfg.ray.name}-sweep"
-    results = run_sweep(cfg, sweep=sweep, resume=args.resume)
+    results = run_sweep(cfg, sweep=sweep, resume=args.resume, trust_storage=args.trust_storage)
     errors = results.num_errors
     unfinished = len(results) - errors - results.num_terminated
     print(f"sweep {sweep}: {len(results)} trials, {errors} errored" + (f", {unfinished} unfinished" if unfinished else ""))

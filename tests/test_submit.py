@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -73,8 +74,10 @@ def test_name_must_be_safe(tiny_config):
 def test_find_token_follows_rays_order(tmp_path):
     f = tmp_path / "tok"
     f.write_text(" filetoken\n")
+    f.chmod(0o600)
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("hometoken")
+    (tmp_path / ".ray" / "auth_token").chmod(0o600)
     env = {"RAY_AUTH_TOKEN": "envtoken", "RAY_AUTH_TOKEN_PATH": str(f)}
     assert raycluster.find_token(env, tmp_path)[0] == "envtoken"
     assert raycluster.find_token({"RAY_AUTH_TOKEN_PATH": str(f)}, tmp_path)[0] == "filetoken"
@@ -84,6 +87,42 @@ def test_find_token_follows_rays_order(tmp_path):
         raycluster.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, tmp_path)
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620], ids=lambda m: f"{m:04o}")
+def test_find_token_refuses_a_token_file_open_to_others(tmp_path, mode):
+    """A token file group/others can read is refused, one line with the fix: for RAY_AUTH_TOKEN_PATH and for
+    ~/.ray/auth_token (Ray writes that one with the umask's mode, 0644 under umask 022)."""
+    f = tmp_path / "tok"
+    f.write_text("filetoken\n")
+    (tmp_path / ".ray").mkdir()
+    home_tok = tmp_path / ".ray" / "auth_token"
+    home_tok.write_text("hometoken")
+    for path, env in ((f, {"RAY_AUTH_TOKEN_PATH": str(f)}), (home_tok, {})):
+        path.chmod(mode)
+        with pytest.raises(UserError) as e:
+            raycluster.find_token(env, tmp_path)
+        line = str(e.value)
+        assert "\n" not in line and f"chmod 600 {path}" in line and f"{mode:04o}" in line
+        assert "filetoken" not in line and "hometoken" not in line
+        path.chmod(0o600)
+        assert raycluster.find_token(env, tmp_path)[1].endswith(str(path) + ("" if env == {} else ")"))
+    assert raycluster.find_token({"RAY_AUTH_TOKEN": "envtoken", "RAY_AUTH_TOKEN_PATH": str(f)}, tmp_path)[0] \
+        == "envtoken"  # the variable wins, the file is not consulted
+
+
+def test_submit_refuses_a_loose_default_token_file(tmp_path, tiny_config):
+    """`stylegen submit` with Ray's own ~/.ray/auth_token at 0644: one line, exit 2, nothing contacted."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    tok = home / ".ray" / "auth_token"
+    tok.write_text("t" * 64)
+    tok.chmod(0o644)
+    proc = run_cli(["submit", "train", "--address", "http://127.0.0.1:9", "--config", str(tiny_config)],
+                   clean_env(home))
+    assert proc.returncode == 2 and proc.stdout == ""
+    line = error_line(proc)
+    assert f"chmod 600 {tok}" in line and "reach" not in line and "t" * 64 not in proc.stderr
+
+
 def test_token_file_is_private_and_kept(tmp_path):
     p = tmp_path / "d" / "auth_token"
     assert raycluster.ensure_token_file(p)
@@ -91,6 +130,44 @@ def test_token_file_is_private_and_kept(tmp_path):
     assert len(token) == 64 and int(token, 16) >= 0
     assert stat.S_IMODE(p.stat().st_mode) == 0o600
     assert not raycluster.ensure_token_file(p) and p.read_text() == token
+
+
+def test_reused_token_file_is_tightened_to_0600(tmp_path, caplog):
+    p = tmp_path / "auth_token"
+    p.write_text("existing-token\n")
+    p.chmod(0o644)
+    assert not raycluster.ensure_token_file(p)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600 and p.read_text() == "existing-token\n"
+    assert any("tightened to 0600" in r.getMessage() and "existing-token" not in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another user")
+def test_loose_token_file_of_another_user_is_refused(tmp_path):
+    p = tmp_path / "auth_token"
+    p.write_text("theirs\n")
+    p.chmod(0o644)
+    os.chown(p, 65534, 65534)
+    with pytest.raises(UserError, match=r"owned by uid 65534.*chmod 600"):
+        raycluster.ensure_token_file(p)
+
+
+def test_local_up_reports_the_token_files_real_mode(tmp_path, monkeypatch, capsys):
+    """`local-up.sh --token-path F` with an existing 0644 F: F ends 0600 and the message says what F has."""
+    tok = tmp_path / "given_token"
+    tok.write_text("given\n")
+    tok.chmod(0o644)
+
+    def fake_start(state_dir, *, token_path=None, **kw):  # the token handling of start_local_cluster, no Ray
+        path = Path(token_path).resolve()
+        raycluster.ensure_token_file(path)
+        return raycluster.LocalCluster(str(state_dir), 1, None, 6390, 8275, str(path), str(tmp_path))
+
+    monkeypatch.setattr(raycluster, "start_local_cluster", fake_start)
+    assert raycluster.main(["up", "--state-dir", str(tmp_path / "state"), "--token-path", str(tok)]) == 0
+    out = capsys.readouterr().out
+    assert stat.S_IMODE(tok.stat().st_mode) == 0o600
+    assert f"token file (mode 0600, not printed here): {tok}" in out and "given" not in out.replace("given_token", "")
 
 
 def test_address_resolution():
@@ -113,6 +190,59 @@ def test_staged_upload_is_an_allow_list(tmp_path):
         assert names <= {"stylegen", "jobs", "pyproject.toml", "_submit"}
         assert not list(stage.rglob("__pycache__")) and not list(stage.rglob("auth_token"))
     assert not stage.exists()
+
+
+def _project_copy(dest: Path) -> Path:
+    """A copy of what submit may upload from this checkout (stylegen/, jobs/, pyproject.toml)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+    for d in ("stylegen", "jobs"):
+        shutil.copytree(ROOT / d, dest / d, ignore=ignore, symlinks=True)
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
+def test_upload_skips_dotfiles_and_symlinks_out_of_the_allow_list(tmp_path, monkeypatch, caplog):
+    """Planted in a copy of the project: jobs/.env, a dot-dir, a symlink to a file outside the tree, a
+    symlinked dir outside, a symlink to the local cluster's token inside the tree, a non-source file.
+    None is staged; a symlink to an allow-listed file inside the tree is staged as a plain copy."""
+    proj = _project_copy(tmp_path / "proj")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.py").write_text("SECRET = 'outside-secret'\n")
+    (proj / "runs" / "cluster").mkdir(parents=True)
+    (proj / "runs" / "cluster" / "auth_token").write_text("token-secret")
+    planted = {
+        "jobs/.env": "AWS_SECRET_ACCESS_KEY=env-secret\n",
+        "jobs/configs/.local.toml": "secret = 'dot-toml-secret'\n",
+        "jobs/.cache/x.py": "SECRET = 'dotdir-secret'\n",
+        "stylegen/.env": "env-secret-2\n",
+        "jobs/notes.txt": "notes-secret\n",
+    }
+    for rel, text in planted.items():
+        (proj / rel).parent.mkdir(parents=True, exist_ok=True)
+        (proj / rel).write_text(text)
+    (proj / "jobs" / "leak.py").symlink_to(outside / "secret.py")
+    (proj / "jobs" / "linked").symlink_to(outside, target_is_directory=True)
+    (proj / "jobs" / "configs" / "token.toml").symlink_to(proj / "runs" / "cluster" / "auth_token")
+    (proj / "jobs" / "alias.py").symlink_to(proj / "jobs" / "train.py")
+    monkeypatch.setattr(submit, "project_root", lambda: proj)
+    caplog.set_level("WARNING")
+    with submit.staged_project("[train]\nsteps = 2\n") as stage:
+        staged = {p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()}
+        assert not [p for p in stage.rglob("*") if p.is_symlink()]
+        contents = b"".join((stage / p).read_bytes() for p in staged if not p.endswith(".pt"))
+        assert (stage / "jobs" / "alias.py").read_bytes() == (proj / "jobs" / "train.py").read_bytes()
+    for rel in [*planted, "jobs/leak.py", "jobs/configs/token.toml", "runs/cluster/auth_token"]:
+        assert rel not in staged, rel
+    assert not [p for p in staged if p.startswith("jobs/linked") or any(s.startswith(".") for s in p.split("/"))]
+    for secret in (b"outside-secret", b"token-secret", b"env-secret", b"dotdir-secret", b"notes-secret"):
+        assert secret not in contents, secret
+    assert {"jobs/train.py", "jobs/tune.py", "stylegen/cli.py", "stylegen/assets/pretrained.json",
+            "pyproject.toml", submit.CONFIG_IN_JOB} <= staged
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "jobs/leak.py" in warned and "jobs/linked" in warned and "jobs/configs/token.toml" in warned
+    # everything staged (but the config) is a .py/.toml under stylegen/ or jobs/, an asset, or pyproject.toml
+    assert all(submit.upload_allowed(Path(p)) for p in staged - {submit.CONFIG_IN_JOB})
 
 
 # ----------------------------------------------------------------------------- CLI, no cluster
