@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
                 "submitted_by": "stylegen submit"}
     with staged_project(cfg_text) as working_dir:
         client = _client(address, headers)
+        if not log.isEnabledFor(logging.DEBUG):  # Ray's SDK narrates each upload at INFO/WARNING; -v shows it
+            # (after the client exists: importing Ray's SDK re-applies Ray's logging config)
+            for logger_name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+                logging.getLogger(logger_name).setLevel(logging.ERROR)
         if not args.no_preflight:
             preflight(client, working_dir, args.python, storage_arg(job_args), name, timeout=300)
         try:
