@@ -286,3 +286,37 @@ def test_wrong_credentials_are_one_line(tmp_path):
             assert "access denied" in err and "AWS_ACCESS_KEY_ID" in err and "s3://sg-locked" in err, err
     finally:
         stop_server(proc)
+
+
+def test_brace_patterns_on_s3_and_shards_over_plain_http_read_like_local(tmp_path, s3):
+    src = images(tmp_path / "src", 16)
+    local = tmp_path / "local"
+    build_shards([str(src)], local, ShardParams(encoding="raw", shard_size=4, val_fraction=0.0), workers=1,
+                 progress=False)
+    for f in sorted(local.glob("train-*.tar")):
+        storage.write_bytes(s3.url("raw", f.name), f.read_bytes())
+    cfg = DataConfig(batch_size=4, steps_per_epoch=4, shuffle_shards=2, hflip=False)
+
+    def first_batches(spec: str) -> list[torch.Tensor]:
+        return [c.clone() for c, _ in build_loader(DataConfig(**{**cfg.__dict__, "content": [spec]}),
+                                                   rank=0, world_size=1)]
+    want = first_batches(str(local / "train-{000000..000003}.tar"))
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(s3.url("raw", "train-{000000..000003}.tar")), want))
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
+                            str(local)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+        import time
+
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        got = first_batches(f"http://127.0.0.1:{port}/train-{{000000..000003}}.tar")
+    finally:
+        web.terminate()
+        web.wait(timeout=10)
+    assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
