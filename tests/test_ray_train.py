@@ -166,7 +166,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, 
 
 
 @pytest.mark.timeout(420)
-def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_path):
+def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_path, monkeypatch):
     """SIGKILL the `stylegen train` driver after its first checkpoint; rerunning the name resumes."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     proc = start_driver(trace, storage, "again", tmp_path / "driver.log", RESUME_SETS)
@@ -198,10 +198,12 @@ def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_pa
     cfg = tiny_cfg(*RESUME_SETS)
     from stylegen.train.ray_worker import build_trainer
 
+    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))  # the rerun's ranks trace too (forwarded by hook_env)
     result = build_trainer(cfg, name="again", storage=str(storage)).fit()
     assert result.error is None, result.error
     assert result.metrics["step"] == 16
     second = read_trace(trace)
+    assert sorted(second) == [0, 1]
     # up to the checkpoint from the killed run, the rest from the rerun: the uninterrupted run's batches
     assert_same_run({r: kept[r] + second[r] for r in second}, uninterrupted)
     for recs in second.values():
@@ -228,7 +230,7 @@ def _kill_group(pgid: int) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, tmp_path):
+def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, tmp_path, monkeypatch):
     """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop together."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     log_path = tmp_path / "driver.log"
@@ -265,6 +267,9 @@ def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, 
 
     cfg = tiny_cfg(f"train.steps={stop['step'] + 4}", "train.report_every=2", "train.checkpoint_every=100",
                    "train.sample_every=1000")
+    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))  # the rerun's ranks trace too (forwarded by hook_env)
     result = build_trainer(cfg, name="term", storage=str(storage)).fit()
     assert result.error is None and result.metrics["step"] == stop["step"] + 4
-    assert all(r[0]["start_step"] == stop["step"] for r in read_trace(trace).values())  # nothing lost
+    rerun = read_trace(trace)
+    assert sorted(rerun) == [0, 1]
+    assert all(r[0]["start_step"] == stop["step"] for r in rerun.values())  # nothing lost
