@@ -18,6 +18,7 @@ credentials, endpoint down) become one :class:`UserError` line naming the URL an
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
@@ -253,8 +254,38 @@ def _honour_umask(path: str) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync a local directory (its entries: a rename into it survives a crash once this returns)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (and platforms) cannot sync a directory: not a write failure
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+WRITE_FIXES = {  # callers add their own "or choose another --out"
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)",
+    errno.EROFS: "remount it read-write",
+    errno.EACCES: "make it writable",
+    errno.EPERM: "make it writable",
+}
+
+
+def describe_write_error(e: OSError) -> tuple[str, str]:
+    """``('ENOSPC: No space left on device', 'free disk space')``: the error by its errno name, and the fix."""
+    code = errno.errorcode.get(e.errno or 0, "")
+    text = e.strerror or " ".join(str(e).split())[:160] or type(e).__name__
+    return (f"{code}: {text}" if code else text), WRITE_FIXES.get(e.errno or 0, "make it writable or free space")
+
+
 def write_bytes(url: str | Path, data: bytes, cfg: StorageConfig | None = None, *, fsync: bool = True) -> None:
-    """Atomic write: local temp file + rename (fsync'd unless ``fsync=False``), or a temp object
+    """Atomic write: local temp file + rename (file and directory fsync'd unless ``fsync=False``;
+    the file gets 0666 & ~umask, as open() would give it), or a temp object
     server-side-copied to ``url`` and deleted, retried on transient faults."""
     url = str(url)
     if not is_remote(url):
@@ -272,6 +303,8 @@ def write_bytes(url: str | Path, data: bytes, cfg: StorageConfig | None = None, 
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if fsync:  # the rename itself lives in the directory: sync it too, or a crash may lose the new name
+            fsync_dir(path.parent)
         return
     cfg = cfg or StorageConfig()
     fs, path = resolve(url, cfg)
@@ -308,6 +341,22 @@ def download(url: str, dest: Path, cfg: StorageConfig | None = None) -> Path:
     """Copy one file/object to a local path (atomically)."""
     write_bytes(dest, read_bytes(url, cfg), fsync=False)
     return dest
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, a local output file that could not be written at the end: a directory,
+    a path under a regular file, or one whose nearest existing directory is not writable (a side output
+    such as a metrics textfile must not fail after the main output was written)."""
+    if is_remote(path):
+        return
+    p = local_path(path).absolute()
+    if p.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a directory; pass a file name")
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is under a file ({str(parent)!r}); pass a path in a writable directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {str(path)!r}: {str(parent)!r} is not writable; pass a path in a writable directory")
 
 
 # ----------------------------------------------------------------------------- preflight
