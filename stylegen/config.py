@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,19 @@ def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = No
 
 
 LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and Tune's search seed take 0 <= seed < 2**32
+INT_MAX = 2**63 - 1  # every int key is held in an int64 somewhere (torch, numpy, Ray): the bound of keys without one
+# Run and sweep names become a directory under the storage root and part of a job's submission id:
+# no '/', no '..', no leading '.', '-' or '_' (a hidden dir, a flag), at most 64 characters.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str, what: str = "run name") -> str:
+    """``name`` if it is a valid run/sweep name, else a ConfigError line naming the rule."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ConfigError(f"{what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                          "digit (it names a directory under the storage and the job's submission id)")
+    return name
 
 
 @dataclass(kw_only=True)
@@ -46,7 +60,7 @@ class DataConfig:
     hflip: bool = _f(True, "random horizontal flip of content and style")
     steps_per_epoch: int = _f(100, "batches every rank yields per epoch (equal on all ranks so DDP never hangs)", lo=1, hi=10_000_000)
     image_size: int = _f(64, "training image side in pixels", lo=16, hi=1024)
-    seed: int = _f(0, "data shuffling seed", lo=0)
+    seed: int = _f(0, "data shuffling seed", lo=0, hi=SEED_MAX)
 
 
 @dataclass(kw_only=True)
@@ -96,7 +110,7 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int = _f(300, "total optimisation steps", lo=1, hi=100_000_000)
-    seed: int = _f(0, "model init seed", lo=0)
+    seed: int = _f(0, "model init seed", lo=0, hi=SEED_MAX)
     out: str = _f("runs/local", "local mode: output directory (checkpoints, samples)")
     checkpoint_every: int = _f(100, "steps between checkpoints", lo=1)
     sample_every: int = _f(100, "steps between result grids (an 'epoch' of the original project)", lo=1)
@@ -118,7 +132,8 @@ class RayConfig:
     cpus_per_worker: float = _f(1.0, "CPUs per worker", lo=0.0)
     gpus_per_worker: float = _f(0.0, "GPUs per worker (> 0 uses NCCL and CUDA)", lo=0.0)
     storage: str = _f("runs/ray", "run storage: local path or pyarrow filesystem URI (s3://bucket/prefix)")
-    name: str = _f("stylegen", "run name; rerunning with the same name and storage resumes")
+    name: str = _f("stylegen", "run name (1-64 letters, digits, '.', '_', '-'); rerunning with the same name "
+                   "and storage resumes")
 
 
 @dataclass(kw_only=True)
@@ -131,7 +146,7 @@ class TuneConfig:
     reduction_factor: float = _f(2.0, "ASHA reduction factor", lo=1.0, lo_open=True)
     metric: str = _f("val_score", "metric to optimise (trial-independent)")
     mode: str = _f("min", "optimisation direction", choices=("min", "max"))
-    seed: int = _f(0, "search seed", lo=0)
+    seed: int = _f(0, "search seed", lo=0, hi=SEED_MAX)
     space: dict[str, dict] = _f({}, "search space: {'loss.style' = {loguniform = [1, 100]}, ...}")
 
 
@@ -229,6 +244,8 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
                 raise ConfigError(f"{key}: {v!r} is out of range; expected {rel} {lo}" + (f" and <= {hi}" if hi is not None else ""))
             if hi is not None and v > hi:
                 raise ConfigError(f"{key}: {v!r} is out of range; expected <= {hi}")
+            if isinstance(v, int) and hi is None:
+                hi = INT_MAX
 
 
 def _field_map(section_cls: type) -> dict[str, dataclasses.Field]:
@@ -261,6 +278,8 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
 
 def validate_space(space: dict) -> None:
     """Each key must be a real numeric config key; each value one known distribution."""
+    if dotted == "ray.name":
+        check_name(coerced, "ray.name:")
     for dotted, dist in space.items():
         if dotted.startswith("tune."):
             raise ConfigError(f"tune.space: {dotted!r} cannot be searched (tune settings are not trial parameters)")
@@ -280,7 +299,9 @@ def validate_space(space: dict) -> None:
                 raise ConfigError(f"tune.space.{dotted}: {kind} needs low < high, got {args!r}")
             if kind == "loguniform" and args[0] <= 0:
                 raise ConfigError(f"tune.space.{dotted}: loguniform needs low > 0, got {args!r}")
-            samples = list(args)
+            _check_sampled_type(dotted, kind, args)
+            # randint's high is exclusive (Tune): the largest value it can produce is high - 1
+            samples = [args[0], args[1] - 1] if kind == "randint" else list(args)
         else:
             samples = args
         for v in samples:  # every value the space can produce must be valid for the key
@@ -295,6 +316,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         p = Path(path)
+def _check_sampled_type(dotted: str, kind: str, args: list) -> None:
+    """uniform/loguniform produce floats and randint ints: the key must hold that type (checking only the
+    endpoints would let ``loguniform = [10, 100]`` on an int key through, and every trial then fail)."""
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or key not in _field_map(SECTIONS[section]):
+        return  # set_value on the first sample names the unknown key
+    tp = typing.get_type_hints(SECTIONS[section])[key]
+    if kind in ("uniform", "loguniform") and tp is not float:
+        raise ConfigError(f"tune.space.{dotted}: {kind} samples floats but {dotted} is {_tname(tp)}; "
+                          + ("use randint = [low, high] or choice = [...]" if tp is int else "use choice = [...]"))
+    if kind == "randint":
+        if tp not in (int, float):
+            raise ConfigError(f"tune.space.{dotted}: randint samples integers but {dotted} is {_tname(tp)}; "
+                              "use choice = [...]")
+        if not all(isinstance(a, int) or (isinstance(a, float) and a.is_integer()) for a in args):
+            raise ConfigError(f"tune.space.{dotted}: randint needs integer [low, high) (high exclusive), got {args!r}")
+
+
         if p.is_dir():
             raise ConfigError(f"config {str(p)!r} is a directory; pass a TOML file (e.g. jobs/configs/demo.toml)")
         if not p.is_file():

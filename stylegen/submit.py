@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -42,7 +41,6 @@ from stylegen.errors import UserError
 log = logging.getLogger(__name__)
 
 KINDS = ("train", "tune")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 CONFIG_IN_JOB = "_submit/config.toml"
 # The upload allow-list (see upload_allowed): *.py and *.toml under UPLOAD_DIRS, the package's
 # assets (pyproject.toml's package-data) and the top-level files named here.
@@ -126,16 +124,13 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_job_config(config: str | None, overrides: list[str], name: str | None) -> tuple[str, str]:
     """Validate the config locally and return (resolved TOML with ray.name set, run name)."""
-    from stylegen.config import load_config, to_toml
+    from stylegen.config import check_name, load_config, to_toml
 
     if not config:
         raise UserError("--config is required: the TOML the job trains with (e.g. jobs/configs/demo.toml)")
     cfg = load_config(config, overrides)
-    if name is not None:
-        cfg.ray.name = name
-    if not NAME_RE.fullmatch(cfg.ray.name):
-        raise UserError(f"run name {cfg.ray.name!r}: use 1-64 letters, digits, '.', '_' or '-' (it is part of the "
-                        f"submission id and the storage path)")
+    if name is not None:  # the config's rule (load_config checked ray.name with it already)
+        cfg.ray.name = check_name(name, "run name")
     return to_toml(cfg), cfg.ray.name
 
 

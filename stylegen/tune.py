@@ -18,7 +18,7 @@ import shlex
 from pathlib import Path
 
 from stylegen.storage import is_remote, join, local_path, ray_storage, read_bytes, write_bytes
-from stylegen.config import Config, from_dict, to_dict, with_overrides
+from stylegen.config import Config, check_name, from_dict, to_dict, validate_space, with_overrides
 from stylegen.config_cli import add_config_arguments, flag_overrides
 from stylegen.errors import UserError
 
@@ -46,7 +46,8 @@ def search_space(space: dict) -> dict:
     from ray import tune
 
     makers = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
-              "randint": lambda a: tune.randint(*a), "choice": tune.choice, "grid": tune.grid_search}
+              "randint": lambda a: tune.randint(*map(int, a)), "choice": tune.choice, "grid": tune.grid_search}
+    validate_space(space)  # a space that cannot produce valid values of its keys fails here, not in every trial
     return {key: makers[kind](args) for key, dist in space.items() for kind, args in dist.items()}
 
 
@@ -322,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     from stylegen.experiments import print_best
 
     cfg = load_config(args.config, [*args.overrides, *tune_overrides(args)])
-    sweep = args.name or f"{cfg.ray.name}-sweep"
+    sweep = check_name(args.name or f"{cfg.ray.name}-sweep", "sweep name (--name)")
     results = run_sweep(cfg, sweep=sweep, resume=args.resume, trust_storage=args.trust_storage)
     errors = results.num_errors
     unfinished = len(results) - errors - results.num_terminated

@@ -23,7 +23,7 @@ def test_typed_conversion_int_to_float_and_comma_lists():
 
 
 def test_toml_round_trip():
-    cfg = load_config(None, ["tune.space={\"loss.style\" = {loguniform = [1.0, 100.0]}}", "ray.name=x y"])
+    cfg = load_config(None, ["tune.space={\"loss.style\" = {loguniform = [1.0, 100.0]}}", "ray.storage=runs/x y"])
     assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
 
 
@@ -44,6 +44,25 @@ def test_toml_round_trip():
     ("tune.space={\"loss.style\" = {loguniform = [0, 1]}}", "loguniform needs low > 0"),
     ("tune.space={\"loss.style\" = {uniform = [5, 1]}}", "low < high"),
     ("tune.space={\"model.fusion\" = {choice = [\"concat\", \"bad\"]}}", "'bad' is not one of"),
+    # issue 19: numbers too large for their type, seeds numpy/torch refuse, spaces of the wrong type, names
+    ("optim.warmup_steps=9223372036854775808", "optim.warmup_steps: 9223372036854775808 is out of range; expected <= 9223372036854775807"),
+    ("train.checkpoint_every=1e300", "train.checkpoint_every: 1000000000000000052504"),
+    ("train.seed=4294967296", "train.seed: 4294967296 is out of range; expected <= 4294967295"),
+    ("data.seed=-1", "data.seed: -1 is out of range"),
+    ("tune.seed=4294967296", "tune.seed: 4294967296 is out of range"),
+    ("tune.space={\"train.steps\" = {loguniform = [10, 100]}}", "loguniform samples floats but train.steps is int"),
+    ("tune.space={\"model.res_blocks\" = {uniform = [1, 3]}}", "use randint"),
+    ("tune.space={\"loss.normalize\" = {uniform = [0.0, 1.0]}}", "but loss.normalize is bool; use choice"),
+    ("tune.space={\"model.fusion\" = {randint = [0, 2]}}", "randint samples integers but model.fusion is str"),
+    ("tune.space={\"train.steps\" = {randint = [1, 2.5]}}", "randint needs integer"),
+    ("tune.space={\"model.adain_levels\" = {randint = [1, 5]}}", "model.adain_levels: 4 is out of range"),
+    ("tune.space={\"loss.style\" = {choice = [\"low\", \"high\"]}}", "loss.style: expected float, got 'low'"),
+    ("ray.name=..", "ray.name: '..': use 1-64"),
+    ("ray.name=a/b", "ray.name: 'a/b'"),
+    ("ray.name=.hidden", "ray.name: '.hidden'"),
+    ("ray.name=-flag", "ray.name: '-flag'"),
+    ("ray.name=" + "x" * 65, "use 1-64"),
+    ("ray.name=\"\"", "ray.name: ''"),
 ])
 def test_bad_overrides_name_key_value_and_expectation(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -81,3 +100,32 @@ def test_cli_config_error_is_one_line(capsys):
     assert main(["config", "show", "--set", "loss.bogus=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown config key 'loss.bogus'" in err
+
+
+def test_valid_spaces_and_names_pass():
+    cfg = load_config(None, ['tune.space={"model.adain_levels" = {randint = [1, 4]}, "train.steps" = {choice = [10, 20]},'
+                             ' "loss.style" = {randint = [1, 10]}}', "ray.name=run-1.a_B", "train.seed=4294967295"])
+    assert cfg.ray.name == "run-1.a_B" and cfg.train.seed == 2**32 - 1
+    from stylegen.config import check_name
+
+    assert check_name("x" * 64) == "x" * 64
+
+
+def test_search_space_samples_only_valid_values():
+    """What Tune draws from an accepted space is accepted by the trial's config (randint's high is exclusive)."""
+    pytest.importorskip("ray")
+    import numpy as np
+
+    from stylegen.config import with_overrides
+    from stylegen.tune import search_space
+
+    space = {"model.adain_levels": {"randint": [1, 4]}, "loss.style": {"loguniform": [1, 100]},
+             "train.steps": {"choice": [10, 20.0]}}
+    dists = search_space(space)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sample = {k: d.sample(random_state=rng) for k, d in dists.items()}
+        cfg = with_overrides(Config(), sample)
+        assert cfg.model.adain_levels in (1, 2, 3) and isinstance(cfg.train.steps, int)
+    with pytest.raises(ConfigError, match="loguniform samples floats"):
+        search_space({"train.steps": {"loguniform": [10, 100]}})
