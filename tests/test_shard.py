@@ -270,3 +270,120 @@ def test_random_crops_of_large_image(tmp_path, crops):
     got = all_samples(tmp_path / "o")
     assert s.samples["train"] == crops == len(got)
     assert len({d["img"].tobytes() for d in got.values()}) == crops  # distinct crops
+
+
+# ----------------------------------------------------------------------------- issue 19: files, bad inputs
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_foreign_out_dir_is_refused_and_nothing_in_it_touched(tmp_path, capsys):
+    save(tmp_path / "src" / "a.png", gradient(64, 64, 0))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train-000000.tar").write_bytes(b"someone else's shard")  # named like ours, no manifest
+    (foreign / "notes.txt").write_text("keep me\n")
+    before = _tree(foreign)
+    assert main(["shard", str(tmp_path / "src"), "--out", str(foreign), "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stylegen shard: error: --out") and "no manifest.parquet" in err[0]
+    assert _tree(foreign) == before
+    # hidden files (.DS_Store, a probe) do not make a directory foreign
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".DS_Store").write_bytes(b"x")
+    assert main(["shard", str(tmp_path / "src"), "--out", str(tmp_path / "hidden"), "--workers", "1",
+                 "--no-progress"]) == 0
+
+
+def test_rerun_with_other_inputs_deletes_only_shards_its_manifest_named(tmp_path):
+    for i in range(12):
+        save(tmp_path / "src" / f"{i:02d}.png", gradient(64, 64, i))
+    out = tmp_path / "o"
+    p = ShardParams(encoding="raw", shard_size=4, val_fraction=0.0)
+    build_shards([str(tmp_path / "src")], out, p, workers=1, progress=False)
+    assert sorted(f.name for f in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    (out / "train-000007.tar").write_bytes(b"not ours: never listed in a manifest")
+    (out / "README").write_text("not ours either\n")
+    for i in range(4, 12):  # other inputs: 4 images -> 1 shard; shards 1 and 2 of the first run are stale
+        (tmp_path / "src" / f"{i:02d}.png").unlink()
+    build_shards([str(tmp_path / "src")], out, p, workers=1, progress=False)
+    assert sorted(f.name for f in out.glob("*.tar")) == ["train-000000.tar", "train-000007.tar"]
+    assert (out / "README").read_text() == "not ours either\n"
+
+
+@pytest.mark.timeout(60)  # a FIFO that is read blocks forever
+def test_fifo_and_device_inputs_are_skipped_and_reported(tmp_path, capsys):
+    save(tmp_path / "src" / "a.png", gradient(64, 64, 0))
+    os.mkfifo(tmp_path / "src" / "pipe.png")
+    os.mkfifo(tmp_path / "lone.png")
+    out = tmp_path / "o"
+    # (a device: /dev/null, not /dev/zero, whose read would eat memory on a regression)
+    argv = ["shard", str(tmp_path / "src"), str(tmp_path / "lone.png"), "/dev/null", "--out", str(out),
+            "--workers", "1", "--no-progress", "--val-fraction", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "sharded 1 samples" in capsys.readouterr().out
+    reasons = {r["path"]: r["reason"] for r in pq.read_table(out / "skipped.parquet").to_pylist()}
+    assert reasons[str(tmp_path / "src" / "pipe.png")].startswith("not a regular file (a FIFO)")
+    assert reasons[str(tmp_path / "lone.png")].startswith("not a regular file (a FIFO)")
+    assert reasons["/dev/null"].startswith("not a regular file (a character device)")
+
+
+def test_corrupt_npz_body_and_non_integer_labels_are_skipped_with_reasons(tmp_path):
+    src = tmp_path / "src"
+    good_hwc, _ = imagenet64_npz(src / "good.npz", 3, 0)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (4, 12288), dtype=np.uint8)
+    np.savez(src / "floatlabels.npz", data=data, labels=np.array([1.5, 2.0, 3.7, 4.0]))
+    np.savez(src / "strlabels.npz", data=data, labels=np.array(["cat", "dog", "cow", "pig"]))
+    np.savez_compressed(src / "crc.npz", data=data, labels=np.arange(4))
+    raw = bytearray((src / "crc.npz").read_bytes())
+    raw[len(raw) // 3] ^= 0xFF  # inside data.npy's body: its header (read at discovery) stays fine
+    (src / "crc.npz").write_bytes(bytes(raw))
+    from stylegen.data.sources import inspect_npz
+
+    assert inspect_npz(src / "crc.npz", "crc.npz").rows == 4  # the header check alone cannot see it
+    out = tmp_path / "o"
+    s = build_shards([str(src)], out, RAW, workers=1, progress=False)
+    assert s.samples == {"train": 3}
+    got = sorted(v["img"].tobytes() for v in all_samples(out).values())
+    assert got == sorted(im.tobytes() for im in good_hwc)  # only the good npz's rows, nothing truncated
+    reasons = {Path(r["path"]).name: r["reason"] for r in pq.read_table(out / "skipped.parquet").to_pylist()}
+    assert reasons["floatlabels.npz"].startswith("npz 'labels' has dtype float64, expected integer")
+    assert reasons["strlabels.npz"].startswith("npz 'labels' has dtype <U3, expected integer")
+    assert reasons["crc.npz"].startswith("corrupt npz data (")
+    assert verify(out)[2] == []
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: writes past ``limit`` bytes fail with EFBIG (SIGXFSZ ignored), as a full disk fails with ENOSPC."""
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_file_size_limit_during_shard_is_one_line_and_leaves_no_partial_file(tmp_path, workers):
+    for i in range(24):
+        save(tmp_path / "src" / f"{i:02d}.png", gradient(64, 64, i))
+    out = tmp_path / "o"
+    # raw shards of 8 samples are ~100 KB: every shard write fails at the 64 KB limit (the manifest would fit)
+    cmd = [sys.executable, "-m", "stylegen.cli", "shard", str(tmp_path / "src"), "--out", str(out), "--encoding", "raw",
+           "--shard-size", "8", "--val-fraction", "0", "--workers", workers, "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_file_size_limit(64_000))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert errors == [res.stderr.strip().splitlines()[-1]], res.stderr[-2000:]
+    assert errors[0].startswith("stylegen shard: error: cannot write to output directory")
+    assert "EFBIG" in errors[0] and "ulimit -f" in errors[0] and "rerun" in errors[0]
+    assert not list(out.glob("*.tar")) and not list(out.glob(".*"))  # no shard, no temp file
+    rows, meta = shardio.read_manifest(out)  # the manifest says what finished (nothing) and that it is incomplete
+    assert rows == [] and meta["complete"] is False
+    # with the limit lifted, the same command finishes
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert verify(out)[2] == [] and len(all_samples(out)) == 24

@@ -136,10 +136,13 @@ def _blocks(plan: _Plan, p: ShardParams) -> list[tuple[str, int, np.ndarray]]:
 
 
 def _tasks(plan: _Plan, blocks: list, p: ShardParams) -> Iterator[dict]:
-    """Worker inputs, lazily: npz rows are sliced here (one or two npz files in memory at a time)."""
-    cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    """Worker inputs, lazily: npz rows are sliced here (one or two npz files in memory at a time).
+
+    An npz whose body is corrupt (its headers passed discovery) contributes no rows: the task
+    carries a skip for it instead, reported with the shard like a corrupt image."""
+    cache: dict[int, tuple[np.ndarray, np.ndarray | None] | str] = {}
     for split, index, units in blocks:
-        items = []
+        items, bad = [], {}
         for kind, src, sub, gidx in units.tolist():
             if kind == 0:
                 im = plan.images[src]
@@ -148,11 +151,17 @@ def _tasks(plan: _Plan, blocks: list, p: ShardParams) -> Iterator[dict]:
                 if src not in cache:
                     if len(cache) >= 2:
                         cache.pop(min(cache))
-                    cache[src] = load_npz(plan.npzs[src].path)
+                    try:
+                        cache[src] = load_npz(plan.npzs[src].path)
+                    except SkipInput as e:
+                        cache[src] = str(e)
+                if isinstance(cache[src], str):
+                    bad[str(plan.npzs[src].path)] = cache[src]
+                    continue
                 data, labels = cache[src]
                 lab = None if labels is None else int(labels[sub])
                 items.append(("npz", np.ascontiguousarray(data[sub]), f"{plan.npzs[src].key}#{sub}", lab, gidx))
-        yield {"split": split, "index": index, "items": items}
+        yield {"split": split, "index": index, "items": items, "skipped": bad, "units": len(units)}
 
 
 # ----------------------------------------------------------------------------- worker
@@ -219,14 +228,16 @@ def make_shard(task: dict, p: ShardParams, out: str) -> dict:
         skey = f"{gidx:09d}"
         members.append((f"{skey}.{ext}", payload))
         members.append((f"{skey}.json", json.dumps(meta, sort_keys=True).encode()))
+    skipped.update(task.get("skipped", {}))
     skips = [{"path": s, "reason": r, "shard": name} for s, r in skipped.items()]
+    units = task.get("units", len(items))
     if not members:
-        return {"row": None, "skipped": skips, "units": len(items)}
+        return {"row": None, "skipped": skips, "units": units}
     data = shardio.tar_bytes(members)
     shardio.write_shard_file(storage.join(out, name), data)
     row = {"file": name, "split": split, "samples": len(members) // 2, "bytes": len(data),
            "sha256": shardio.sha256_bytes(data), "encoding": p.encoding}
-    return {"row": row, "skipped": skips, "units": len(items)}
+    return {"row": row, "skipped": skips, "units": units}
 
 
 def _make_shard_star(args: tuple) -> dict:
@@ -248,6 +259,38 @@ def _check_writable(out: str) -> None:
     except OSError as e:
         raise UserError(f"cannot write to output directory {out!r} ({e.strerror or e}); "
                         "pass a writable --out") from None
+
+
+def _check_ours(out: str) -> None:
+    """Refuse an --out that holds files but no manifest.parquet: this tool did not write them, and a
+    run there would mix its shards with them (it never deletes or overwrites a file it did not write)."""
+    if storage.is_remote(out):
+        try:
+            names = [storage.name(u) for u in storage.list_files(out, "*")]
+        except OSError:
+            return  # _check_writable names the storage problem
+    else:
+        path = storage.local_path(out)
+        if not path.is_dir():
+            return
+        try:
+            names = [e.name for e in os.scandir(path)]
+        except OSError:
+            return
+    if shardio.MANIFEST in names:
+        return
+    foreign = sorted(n for n in names if not n.startswith("."))
+    if foreign:
+        raise UserError(f"--out {out!r} is not empty ({len(foreign)} entries such as {foreign[0]!r}) and holds no "
+                        f"{shardio.MANIFEST}: it was not written by `stylegen shard`; pass a new or empty directory")
+
+
+def _write_failed(out: str, e: OSError) -> UserError:
+    if storage.is_remote(out) and e.errno is None:  # pyarrow: no errno, the message names the cause
+        return UserError(f"--out {storage.explain(e, out)}; rerun the same command: finished shards are kept")
+    what, fix = storage.describe_write_error(e)
+    return UserError(f"cannot write to output directory {out!r} ({what}); {fix}, then rerun the same command: "
+                     "finished shards are kept and only the rest is built")
 
 
 def _previous(out: str, fp: str) -> tuple[dict[str, dict], list[dict], set[str]]:
@@ -291,6 +334,7 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
     if not storage.is_remote(out):
         out = str(storage.local_path(out))
     images, npzs, disc_skips = discover(sources)
+    _check_ours(out)
     _check_writable(out)
     plan = plan_units(images, npzs, params)
     fp = fingerprint(plan, params)
@@ -318,6 +362,7 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
     pool = _start_pool(workers) if workers > 1 else None
     bar = tqdm(total=total, initial=total - todo, unit="img", desc="shard", disable=None if progress else True,
                smoothing=0.1)
+    failed: OSError | None = None  # a full disk / file-size limit / storage gone: one line after the cleanup
     try:
         tasks = ((t, params, str(out)) for t in _tasks(plan, blocks, params))
         if pool is None:
@@ -326,12 +371,19 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
         else:
             _run_pool(pool, tasks, workers, finish)
         meta["complete"] = True
+    except OSError as e:  # every write is atomic: what failed left no file, finished shards stay listed
+        failed = e
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        shardio.write_manifest(out, list(rows.values()), meta)
-        shardio.write_skipped(out, _dedupe(skips))
+        try:  # the manifest of what did finish, so that a rerun keeps those shards
+            shardio.write_manifest(out, list(rows.values()), meta)
+            shardio.write_skipped(out, _dedupe(skips))
+        except OSError as e:
+            failed = failed or e
+    if failed is not None:
+        raise _write_failed(out, failed)
     _remove_stale(out, set(rows), ours)
     summary = ShardSummary(out=out, images=len(images), npz_rows=sum(f.rows for f in npzs), kept=len(kept),
                            skipped=_dedupe(skips))

@@ -4,6 +4,10 @@ Discovery is cheap (paths, sizes, npz headers); pixels are read later, by the sh
 workers. Every rejected input becomes a ``Skip(path, reason)``, never an exception.
 
 Decisions (documented in the README):
+- Inputs that are not regular files (FIFOs, devices, sockets) are skipped unread: a FIFO
+  would block forever, /dev/zero never ends.
+- An npz is checked from its headers at discovery; a body that turns out corrupt when its
+  rows are read (bad CRC, broken deflate stream) skips that npz's rows, reported like any input.
 - Folders are walked recursively in sorted order; dotfiles are ignored; files with
   other extensions than jpg/jpeg/png/webp/bmp/npz are reported as "not an image".
 - Images whose shorter side is below half the target size are rejected ("too small");
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +99,26 @@ def discover(specs: list[str]) -> tuple[list[ImageFile], list[NpzFile], list[Ski
     return images, npzs, skipped
 
 
+def _not_regular(p: Path) -> str | None:
+    """Why ``p`` (after symlinks) is not a regular file, or None. Reading a FIFO blocks forever and a
+    device such as /dev/zero never ends: they are skipped, not read."""
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        return f"unreadable ({type(e).__name__}: {e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"not a regular file ({kind}); pass image or npz files"
+
+
 def _classify(p: Path, key: str, is_val: bool, images: list, npzs: list, skipped: list, single: bool = False) -> None:
     ext = p.suffix.lower()
+    why = _not_regular(p)
+    if why is not None:
+        skipped.append(Skip(str(p), why))
+        return
     if ext == ".npz" or NPZ_NAME.match(p.name):
         try:
             npzs.append(inspect_npz(p, key))
@@ -127,7 +151,7 @@ def inspect_npz(path: Path, key: str) -> NpzFile:
                 raise SkipInput(f"npz without key 'data' (has {sorted(names)}); expected ImageNet64 format "
                                 "(data: uint8 N x 12288, labels: N)")
             shape, dtype = _npy_header(zf, names["data"])
-            lshape = _npy_header(zf, names["labels"])[0] if "labels" in names else None
+            lshape, ldtype = _npy_header(zf, names["labels"]) if "labels" in names else (None, None)
     except SkipInput:
         raise
     except zipfile.BadZipFile:
@@ -147,16 +171,28 @@ def inspect_npz(path: Path, key: str) -> NpzFile:
         raise SkipInput("npz 'data' has no rows")
     if lshape is not None and tuple(lshape) != (shape[0],):
         raise SkipInput(f"npz 'labels' has shape {tuple(lshape)}, expected ({shape[0]},) to match 'data'")
+    if ldtype is not None and ldtype.kind not in "iu":  # floats would be truncated, strings fail later
+        raise SkipInput(f"npz 'labels' has dtype {ldtype}, expected integer class labels (int64 like ImageNet64's)")
     return NpzFile(path, key, int(shape[0]), side, bool(path.name.startswith("val_data")))
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """``(images (N, S, S, 3) uint8 view, labels (N,) int64 or None)`` from a checked npz.
 
-    The view is strided (no 1.5 GB copy per ImageNet64 batch); index a row and copy it."""
-    with np.load(path, allow_pickle=False) as z:
-        data = z["data"]
-        labels = z["labels"].astype(np.int64) if "labels" in z.files else None
+    The view is strided (no 1.5 GB copy per ImageNet64 batch); index a row and copy it. Raises
+    SkipInput when the arrays' bodies are corrupt (bad CRC, broken deflate stream, cut short): the
+    headers :func:`inspect_npz` checked can be fine while the data is not."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = z["data"]
+            labels = z["labels"] if "labels" in z.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise SkipInput(f"corrupt npz data ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or (labels.dtype == np.uint64 and labels.size
+                                              and labels.max() > np.iinfo(np.int64).max):
+            raise SkipInput(f"npz 'labels' has dtype {labels.dtype} or values beyond int64, expected integer class labels")
+        labels = labels.astype(np.int64)
     side = int(round((data.shape[1] / 3) ** 0.5))
     return data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1), labels  # planar (N, 3, S, S) -> (N, S, S, 3)
 
