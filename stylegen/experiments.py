@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,17 +60,48 @@ def _read_json(path: Path, what: str):
                         "the sweep may still be writing it: retry, or check the directory") from None
 
 
+def _malformed(path: Path | str, what: str, detail: str) -> UserError:
+    return UserError(f"{what} {str(path)!r} is malformed ({detail}; not what Tune/Train write); the sweep may still "
+                     "be writing it: retry, or check the directory")
+
+
+def _plain_name(name: object) -> bool:
+    """A single path component (no '/', no '..'): names read from a sweep's files stay inside the sweep."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _num(v: object) -> float:
+    """A reported metric as float; nan for anything that is not a number (a string, a list, null)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _step(v: object) -> int:
+    f = _num(v)
+    return int(f) if math.isfinite(f) else 0
+
+
+def _dict(v: object) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
 def _snapshot_checkpoints(run_dir: Path) -> list[tuple[Path, dict]]:
     """(checkpoint dir, metrics) of a Train V2 run dir, from Train's own snapshot."""
     snap = run_dir / SNAPSHOT
     if not snap.is_file():
         return []
     data = _read_json(snap, "checkpoint snapshot")
+    results = data.get("checkpoint_results", []) if isinstance(data, dict) else None
+    if not isinstance(results, list):
+        raise _malformed(snap, "checkpoint snapshot", "no list of checkpoint_results")
     out = []
-    for item in data.get("checkpoint_results", []):
-        path = run_dir / item["checkpoint_dir_name"]
+    for item in results:
+        name = item.get("checkpoint_dir_name") if isinstance(item, dict) else None
+        metrics = item.get("metrics", {}) if isinstance(item, dict) else None
+        if not _plain_name(name) or not isinstance(metrics, dict):
+            raise _malformed(snap, "checkpoint snapshot", f"a checkpoint entry is {str(item)[:60]!r}")
+        path = run_dir / name
         if (path / "checkpoint.pt").is_file():
-            out.append((path, item.get("metrics", {})))
+            out.append((path, metrics))
     return out
 
 
@@ -82,8 +114,8 @@ def _better(a: float, b: float, mode: str) -> bool:
 def _best_of(items: list[tuple[Path, dict]], metric: str, mode: str) -> tuple[Path | None, dict]:
     best: tuple[Path | None, dict] = (None, {})
     for path, m in items:
-        v = float(m.get(metric, math.nan))
-        if _better(v, float(best[1].get(metric, math.nan)), mode):
+        v = _num(m.get(metric))
+        if _better(v, _num(best[1].get(metric)), mode):
             best = (path, m)
     return best
 
@@ -94,15 +126,18 @@ def _read_results(trial_dir: Path) -> list[dict]:
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line being written right now
                 continue
+            if isinstance(row, dict):  # a report is a dict; anything else is not one
+                rows.append(row)
     return rows
 
 
 def load_sweep(path: Path, metric: str = "val_score", mode: str = "min") -> tuple[list[TrialRow], bool]:
     """All trials of a sweep dir and whether the sweep is still running."""
-    states = sorted(glob.glob(str(path / "experiment_state-*.json")))
+    root = glob.escape(str(path))  # a sweep dir named like 'sweep[1]' is a path, not a pattern
+    states = sorted(glob.glob(os.path.join(root, "experiment_state-*.json")))
     if not states:
         raise UserError(f"{str(path)!r} holds no Tune sweep (no experiment_state-*.json) and no train run "
                         f"({SNAPSHOT}); pass a sweep directory written by `stylegen tune`")
@@ -110,6 +145,8 @@ def load_sweep(path: Path, metric: str = "val_score", mode: str = "min") -> tupl
     if not isinstance(state, dict) or not isinstance(state.get("trial_data", []), list):
         raise UserError(f"sweep state {states[-1]!r} is corrupt (not a Tune experiment state)")
     sweep_cfg = _read_json(path / "sweep_config.json", "sweep config") if (path / "sweep_config.json").is_file() else {}
+    if not isinstance(sweep_cfg, dict):
+        raise _malformed(path / "sweep_config.json", "sweep config", "not a JSON object")
     rows, running = [], False
     for item in state.get("trial_data", []):
         try:
@@ -117,33 +154,36 @@ def load_sweep(path: Path, metric: str = "val_score", mode: str = "min") -> tupl
             trial = json.loads(trial_json)
             runtime = json.loads(runtime_json)
             tid, status = str(trial["trial_id"]), str(trial.get("status", "?"))
-        except (TypeError, ValueError, KeyError):
+            if not isinstance(runtime, dict) or not _plain_name(tid):
+                raise ValueError(tid)
+        except (TypeError, ValueError, KeyError, AttributeError):
             raise UserError(f"sweep state {states[-1]!r} is corrupt (a trial entry is not a Tune trial)") from None
         running |= status in ("RUNNING", "PENDING", "PAUSED")
-        trial_dirs = glob.glob(str(path / f"*_{tid}_*"))
+        trial_dirs = sorted(glob.glob(os.path.join(root, f"*_{glob.escape(tid)}_*")))
         results = _read_results(Path(trial_dirs[0])) if trial_dirs else []
-        last = results[-1] if results else (runtime.get("last_result") or {})
-        base = sweep_cfg.get("base") or last.get("config", {}).get("base", {})  # older sweeps: base in the config
-        max_steps = base.get("train", {}).get("steps")
+        last = results[-1] if results else _dict(runtime.get("last_result"))
+        # older sweeps: base in the config
+        base = _dict(sweep_cfg.get("base") or _dict(last.get("config")).get("base"))
+        max_steps = _num(_dict(base.get("train")).get("steps"))
         ckpts = _snapshot_checkpoints(path / "trial_runs" / f"trial-{tid}")
         best_path, best_metrics = _best_of(ckpts, metric, mode)
-        row = TrialRow(trial_id=tid, status=status, params=trial.get("evaluated_params", {}),
+        row = TrialRow(trial_id=tid, status=status, params=_dict(trial.get("evaluated_params")),
                        # a trial resumed after its run had finished reports nothing new: its Train
                        # checkpoints know the step it reached
-                       steps=max([int(last.get("step", 0) or 0), *(int(m.get("step", 0) or 0) for _, m in ckpts)]),
-                       val_score=float(best_metrics.get(metric, math.nan)),
-                       last_val_score=float(last.get(metric, math.nan)),
-                       val_content_n=float(best_metrics.get("val_content_n", math.nan)),
-                       val_style_n=float(best_metrics.get("val_style_n", math.nan)),
+                       steps=max([_step(last.get("step")), *(_step(m.get("step")) for _, m in ckpts)]),
+                       val_score=_num(best_metrics.get(metric)),
+                       last_val_score=_num(last.get(metric)),
+                       val_content_n=_num(best_metrics.get("val_content_n")),
+                       val_style_n=_num(best_metrics.get("val_style_n")),
                        checkpoint=str(best_path) if best_path else None)
         if status == "ERROR":
-            err = next(iter(glob.glob(str(Path(trial_dirs[0]) / "error.txt"))), None) if trial_dirs else None
-            text = Path(err).read_text(errors="replace").strip().splitlines() if err else []
+            err = Path(trial_dirs[0]) / "error.txt" if trial_dirs else None
+            text = err.read_text(errors="replace").strip().splitlines() if err and err.is_file() else []
             reason = next((ln for ln in reversed(text) if ln.strip()), "unknown error")
             row.stop_reason = f"errored: {reason.strip()[:200]}"
         elif status in ("RUNNING", "PENDING", "PAUSED"):
             row.stop_reason = status.lower()
-        elif max_steps is not None and row.steps >= max_steps:
+        elif not math.isnan(max_steps) and row.steps >= max_steps:
             row.stop_reason = "completed"
         else:
             row.stop_reason = "stopped early (scheduler)"
@@ -157,6 +197,8 @@ def load_run(path: Path, metric: str, mode: str) -> list[TrialRow]:
     if not items and (path / "checkpoints").is_dir():
         metrics_file = path / "metrics.json"
         m = _read_json(metrics_file, "run metrics") if metrics_file.is_file() else {}
+        if not isinstance(m, dict):
+            raise _malformed(metrics_file, "run metrics", "not a JSON object")
         from stylegen.train.loop import list_checkpoints
 
         steps = list_checkpoints(path / "checkpoints")
@@ -165,10 +207,10 @@ def load_run(path: Path, metric: str, mode: str) -> list[TrialRow]:
     best_path, m = _best_of(items, metric, mode)
     if best_path is None:
         raise UserError(f"train run {str(path)!r} has no checkpoint yet")
-    return [TrialRow(trial_id=path.name, status="TERMINATED", steps=int(m.get("step", 0)),
-                     val_score=float(m.get(metric, math.nan)), last_val_score=float(m.get(metric, math.nan)),
-                     val_content_n=float(m.get("val_content_n", math.nan)),
-                     val_style_n=float(m.get("val_style_n", math.nan)),
+    return [TrialRow(trial_id=path.name, status="TERMINATED", steps=_step(m.get("step")),
+                     val_score=_num(m.get(metric)), last_val_score=_num(m.get(metric)),
+                     val_content_n=_num(m.get("val_content_n")),
+                     val_style_n=_num(m.get("val_style_n")),
                      stop_reason="train run", checkpoint=str(best_path))]
 
 
@@ -289,20 +331,61 @@ def print_best(path: Path | str, *, metric: str = "val_score", mode: str = "min"
     return best
 
 
-def export(best: TrialRow, out: Path) -> Path:
-    """DIR/checkpoint.pt + DIR/config.toml (+ best.json); usable by stylize/eval as --checkpoint DIR."""
+EXPORT_FILES = ("best.json", "config.toml", "checkpoint.pt")  # in the order export writes them
+
+
+def check_export_target(out: str) -> None:
+    """Refuse, before any work, an --export that is a file, lies under one, or is a non-empty directory
+    that is not an earlier export (export overwrites only its own three files)."""
+    if storage.is_remote(out):
+        return
+    p = storage.local_path(out)
+    blocker = next((a for a in [p, *p.parents] if a.exists() or a.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == p else f"is under a file ({str(blocker)!r})"
+        raise UserError(f"--export {out!r} {where}; pass a new or empty directory (or an earlier export)")
+    if blocker != p:
+        return  # created by the export
+    try:
+        names = [n for n in os.listdir(p) if not n.startswith(".")]
+    except OSError as e:
+        raise UserError(f"--export {out!r} cannot be listed ({e.strerror or type(e).__name__}); "
+                        "pass a writable directory") from None
+    foreign = sorted(n for n in names if n not in EXPORT_FILES)
+    if not foreign and "checkpoint.pt" in names and "best.json" not in names:
+        foreign = ["checkpoint.pt (without best.json)"]  # export writes best.json first: not one of ours
+    if foreign:
+        raise UserError(f"--export {out!r} is not empty and not an earlier export (it holds {foreign[0]}); "
+                        "pass a new or empty directory: nothing in it is overwritten")
+
+
+def export(best: TrialRow, out: str | Path) -> str:
+    """DIR/checkpoint.pt + DIR/config.toml (+ best.json); usable by stylize/eval as --checkpoint DIR.
+
+    Each file is written atomically (a private temp file renamed into place, file and directory
+    fsync'd: :func:`storage.write_bytes`); best.json first, so that a directory holding a
+    checkpoint.pt without it was not written here (see :func:`check_export_target`)."""
     from stylegen.checkpoint import load_checkpoint_bytes
     from stylegen.config import from_dict, to_toml
 
+    out = str(out)
+    check_export_target(out)
     src = storage.join(best.checkpoint, "checkpoint.pt")
     try:
         data = storage.read_bytes(src)
     except OSError as e:
         raise UserError(f"best checkpoint {storage.explain(e, src)}") from None
     state = load_checkpoint_bytes(data, src)  # refuse to export something that would not load
-    storage.write_bytes(out / "checkpoint.pt", data)
-    storage.write_bytes(out / "config.toml", to_toml(from_dict(state["config"])).encode())
-    storage.write_bytes(out / "best.json", json.dumps(asdict(best), indent=2).encode())
+    files = {"best.json": json.dumps(asdict(best), indent=2).encode(),
+             "config.toml": to_toml(from_dict(state["config"])).encode(), "checkpoint.pt": data}
+    for name, payload in files.items():
+        try:
+            storage.write_bytes(storage.join(out, name), payload)
+        except OSError as e:
+            if storage.is_remote(out) and e.errno is None:
+                raise UserError(f"--export {storage.explain(e, out)}") from None
+            what, fix = storage.describe_write_error(e)
+            raise UserError(f"cannot write --export {out!r} ({what}); {fix} or pass another directory") from None
     return out
 
 
@@ -353,12 +436,14 @@ def write_sweep_report(sweep_dir: Path, *, metric: str = "val_score", mode: str 
 def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UserError(f"--top {args.top}: expected a positive number of trials")
+    if args.export:
+        check_export_target(args.export)  # before reading the sweep, not after
     path = resolve(args.sweep, args.storage)
     if storage.is_remote(path):
         storage.check_access(str(path), what="sweep")
     best = print_best(path, metric=args.metric, mode=args.mode, top=args.top, as_json=args.json)
     if args.export:
-        out = export(best, Path(args.export))
+        out = export(best, args.export)
         if not args.json:
             print(f"exported to {out} (use: stylegen stylize --checkpoint {out} ...)")
     return 0

@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -88,23 +89,38 @@ def render_config(cfg: dict[str, Any], base_dir: Path, *, scrape_interval: str |
 
 
 def write_config(cfg: dict[str, Any], path: Path) -> Path:
-    """Write ``cfg`` as YAML atomically (temp file + rename)."""
+    """Write ``cfg`` as YAML atomically (a private temp file + rename: storage.write_bytes)."""
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    tmp.replace(path)
+    from stylegen.storage import write_bytes
+
+    write_bytes(path, yaml.safe_dump(cfg, sort_keys=False).encode())
     return path
 
 
 def write_targets_file(path: Path, targets: list[str], labels: dict[str, str] | None = None) -> Path:
     """A file_sd targets file (JSON), written atomically so Prometheus never reads half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps([{"targets": targets, "labels": labels or {}}]))
-    tmp.replace(path)
+    from stylegen.storage import write_bytes
+
+    write_bytes(path, json.dumps([{"targets": targets, "labels": labels or {}}]).encode(), fsync=False)
     return path
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Refuse a --data-dir Prometheus could not use before writing its config into it (Prometheus would
+    otherwise start, fail on its TSDB and leave the rendered config behind)."""
+    blocker = next((a for a in [data_dir, *data_dir.parents] if a.exists()), None)
+    if blocker is None or not blocker.is_dir():
+        where = "is a file" if blocker == data_dir else f"is under a file ({str(blocker)!r})"
+        raise UserError(f"--data-dir {str(data_dir)!r} {where}; pass a writable directory")
+    for sub, kind in (("tsdb", "a directory"), ("prometheus.yml", "a file")):
+        p = data_dir / sub
+        if p.exists() and p.is_dir() != (kind == "a directory"):
+            raise UserError(f"--data-dir {str(data_dir)!r}: {str(p)!r} is not {kind} (Prometheus writes it); "
+                            "pass another --data-dir")
+    for d in (blocker, data_dir / "tsdb"):
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            raise UserError(f"--data-dir {str(data_dir)!r}: {str(d)!r} is not writable; pass a writable --data-dir")
 
 
 def prometheus_argv(binary: str, config_file: Path, data_dir: Path, *, host: str = "127.0.0.1",
@@ -167,11 +183,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is out of range: use 1-65535")
+    data_dir = args.data_dir.resolve()
+    check_data_dir(data_dir)
     binary = find_binary("prometheus")
     src = args.config_file.resolve()
     cfg = render_config(load_config(src), src.parent, ray_discovery_file=args.ray_discovery_file)
-    data_dir = args.data_dir.resolve()
-    config_file = write_config(cfg, data_dir / "prometheus.yml")
+    try:
+        config_file = write_config(cfg, data_dir / "prometheus.yml")
+    except OSError as e:
+        raise UserError(f"cannot write {str(data_dir / 'prometheus.yml')!r} ({e.strerror or type(e).__name__}); "
+                        "pass a writable --data-dir") from None
     argv = prometheus_argv(binary, config_file, data_dir, port=args.port)
     print(f"Prometheus: http://127.0.0.1:{args.port}  (config {config_file}, Ctrl-C stops it)", flush=True)
     log.debug("running %s", argv)

@@ -236,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    if args.metrics_textfile:  # a side output: refuse it now, not after the images are written
+        from stylegen.storage import check_output_file
+
+        check_output_file(args.metrics_textfile, "--metrics-textfile")
     outs = output_paths(args.content, args.out)
     inputs = {Path(x).resolve() for x in [*args.content, args.style]}
     clash = [o for o in outs if o.resolve() in inputs]
@@ -257,9 +261,17 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_textfile:
         from stylegen.metrics import CommandMetrics
 
+        from stylegen.storage import describe_write_error
+
         m = CommandMetrics()
         m.stylized(len(outs))
-        Path(args.metrics_textfile).parent.mkdir(parents=True, exist_ok=True)
-        m.write_textfile(args.metrics_textfile)
-        m.close()
+        try:
+            Path(args.metrics_textfile).parent.mkdir(parents=True, exist_ok=True)
+            m.write_textfile(args.metrics_textfile)  # temp file + rename: nothing half-written
+        except OSError as e:
+            what, fix = describe_write_error(e)
+            raise UserError(f"cannot write --metrics-textfile {args.metrics_textfile!r} ({what}); {fix} or pass "
+                            "another path (the images above were written)") from None
+        finally:
+            m.close()
     return 0

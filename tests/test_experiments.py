@@ -199,3 +199,43 @@ def test_load_sweep_corrupt_raises_usererror(tmp_path):
     (tmp_path / "experiment_state-x.json").write_text('{"trial_data": [[1, 2]]}')
     with pytest.raises(UserError, match="corrupt"):
         load_sweep(tmp_path)
+
+
+# ----------------------------------------------------------------------------- issue 19
+
+def test_sweep_path_with_glob_characters_reads_that_sweep_and_no_other(tmp_path, capsys):
+    # unescaped, 'sw[ab]' is a pattern matching the sibling sweeps 'swa' and 'swb': their files would be read
+    make_sweep(tmp_path / "swa", [dict(FINISHED[0], id="x_00000", scores=[(5, 0.5)])])
+    sweep = make_sweep(tmp_path / "sw[ab]", FINISHED)
+    rows, _ = load_sweep(sweep)
+    by_id = {r.trial_id: r for r in rows}
+    assert set(by_id) == {t["id"] for t in FINISHED}
+    assert by_id["a_00001"].val_score == pytest.approx(2.2)
+    assert by_id["a_00003"].stop_reason.startswith("errored: stylegen.tune.TrialFailed")  # its error.txt was read
+    assert print_best(sweep).trial_id == "a_00001"
+    out = tmp_path / "exp[1]"
+    r = run_cli("best", str(sweep), "--export", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "best.json").read_text())["trial_id"] == "a_00001"
+
+
+def test_export_overwrites_only_an_earlier_export_and_ignores_planted_temp_names(tmp_path):
+    sweep = make_sweep(tmp_path / "sw", FINISHED[:2])
+    out = tmp_path / "exp"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("must not change\n")
+    for name in (".checkpoint.pt.tmp", ".config.toml.tmp", ".best.json.tmp"):  # fixed temp names, planted
+        (out / name).symlink_to(victim)
+    r = run_cli("best", str(sweep), "--export", str(out))
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "must not change\n" and not victim.is_symlink()
+    assert (out / "checkpoint.pt").is_file() and not (out / "checkpoint.pt").is_symlink()
+    again = run_cli("best", str(sweep), "--export", str(out))  # an earlier export is ours to overwrite
+    assert again.returncode == 0, again.stderr
+    (out / "notes.txt").write_text("now it is not only an export\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()}
+    third = run_cli("best", str(sweep), "--export", str(out))
+    assert third.returncode == 2 and third.stdout == ""
+    assert third.stderr.strip().splitlines() == [third.stderr.strip()] and "not an earlier export" in third.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()} == before
