@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import struct
 import subprocess
@@ -72,6 +73,33 @@ class _Payload:
         return (os.system, (self.cmd,))
 
 
+def _fake_sweep(root: Path, *, snapshot: object = None, sweep_config: object = None, results: str | None = None,
+                runtime: str = '{"last_result": {}}', checkpoint: bool = False) -> Path:
+    """A one-trial sweep dir as Tune + Train V2 write it, with any of its files replaced by what is given
+    (an object is written as JSON, a str as is)."""
+    tid = "t_00000"
+    root.mkdir(parents=True)
+    trial = json.dumps({"trial_id": tid, "status": "TERMINATED", "evaluated_params": {"loss.style": 1.0}})
+    (root / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": [[trial, runtime]]}))
+    tdir = root / f"run_trial_{tid}_0_loss_style=1.0"
+    tdir.mkdir()
+    (tdir / "result.json").write_text(results if results is not None else '{"step": 1, "val_score": 1.0}\n')
+    if sweep_config is not None:
+        (root / "sweep_config.json").write_text(sweep_config if isinstance(sweep_config, str) else json.dumps(sweep_config))
+    run = root / "trial_runs" / f"trial-{tid}"
+    run.mkdir(parents=True)
+    if checkpoint:
+        _tiny_checkpoint(run / "step_00000001" / "checkpoint.pt")
+    else:
+        (run / "step_00000001").mkdir()
+        (run / "step_00000001" / "checkpoint.pt").write_bytes(b"x")  # `best` checks its presence only
+    if snapshot is None:
+        snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "step_00000001",
+                                            "metrics": {"step": 1, "val_score": 1.0}}]}
+    (run / "checkpoint_manager_snapshot.json").write_text(snapshot if isinstance(snapshot, str) else json.dumps(snapshot))
+    return root
+
+
 def _tiny_checkpoint(path: Path, config_channels: int = 8, weight_channels: int = 8) -> Path:
     cfg = Config()
     cfg.model = ModelConfig(channels=config_channels, res_blocks=1)
@@ -98,6 +126,25 @@ def inp(tmp_path_factory) -> Path:
     np.savez(d / "keys.npz", images=np.zeros((4, 12288), np.uint8))
     np.savez(d / "shape.npz", data=np.zeros((4, 100), np.uint8), labels=np.ones(4, np.int64))
     (d / "zip.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.savez(d / "floatlabels.npz", data=np.zeros((4, 12288), np.uint8), labels=np.array([1.5, 2.0, 3.7, 4.0]))
+    np.savez_compressed(d / "crc.npz", data=rng.integers(0, 256, (4, 12288), dtype=np.uint8), labels=np.arange(4))
+    raw = bytearray((d / "crc.npz").read_bytes())
+    raw[len(raw) // 3] ^= 0xFF  # inside data.npy's body: the headers stay fine
+    (d / "crc.npz").write_bytes(bytes(raw))
+    os.mkfifo(d / "fifo.png")
+    (d / "foreign").mkdir()
+    (d / "foreign" / "notes.txt").write_text("somebody else's directory\n")
+    _fake_sweep(d / "sweep_ok", checkpoint=True)
+    _fake_sweep(d / "sweep_cfg_list", sweep_config="[]")
+    _fake_sweep(d / "sweep_snap_list", snapshot=[])
+    _fake_sweep(d / "sweep_snap_noname", snapshot={"checkpoint_results": [{"metrics": {"val_score": 1.0}}]})
+    _fake_sweep(d / "sweep_snap_escape", snapshot={"checkpoint_results": [
+        {"checkpoint_dir_name": "../../sweep_ok/trial_runs/trial-t_00000/step_00000001", "metrics": {"val_score": 0.1}}]})
+    _fake_sweep(d / "sweep_snap_torn", snapshot='{"checkpoint_results": [{"checkpoint_dir_name": "step_0')
+    _fake_sweep(d / "sweep_metric_text", snapshot={"checkpoint_results": [
+        {"checkpoint_dir_name": "step_00000001", "metrics": {"step": "one", "val_score": "low"}}]})
+    _fake_sweep(d / "sweep_result_list", results="[1, 2]\n", snapshot={"checkpoint_results": []})
+    _fake_sweep(d / "sweep_runtime_list", runtime="[1]", results="", snapshot={"checkpoint_results": []})
     _tiny_checkpoint(d / "ckpt" / "checkpoint.pt")
     _tiny_checkpoint(d / "misfit.pt", config_channels=16, weight_channels=8)
     torch.save(Generator(ModelConfig(channels=8, res_blocks=1)).state_dict(), d / "bare.pt")
@@ -117,6 +164,9 @@ def inp(tmp_path_factory) -> Path:
         "notatable.toml": "data = 3\n",
         "negative.toml": "[data]\nbatch_size = -4\n",
         "huge.toml": "[train]\nsteps = 99999999999999999999999\n",
+        "hugeint.toml": "[train]\ncheckpoint_every = 99999999999999999999\n",
+        "hugeseed.toml": "[tune]\nseed = 4294967296\n",
+        "slashname.toml": '[ray]\nname = "a/b"\n',
         "invalid.toml": "[data\nbatch_size = 4\n",
         "tiny.toml": f'[train]\nsteps = 2\n[ray]\nname = "tiny"\nstorage = "{d / "ray"}"\n',
     }
@@ -165,7 +215,7 @@ def _stylize(ckpt: str | None = None, content: str = "content.png", style: str =
     def argv(i: Path, w: Path, u: str) -> list[str]:
         a = ["stylize", "--checkpoint", str(i / (ckpt or "ckpt")), "--content", str(i / content),
              "--style", str(i / style), "--out", out.format(i=i, w=w) if out else str(w / "out" / "o.png")]
-        return a + list(extra)
+        return a + [x.replace("<inputs>", str(i)) for x in extra]
     return argv
 
 
@@ -182,9 +232,21 @@ def _config(*a: str):
     return lambda i, w, u: ["config", "show", *[x.format(i=i, w=w) for x in a]]
 
 
+def _show(*a: str):
+    """``config show`` with arguments taken as they are (TOML inline tables hold braces)."""
+    return lambda i, w, u: ["config", "show", *a]
+
+
 def _submit(*a: str, address: str = "http://127.0.0.1:1"):
     return lambda i, w, u: ["submit", "train", "--address", address.format(u=u), "--timeout", "5",
                             *[x.format(i=i, w=w) for x in a]]
+
+
+def _tsdb_file(d: Path) -> str:
+    """A Prometheus data dir whose tsdb is a regular file (Prometheus could not open its storage)."""
+    d.mkdir(parents=True)
+    (d / "tsdb").write_text("not a directory\n")
+    return str(d)
 
 
 def _copy(src: Path, dst: Path) -> str:
@@ -224,6 +286,41 @@ CASES: dict[str, Case] = {
     "config: not UTF-8": Case(_config("--config", "{i}/binary.toml"), "is not valid TOML"),
     "config: missing file": Case(_config("--config", "{i}/nope.toml"), "nope.toml' not found"),
     "config: a directory as file": Case(_config("--config", "{i}/emptydir"), "is a directory; pass a TOML file"),
+    # --- configs: numbers too large for their type, seeds numpy/torch refuse, names that escape the storage
+    "config: int too large for int64 in a file": Case(_config("--config", "{i}/hugeint.toml"),
+                                                       "train.checkpoint_every: 99999999999999999999 is out of range"),
+    "config: int too large for int64 via --set": Case(_config("--set", "optim.warmup_steps=1e300"),
+                                                       "optim.warmup_steps: 1000000000000000052504"),
+    "config: seed >= 2**32 in a file (tune)": Case(lambda i, w, u: ["tune", "--config", str(i / "hugeseed.toml")],
+                                                   "tune.seed: 4294967296 is out of range; expected <= 4294967295"),
+    "config: seed >= 2**64 via --set (train)": Case(
+        lambda i, w, u: ["train", "--local", "--out", str(w / "out"), *TINY, "--set", "train.seed=18446744073709551616"],
+        "train.seed: 18446744073709551616 is out of range"),
+    "config: negative seed": Case(_config("--set", "data.seed=-1"), "data.seed: -1 is out of range"),
+    "config: loguniform on an int key": Case(
+        _show("--set", 'tune.space={ "train.steps" = { loguniform = [10, 100] } }'),
+        "tune.space.train.steps: loguniform samples floats but train.steps is int"),
+    "config: uniform on an int key (tune)": Case(
+        lambda i, w, u: ["tune", "--set", 'tune.space={ "model.res_blocks" = { uniform = [1, 3] } }'],
+        "uniform samples floats but model.res_blocks is int"),
+    "config: randint on a string key": Case(
+        _show("--set", 'tune.space={ "model.fusion" = { randint = [0, 2] } }'), "randint samples integers"),
+    "config: randint of non-integers": Case(
+        _show("--set", 'tune.space={ "train.steps" = { randint = [1.5, 10] } }'), "randint needs integer"),
+    "config: choice of strings for a float key": Case(
+        _show("--set", 'tune.space={ "loss.style" = { choice = ["low", "high"] } }'),
+        "loss.style: expected float, got 'low'"),
+    "config: ray.name with '/' in a file": Case(_config("--config", "{i}/slashname.toml"), "ray.name: 'a/b': use 1-64"),
+    "train: --name '..'": Case(lambda i, w, u: ["train", "--name", "..", *TINY], "ray.name: '..': use 1-64"),
+    "train: --name with '/' (local)": Case(
+        lambda i, w, u: ["train", "--local", "--out", str(w / "out"), "--name", "../../escape", *TINY],
+        "ray.name: '../../escape'"),
+    "tune: --name escaping the storage": Case(lambda i, w, u: ["tune", "--name", "x/../../y"],
+                                              "sweep name (--name) 'x/../../y': use 1-64"),
+    "tune: default sweep name from a bad ray.name": Case(lambda i, w, u: ["tune", "--set", 'ray.name=".hidden"'],
+                                                         "ray.name: '.hidden'"),
+    "submit: --name '..'": Case(_submit("--config", "{i}/tiny.toml", "--name", ".."), "'..': use 1-64",
+                                env={"RAY_AUTH_TOKEN": "a" * 64}),
     # --- missing / odd paths
     "shard: missing source dir": Case(_shard("no_such_dir"), "does not exist"),
     "shard: empty source dir": Case(_shard("emptydir"), "no files found",
@@ -279,6 +376,50 @@ CASES: dict[str, Case] = {
                                    allow_new=("out/manifest.parquet", "out/skipped.parquet")),
     "shard: npz not a zip": Case(_shard("zip.npz"), "not an npz file",
                                  allow_new=("out/manifest.parquet", "out/skipped.parquet")),
+    "shard: npz whose data is corrupt (header fine)": Case(_shard("crc.npz"), "corrupt npz data",
+                                                          allow_new=("out/manifest.parquet", "out/skipped.parquet")),
+    "shard: npz with float labels": Case(_shard("floatlabels.npz"), "npz 'labels' has dtype float64",
+                                         allow_new=("out/manifest.parquet", "out/skipped.parquet")),
+    # --- inputs that are not regular files; an --out this tool did not write
+    "shard: a FIFO": Case(_shard("fifo.png"), "1 not a regular file",
+                          allow_new=("out/manifest.parquet", "out/skipped.parquet")),
+    "shard: a character device": Case(lambda i, w, u: ["shard", "/dev/null", "--out", str(w / "out"), "--workers", "1"],
+                                      "1 not a regular file",
+                                      allow_new=("out/manifest.parquet", "out/skipped.parquet")),
+    "shard: --out a foreign non-empty dir": Case(_shard("content.png", out="{i}/foreign"),
+                                                 "holds no manifest.parquet"),
+    # --- sweeps read by `best`: malformed or half-written Tune/Train files; exports onto what is not ours
+    "best: sweep_config.json not an object": Case(lambda i, w, u: ["best", str(i / "sweep_cfg_list")],
+                                                  "sweep_config.json' is malformed"),
+    "best: snapshot not an object": Case(lambda i, w, u: ["best", str(i / "sweep_snap_list")],
+                                         "checkpoint_manager_snapshot.json' is malformed"),
+    "best: snapshot entry without a dir name": Case(lambda i, w, u: ["best", str(i / "sweep_snap_noname")],
+                                                    "checkpoint_manager_snapshot.json' is malformed"),
+    "best: snapshot entry outside the run": Case(lambda i, w, u: ["best", str(i / "sweep_snap_escape")],
+                                                 "checkpoint_manager_snapshot.json' is malformed"),
+    "best: half-written snapshot": Case(lambda i, w, u: ["best", str(i / "sweep_snap_torn")], "unreadable or corrupt"),
+    "best: metrics that are not numbers": Case(lambda i, w, u: ["best", str(i / "sweep_metric_text")],
+                                               "has a checkpoint with 'val_score'"),
+    "best: result line not an object": Case(lambda i, w, u: ["best", str(i / "sweep_result_list")],
+                                            "has a checkpoint with 'val_score'"),
+    "best: trial runtime not an object": Case(lambda i, w, u: ["best", str(i / "sweep_runtime_list")],
+                                              "a trial entry is not a Tune trial"),
+    "best: --export onto a file": Case(lambda i, w, u: ["best", str(i / "sweep_ok"), "--export", str(i / "a_file")],
+                                       "is a file; pass a new or empty directory"),
+    "best: --export under a file": Case(
+        lambda i, w, u: ["best", str(i / "sweep_ok"), "--export", str(i / "a_file" / "exp")], "is under a file"),
+    "best: --export into a foreign dir": Case(
+        lambda i, w, u: ["best", str(i / "sweep_ok"), "--export", str(i / "foreign")], "not an earlier export"),
+    # --- side outputs that cannot be written: refused before the main output is written
+    "stylize: --metrics-textfile under a regular file": Case(
+        _stylize(extra=("--metrics-textfile", "<inputs>/a_file/m.prom")), "--metrics-textfile"),
+    "stylize: --metrics-textfile is a directory": Case(
+        _stylize(extra=("--metrics-textfile", "<inputs>/emptydir")), "is a directory"),
+    "prometheus: --data-dir under a regular file": Case(
+        lambda i, w, u: ["prometheus", "--data-dir", str(i / "a_file" / "prom"), "--port", "1"], "--data-dir"),
+    "prometheus: tsdb in --data-dir is a file (process)": Case(
+        lambda i, w, u: ["prometheus", "--data-dir", _tsdb_file(w / "prom"), "--port", "1"], "tsdb' is not a directory",
+        proc=True),
     # --- checkpoints: another model, not a checkpoint, empty, pickle payload
     "stylize: checkpoint of another model config": Case(_stylize(ckpt="misfit.pt"), "do not fit its model config"),
     "stylize: random bytes as checkpoint": Case(_stylize(ckpt="random.pt"), "corrupt or not a checkpoint"),
