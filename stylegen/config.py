@@ -239,13 +239,13 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{key}: {v!r} is not a finite number")
             lo, hi = meta.get("lo"), meta.get("hi")
+            if isinstance(v, int) and hi is None:
+                hi = INT_MAX
             if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
                 rel = ">" if meta.get("lo_open") else ">="
                 raise ConfigError(f"{key}: {v!r} is out of range; expected {rel} {lo}" + (f" and <= {hi}" if hi is not None else ""))
             if hi is not None and v > hi:
                 raise ConfigError(f"{key}: {v!r} is out of range; expected <= {hi}")
-            if isinstance(v, int) and hi is None:
-                hi = INT_MAX
 
 
 def _field_map(section_cls: type) -> dict[str, dataclasses.Field]:
@@ -273,13 +273,13 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
             raise ConfigError("loss.style_layers: needs at least one layer")
     if dotted == "tune.space":
         validate_space(coerced)
+    if dotted == "ray.name":
+        check_name(coerced, "ray.name:")
     setattr(getattr(cfg, section), key, coerced)
 
 
 def validate_space(space: dict) -> None:
     """Each key must be a real numeric config key; each value one known distribution."""
-    if dotted == "ray.name":
-        check_name(coerced, "ray.name:")
     for dotted, dist in space.items():
         if dotted.startswith("tune."):
             raise ConfigError(f"tune.space: {dotted!r} cannot be searched (tune settings are not trial parameters)")
@@ -311,11 +311,6 @@ def validate_space(space: dict) -> None:
                 raise ConfigError(f"tune.space: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < TOML file < ``--set section.key=value`` overrides."""
-    cfg = Config()
-    if path is not None:
-        p = Path(path)
 def _check_sampled_type(dotted: str, kind: str, args: list) -> None:
     """uniform/loguniform produce floats and randint ints: the key must hold that type (checking only the
     endpoints would let ``loguniform = [10, 100]`` on an int key through, and every trial then fail)."""
@@ -334,6 +329,11 @@ def _check_sampled_type(dotted: str, kind: str, args: list) -> None:
             raise ConfigError(f"tune.space.{dotted}: randint needs integer [low, high) (high exclusive), got {args!r}")
 
 
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < TOML file < ``--set section.key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
         if p.is_dir():
             raise ConfigError(f"config {str(p)!r} is a directory; pass a TOML file (e.g. jobs/configs/demo.toml)")
         if not p.is_file():
