@@ -56,9 +56,14 @@ class DataConfig:
     val_style: list[str] = _f([], "held-out style shards; empty = the 'val' split beside data.style")
     batch_size: int = _f(16, "per-worker batch size (global batch = batch_size x workers)", lo=1, hi=4096)
     num_workers: int = _f(0, "DataLoader worker processes per training worker", lo=0, hi=64)
-    shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer", lo=0, hi=1_000_000)
+    shuffle_shards: int = _f(4, "training shuffles the samples of this many consecutive shards together (a window: "
+                             "the unit a resumed run seeks to without decoding what it skips)", lo=1, hi=4096)
+    sampling: str = _f("resampled", "'resampled': shards drawn with replacement, an endless stream (fastest); "
+                       "'epoch': every content sample once per epoch across all ranks (remainder dropped)",
+                       choices=("resampled", "epoch"))
     hflip: bool = _f(True, "random horizontal flip of content and style")
-    steps_per_epoch: int = _f(100, "batches every rank yields per epoch (equal on all ranks so DDP never hangs)", lo=1, hi=10_000_000)
+    steps_per_epoch: int = _f(100, "batches every rank yields per epoch (equal on all ranks so DDP never hangs); "
+                              "data.sampling='epoch' derives it from the manifests", lo=1, hi=10_000_000)
     image_size: int = _f(64, "training image side in pixels", lo=16, hi=1024)
     seed: int = _f(0, "data shuffling seed", lo=0, hi=SEED_MAX)
 
