@@ -206,6 +206,13 @@ def read_bytes(url: str | Path, cfg: StorageConfig | None = None) -> bytes:
     return retry(get_obj, url, cfg.retries)
 
 
+def _info(url: str | Path, cfg: StorageConfig | None, what):
+    """``fs.get_file_info(what(path))``, retried on transient faults, failures as OSError."""
+    cfg = cfg or StorageConfig()
+    fs, path = resolve(url, cfg)
+    return retry(lambda: fs.get_file_info(what(path)), str(url), cfg.retries), path
+
+
 def exists(url: str | Path, cfg: StorageConfig | None = None) -> bool:
     url = str(url)
     if scheme(url) in ("http", "https"):
@@ -214,23 +221,20 @@ def exists(url: str | Path, cfg: StorageConfig | None = None) -> bool:
             return True
         except OSError:
             return False
-    fs, path = resolve(url, cfg)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _info(url, cfg, lambda p: p)[0].type != pafs.FileType.NotFound
 
 
 def is_dir(url: str | Path, cfg: StorageConfig | None = None) -> bool:
     if scheme(str(url)) in ("http", "https"):
         return False
-    fs, path = resolve(url, cfg)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return _info(url, cfg, lambda p: p)[0].type == pafs.FileType.Directory
 
 
 def list_files(url: str | Path, pattern: str = "*", cfg: StorageConfig | None = None,
                recursive: bool = False) -> list[str]:
     """Sorted URLs of the files under ``url`` whose name matches ``pattern`` ([] when it is absent)."""
     url = str(url)
-    fs, path = resolve(url, cfg)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+    infos, path = _info(url, cfg, lambda p: pafs.FileSelector(p, allow_not_found=True, recursive=recursive))
     out = []
     for info in infos:
         if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern):
@@ -240,8 +244,7 @@ def list_files(url: str | Path, pattern: str = "*", cfg: StorageConfig | None = 
 
 
 def file_size(url: str, cfg: StorageConfig | None = None) -> int | None:
-    fs, path = resolve(url, cfg)
-    info = fs.get_file_info(path)
+    info = _info(url, cfg, lambda p: p)[0]
     return info.size if info.type == pafs.FileType.File else None
 
 
@@ -325,16 +328,12 @@ def write_bytes(url: str | Path, data: bytes, cfg: StorageConfig | None = None, 
 
 
 def delete(url: str | Path, cfg: StorageConfig | None = None) -> None:
+    cfg = cfg or StorageConfig()
     fs, path = resolve(url, cfg)
     try:
-        fs.delete_file(path)
+        retry(lambda: fs.delete_file(path), str(url), cfg.retries)
     except FileNotFoundError:
         pass
-
-
-def makedirs(url: str | Path, cfg: StorageConfig | None = None) -> None:
-    fs, path = resolve(url, cfg)
-    fs.create_dir(path, recursive=True)
 
 
 def download(url: str, dest: Path, cfg: StorageConfig | None = None) -> Path:

@@ -33,9 +33,10 @@ import itertools
 import logging
 import multiprocessing
 import random
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,28 +198,37 @@ def read_url(url: str, storage_cfg: StorageConfig | None = None) -> bytes:
     return storage.read_bytes(url, storage_cfg)
 
 
+def _read_in_thread(url: str, storage_cfg: StorageConfig | None) -> Future:
+    """The shard's bytes, read by a thread that ends with the read (nothing lingers to shut down)."""
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(read_url(url, storage_cfg))
+        except BaseException as e:  # delivered to the reader by fut.result()
+            fut.set_exception(e)
+    threading.Thread(target=run, name="stylegen-prefetch", daemon=True).start()
+    return fut
+
+
 def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, Future]]:
     """``(url, future of its bytes)``: remote shards are read one ahead in a thread (the read releases
     the GIL), so the download of shard k+1 overlaps the decoding of shard k; local files are read inline."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="stylegen-prefetch")
-    try:
-        pending: tuple[str, Future] | None = None
-        for url in urls:
-            if storage.is_remote(url):
-                fut = pool.submit(read_url, url, storage_cfg)
-            else:
-                fut = Future()
-                try:
-                    fut.set_result(read_url(url, storage_cfg))
-                except OSError as e:
-                    fut.set_exception(e)
-            if pending is not None:
-                yield pending
-            pending = (url, fut)
+    pending: tuple[str, Future] | None = None
+    for url in urls:
+        if storage.is_remote(url):
+            fut = _read_in_thread(url, storage_cfg)
+        else:
+            fut = Future()
+            try:
+                fut.set_result(read_url(url, storage_cfg))
+            except OSError as e:
+                fut.set_exception(e)
         if pending is not None:
             yield pending
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pending = (url, fut)
+    if pending is not None:
+        yield pending
 
 
 def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, bytes, int, int]]:
