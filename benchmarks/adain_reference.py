@@ -27,7 +27,8 @@ from torch import nn
 
 from stylegen import storage
 from stylegen.features import VGGFeatures
-from stylegen.losses import adain, calc_mean_std, content_loss, style_loss_meanstd
+from stylegen.losses import content_loss, style_loss_meanstd
+from stylegen.stats import adain, calc_mean_std
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
 

@@ -21,7 +21,7 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
   (> 1 only on CPUs with AVX512-BF16 or AMX).
 - identity_fraction_train: ``loss.identity_fraction = 0.25`` (G(c, c) for a quarter of the
   batch) vs 1.0, same default step otherwise.
-- mean_std: ``losses.calc_mean_std`` (two-pass mean, then mean of squared deviations) vs
+- mean_std: ``stats.calc_mean_std`` (two-pass mean, then mean of squared deviations) vs
   ``torch.var_mean``, forward + backward over the four style layers' shapes of a batch.
 """
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adain_reference import AdaINReference  # noqa: E402
 
 from stylegen.config import Config, LossConfig  # noqa: E402
-from stylegen.losses import calc_mean_std  # noqa: E402
+from stylegen.stats import calc_mean_std  # noqa: E402
 from stylegen.features import VGGFeatures  # noqa: E402
 from stylegen.models.generator import build_generator  # noqa: E402
 from stylegen.train.step import build_state, train_step  # noqa: E402

@@ -199,7 +199,7 @@ def load_run(path: Path, metric: str, mode: str) -> list[TrialRow]:
         m = _read_json(metrics_file, "run metrics") if metrics_file.is_file() else {}
         if not isinstance(m, dict):
             raise _malformed(metrics_file, "run metrics", "not a JSON object")
-        from stylegen.train.loop import list_checkpoints
+        from stylegen.checkpoint import list_checkpoints
 
         steps = list_checkpoints(path / "checkpoints")
         if steps:

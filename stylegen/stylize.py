@@ -48,59 +48,11 @@ def load_generator(path: str | Path | None, device: str | torch.device = "cpu") 
     file that is not a stylegen checkpoint (random bytes, pickle payloads: loaded with
     weights_only=True), an unreadable config, or weights that do not fit the config.
     """
-    from stylegen.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from stylegen.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint_path
 
     p = shipped_checkpoint() if path is None else resolve_checkpoint_path(path)
     gen, cfg = generator_from_state(load_checkpoint(p, map_location="cpu"), str(p))
     return gen.to(device).eval(), cfg
-
-
-def generator_from_state(state: dict, name: str) -> tuple[Generator, Config]:
-    """A loaded checkpoint dict -> (Generator on CPU in eval mode, its Config); ``name`` is for errors."""
-    from stylegen.config import ConfigError, from_dict
-    from stylegen.models.generator import build_generator
-
-    p = name
-    if not isinstance(state.get("config"), dict) or not isinstance(state.get("generator"), dict):
-        raise UserError(f"checkpoint {p!r} lacks its config or generator weights; "
-                        "pass a checkpoint written by `stylegen train` or `stylegen best --export`")
-    try:
-        cfg = from_dict(state["config"])
-    except ConfigError as e:
-        raise UserError(f"checkpoint {p!r} holds a config this stylegen cannot read ({e}); "
-                        "it was written by another stylegen version") from None
-    gen = build_generator(cfg)
-    problem = state_dict_mismatch(gen.state_dict(), state["generator"])
-    if not problem:
-        try:
-            gen.load_state_dict(state["generator"], strict=True)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            problem = " ".join(str(e).split())[:160]
-    if problem:
-        m = cfg.model
-        raise UserError(f"checkpoint {p!r}: its generator weights do not fit its model config "
-                        f"(fusion={m.fusion}, channels={m.channels}, res_blocks={m.res_blocks}, "
-                        f"adain_levels={m.adain_levels}): {problem}; it was saved from another model "
-                        "config or version") from None
-    log.debug("loaded generator from %s (step %s, %s)", p, state.get("step"), cfg.model)
-    return gen.eval(), cfg
-
-
-def state_dict_mismatch(expected: dict, got: dict) -> str:
-    """'' when ``got`` has exactly ``expected``'s keys and shapes, else a short description."""
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [k for k in expected if k in got and tuple(getattr(got[k], "shape", ())) != tuple(expected[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (first {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{len(shapes)} of another shape (first {k}: {tuple(getattr(got[k], 'shape', ()))} "
-                     f"where the config needs {tuple(expected[k].shape)})")
-    return ", ".join(parts)
 
 
 def parse_size(text: str) -> int | None:

@@ -9,9 +9,9 @@ import torch
 
 from stylegen.config import LossConfig
 from stylegen.features import VGGFeatures
-from stylegen.losses import (TERMS, adain, calc_mean_std, content_loss, d_loss, g_adv_loss, gram_matrix,
-                             loss_terms, pixel_l1, pixel_l2, style_loss_gram, style_loss_meanstd,
-                             target_features, tv_loss, weighted_total)
+from stylegen.losses import (TERMS, content_loss, d_loss, g_adv_loss, loss_terms, pixel_l1, pixel_l2, style_loss_gram,
+                             style_loss_meanstd, target_features, tv_loss, weighted_total)
+from stylegen.stats import adain, calc_mean_std, gram_matrix
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def test_vgg_adain_checkpoint_loads_through_its_config():
     """A checkpoint carries no VGG weights: loading rebuilds them from features.weights."""
     from stylegen.config import to_dict
     from stylegen.models.generator import build_generator
-    from stylegen.stylize import generator_from_state
+    from stylegen.checkpoint import generator_from_state
 
     cfg = _vgg_config()
     g = build_generator(cfg)

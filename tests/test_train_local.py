@@ -59,8 +59,9 @@ def test_local_run_lowers_the_loss(tmp_path, monkeypatch):
     recs = trace_records(tmp_path / "trace")
     assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30]
     assert last["step"] == 30
-    # measured: 0.70 untrained -> 0.35 after 30 steps (plateau from step ~10); demand a 40 % drop
-    assert recs[-1]["val_content"] <= 0.6 * start, (start, [r["val_content"] for r in recs])
+    # measured on the held-out val images (embedded-v2): 0.43 untrained -> 0.27-0.35 after 30 steps
+    # (plateau from step ~10; 0.70 -> 0.35 when the val crops came from the training images); demand 20 %
+    assert recs[-1]["val_content"] <= 0.8 * start, (start, [r["val_content"] for r in recs])
     assert 0.0 <= last["data_wait_frac"] < 1.0 and last["data_skipped"] == 0
     assert (tmp_path / "out" / "checkpoints" / "step_00000030" / "checkpoint.pt").is_file()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["step"] == 30
@@ -176,7 +177,8 @@ def run_polled(tmp_path, steps: int, answers: dict[int, str]):
 
     from stylegen.config import load_config
     from stylegen.features import build_features
-    from stylegen.train.loop import LocalSink, LoopContext, list_checkpoints, training_loop
+    from stylegen.checkpoint import list_checkpoints
+    from stylegen.train.loop import LocalSink, LoopContext, training_loop
     from stylegen.train.step import build_state
 
     cfg = load_config(None, [f"train.steps={steps}", "train.report_every=2", "train.checkpoint_every=100",

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stylegen.losses import adain, calc_mean_std
+from stylegen.stats import adain, calc_mean_std
 
 
 def act() -> nn.Module:

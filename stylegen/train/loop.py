@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import time
@@ -22,11 +21,11 @@ from typing import Callable, Protocol
 import torch
 
 from stylegen import storage
+from stylegen.checkpoint import list_checkpoints
 from stylegen.config import Config, to_dict
 from stylegen.train.step import TrainState, checkpoint_state, train_step, unwrap, validate
 
 log = logging.getLogger(__name__)
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Test/debug hooks (environment, read once per loop; off when unset):
 TRACE_ENV = "STYLEGEN_TRACE_DIR"  # every rank appends each report to DIR/rank<R>.jsonl (pid, step, hashes)
 FAULT_ENV = "STYLEGEN_FAULT_KILL_AT_STEP"  # "N:FLAG": after step N, SIGKILL this process if it can delete FLAG (once)
@@ -320,13 +319,6 @@ def check_writable(out: Path) -> None:
             pass
     except OSError as e:
         raise storage_error(out, e) from None
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """step_XXXXXXXX dirs, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:

@@ -171,7 +171,7 @@ def find_resume_checkpoint() -> dict | None:
 
     from stylegen.checkpoint import load_checkpoint
     from stylegen.errors import UserError
-    from stylegen.train.loop import STEP_DIR
+    from stylegen.checkpoint import STEP_DIR
 
     storage = ray.train.get_context().get_storage()
     fs, root = storage.storage_filesystem, storage.experiment_fs_path

@@ -202,7 +202,7 @@ def checkpoint_state(state: TrainState, cfg_dict: dict, metrics: dict[str, float
 def restore_state(state: TrainState, ckpt: dict) -> None:
     """Load a checkpoint dict into state (models may be DDP-wrapped); another model's checkpoint is a UserError."""
     from stylegen.errors import UserError
-    from stylegen.stylize import state_dict_mismatch
+    from stylegen.checkpoint import state_dict_mismatch
 
     g = unwrap(state.generator)
     problem = state_dict_mismatch(g.state_dict(), ckpt["generator"])
