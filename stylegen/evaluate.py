@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from stylegen.checkpoint import load_checkpoint, resolve_checkpoint_path
     from stylegen.features import VGGFeatures
     from stylegen.objective import CONTENT_LAYER, STYLE_LAYERS
-    from stylegen.stylize import generator_from_state
+    from stylegen.checkpoint import generator_from_state
 
     if not 1 <= args.pairs <= MAX_PAIRS:
         raise UserError(f"--pairs {args.pairs}: must be between 1 and {MAX_PAIRS:,}")
