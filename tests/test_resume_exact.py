@@ -101,3 +101,19 @@ def test_a_changed_worker_count_restarts_the_epoch_with_the_stated_bound(tmp_pat
     assert "at most 24 samples of it are seen twice" in caplog.text  # 3 batches x 2 ranks x batch 4
     resume, epoch = resume_point(cfg, state, LoopContext(device=None, world_size=2))
     assert resume is not None and (resume.epoch, resume.batch) == (1, 3)
+
+
+def test_a_resume_with_another_loader_worker_count_continues_the_same_epoch(tmp_path):
+    """2 DataLoader workers to step 9 (epoch 1, batch 2), then 1 worker: the warning states the bound and
+    training goes on in epoch 1 from its first batch."""
+    trace = tmp_path / "t"
+    run_to_end(train_cmd(tmp_path / "o", 9, "data.num_workers=2"), trace)
+    r = subprocess.run(train_cmd(tmp_path / "o", 16, "data.num_workers=1"), cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 loader worker(s), now 1 x 1: epoch 1 restarts from its first batch" in r.stderr
+    assert "at most 8 samples of it are seen twice" in r.stderr  # 2 batches x 1 rank x batch 4
+    after = [x for x in records(trace)[0] if x["start_step"] == 9]
+    assert after and after[0]["epoch"] == 1 and "data_resume_batch" not in after[0]
+    # steps 10..16 are batches 0..6 of epoch 1 with the new split: the whole epoch, nothing skipped
+    assert after[-1]["step"] == 16 and (after[-1]["data"]["epoch"], after[-1]["data"]["batch"]) == (1, 7)
