@@ -121,6 +121,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = from_dict(config["cfg"])
     os.environ.update(config.get("env") or {})  # the driver's test/debug hook variables (see hook_env)
+    if not config.get("verbose"):
+        quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.train.threads:
@@ -156,6 +158,16 @@ def train_loop_per_worker(config: dict) -> None:
         training_loop(cfg, state, vgg, loop_ctx, RaySink(cfg, rank, run_dir, metrics))
     finally:
         metrics.close()
+
+
+def quiet_train_reports() -> None:
+    """Ray Train logs every report of every rank (the whole metrics dict) and every checkpoint at
+    INFO, streamed to the driver: at WARNING unless ``stylegen -v``. (Ray names one of those
+    loggers by its module's file path.)"""
+    from ray.train.v2._internal.execution import context, storage as train_storage
+
+    for name in (context.__file__, train_storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def find_resume_checkpoint() -> dict | None:
@@ -219,7 +231,8 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir, "env": hook_env(),
-                           "stop": stop_actor, "progress": progress},
+                           "stop": stop_actor, "progress": progress,
+                           "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
