@@ -19,6 +19,7 @@ credentials, endpoint down) become one :class:`UserError` line naming the URL an
 from __future__ import annotations
 
 import errno
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -366,6 +367,9 @@ def check_access(url: str, cfg: StorageConfig | None = None, *, write: bool = Fa
     url = str(url)
     if not is_remote(url):
         return
+    # two attempts, not storage.retries: a dead endpoint is reported in well under a second instead
+    # of after the SDK's full backoff (~5 s per call at 5 attempts); the work itself keeps all retries
+    cfg = dataclasses.replace(cfg or StorageConfig(), retries=min((cfg or StorageConfig()).retries, 2))
     try:
         if scheme(url) in ("http", "https"):
             read_bytes(url, cfg)
