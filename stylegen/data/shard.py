@@ -334,6 +334,8 @@ def build_shards(sources: list[str], out: str | Path, params: ShardParams = Shar
     if not storage.is_remote(out):
         out = str(storage.local_path(out))
     images, npzs, disc_skips = discover(sources)
+    if storage.is_remote(out):  # a missing bucket or a dead endpoint: one line now, not after retries
+        storage.check_access(out, what="--out")
     _check_ours(out)
     _check_writable(out)
     plan = plan_units(images, npzs, params)
