@@ -555,6 +555,7 @@ def test_only_safe_deserialisers():
 
 # ----------------------------------------------------------------------------- secrets
 
+@pytest.mark.slow  # trains or kills real subprocesses: not in make test-fast
 def test_token_canary_never_in_run_outputs_or_logs(tmp_path):
     """A local training run with a Ray token in its environment (and in ~/.ray/auth_token), debug
     logging on and the /metrics endpoint up: the token appears in no file the run writes, nor its output."""

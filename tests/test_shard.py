@@ -226,6 +226,7 @@ def test_resume_keeps_good_shards_and_rebuilds_the_rest(tmp_path):
     assert verify(out)[2] == []
 
 
+@pytest.mark.slow  # trains or kills real subprocesses: not in make test-fast
 def test_resume_after_real_kill(tmp_path):
     for i in range(300):
         save(tmp_path / "src" / f"{i:03d}.png", gradient(96, 96, i))
@@ -365,6 +366,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow  # trains or kills real subprocesses: not in make test-fast
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_file_size_limit_during_shard_is_one_line_and_leaves_no_partial_file(tmp_path, workers):
     for i in range(24):
