@@ -185,6 +185,12 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
+# Keys that existed once: a config file naming one gets a line saying what replaced it; a checkpoint's
+# config holding one still loads (from_dict drops it).
+RETIRED: dict[str, str] = {
+    "data.shuffle_buffer": "training shuffles within windows of data.shuffle_shards shards (so a resumed run can "
+                           "seek to its exact data position)",
+}
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "choice": None, "randint": 2, "grid": None}
 
@@ -265,6 +271,8 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section {section!r}; valid sections: {', '.join(SECTIONS)}")
     fields = _field_map(SECTIONS[section])
+    if dotted in RETIRED:
+        raise ConfigError(f"config key {dotted!r} was retired: {RETIRED[dotted]}; remove it")
     if key not in fields:
         raise ConfigError(f"unknown config key {dotted!r}; valid keys in [{section}]: {', '.join(fields)}")
     tp = typing.get_type_hints(SECTIONS[section])[key]
@@ -373,6 +381,10 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(data: dict) -> Config:
+    """The Config a checkpoint or a Ray worker carries; keys retired since it was written are dropped
+    (they no longer change anything), so older checkpoints keep loading."""
+    data = {sec: ({k: v for k, v in vals.items() if f"{sec}.{k}" not in RETIRED} if isinstance(vals, dict) else vals)
+            for sec, vals in data.items()}
     return apply_dict(Config(), data)
 
 

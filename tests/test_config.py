@@ -129,3 +129,13 @@ def test_search_space_samples_only_valid_values():
         assert cfg.model.adain_levels in (1, 2, 3) and isinstance(cfg.train.steps, int)
     with pytest.raises(ConfigError, match="loguniform samples floats"):
         search_space({"train.steps": {"loguniform": [10, 100]}})
+
+
+def test_a_retired_key_is_one_line_in_a_config_and_dropped_from_an_old_checkpoint_config():
+    from stylegen.config import from_dict, to_dict
+
+    with pytest.raises(ConfigError, match="data.shuffle_buffer' was retired: .*data.shuffle_shards"):
+        load_config(None, ["data.shuffle_buffer=100"])
+    old = to_dict(load_config(None, []))
+    old["data"]["shuffle_buffer"] = 1000  # what checkpoints written before the key was retired hold
+    assert from_dict(old).data.shuffle_shards == 4
