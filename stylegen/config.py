@@ -128,6 +128,8 @@ class TrainConfig:
     cpu_bf16: bool = _f(False, "bf16 autocast on CPU too: ~1.7x faster steps on CPUs with AVX512-BF16 or AMX, "
                         "much slower without (benchmarks/bench_model.py measures it); losses stay float32")
     threads: int = _f(0, "torch threads per process; 0 = leave torch's default", lo=0, hi=256)
+    peak_flops: float = _f(0.0, "peak FLOP/s of one worker's device, for MFU; 0 = a default by device type "
+                           "(known GPUs' dense bf16 peak, 153.6 GFLOP/s fp32 per CPU thread)", lo=0.0)
 
 
 @dataclass(kw_only=True)

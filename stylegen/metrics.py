@@ -85,6 +85,9 @@ TRAIN_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("stylegen_checkpoint_last_success_timestamp_seconds", "gauge",
                "unix time of the last successful checkpoint save"),
     MetricSpec("stylegen_worker_restarts_total", "counter", "times this worker resumed after a failure"),
+    MetricSpec("stylegen_train_flops_per_second", "gauge",
+               "achieved FLOP/s of this worker (FLOPs of one step, counted once, x steps per second)"),
+    MetricSpec("stylegen_train_mfu_ratio", "gauge", "model FLOPs utilisation: achieved / train.peak_flops (0-1)"),
     MetricSpec("stylegen_data_resume_position", "gauge",
                "where the data stream of the last resume continued: the epoch and the batch in it", ("field",)),
     MetricSpec("stylegen_data_seek_seconds", "gauge", "time the last resume took to reach its first batch"),
@@ -331,6 +334,10 @@ class TrainMetrics:
 
     def worker_restart(self) -> None:
         self._sink.inc("stylegen_worker_restarts_total", 1.0, self.tags)
+
+    def throughput(self, flops_per_s: float, mfu: float) -> None:
+        self._sink.set("stylegen_train_flops_per_second", float(flops_per_s), self.tags)
+        self._sink.set("stylegen_train_mfu_ratio", float(mfu), self.tags)
 
     def data_resumed(self, epoch: int, batch: int, seek_s: float) -> None:
         self._sink.set("stylegen_data_resume_position", float(epoch), {**self.tags, "field": "epoch"})

@@ -191,3 +191,39 @@ def test_command_metrics_textfile(tmp_path):
     url = c.serve(port=0)
     assert _value(_scrape(url), "stylegen_stylize_images_total") == 3
     c.close()
+
+
+def test_flops_are_counted_by_hand_for_a_conv_and_the_loop_reports_mfu_against_the_peak():
+    import torch
+
+    from stylegen.config import load_config
+    from stylegen.features import build_features
+    from stylegen.flops import count_flops
+    from stylegen.train.loop import LoopContext, training_loop
+    from stylegen.train.step import build_state
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    _, flops = count_flops(lambda: conv(x).sum().backward())
+    fwd = 2 * 8 * 3 * 3 * 3 * 16 * 16 * 2  # 2 FLOPs per multiply-add, per output pixel and sample
+    assert flops == 3 * fwd  # forward, grad of the input, grad of the weight
+
+    cfg = load_config(None, ["train.steps=4", "train.report_every=2", "train.checkpoint_every=100",
+                             "train.sample_every=100", "train.val_pairs=2", "data.batch_size=2", "model.channels=4",
+                             "model.res_blocks=1", "features.weights=random", "metrics.enabled=false",
+                             "train.peak_flops=1e12"])
+    reports = []
+
+    class Sink:
+        def report(self, state, metrics, checkpoint, grid_index, val_pairs):
+            reports.append(dict(metrics))
+
+    dev = torch.device("cpu")
+    vgg = build_features(cfg.features)
+    training_loop(cfg, build_state(cfg, dev), vgg, LoopContext(device=dev, progress=False), Sink())
+    _, vgg_fwd = count_flops(lambda: vgg(torch.rand(2, 3, 64, 64), layers=("relu4_1",)))  # the losses' deepest
+    for r in reports:
+        assert r["flops_per_s"] > 0 and r["mfu"] == pytest.approx(r["flops_per_s"] / 1e12)
+    # one step runs at least VGG over content, style and output, and the output's backward through it
+    step_flops = reports[-1]["flops_per_s"] * 2 / reports[-1]["img_per_s"]  # FLOP/s / steps/s, 1 worker
+    assert step_flops >= 4 * vgg_fwd, (step_flops, vgg_fwd)

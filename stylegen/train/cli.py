@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"run directory: {out.resolve()}")
         print(f"checkpoints:   {(out / 'checkpoints').resolve()}")
         print(f"result grids:  {(out / 'samples').resolve()}")
-        print(f"final val_score={metrics.get('val_score', float('nan')):.4f}")
+        print(f"final val_score={metrics.get('val_score', float('nan')):.4f}  {throughput_line(metrics)}")
         return 0
 
     from stylegen.train.ray_worker import fit
@@ -70,5 +70,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"best checkpoint:   {where(best)}")
     grids = f" and {run_dir}/samples" if not storage.is_remote(run_dir) else ""
     print(f"result grids: in each checkpoint directory (epoch_XXXX.png){grids}")
-    print(f"final metrics: val_score={result.metrics.get('val_score', float('nan')):.4f} step={result.metrics.get('step')}")
+    print(f"final metrics: val_score={result.metrics.get('val_score', float('nan')):.4f} step={result.metrics.get('step')}  "
+          f"{throughput_line(result.metrics)}")
     return 0
+
+
+def throughput_line(metrics: dict) -> str:
+    """'img/s, GFLOP/s per worker, MFU' of the last report (empty for a run that reported nothing new)."""
+    if "flops_per_s" not in metrics:
+        return ""
+    return (f"img/s={metrics.get('img_per_s', 0):.1f} GFLOP/s per worker={metrics['flops_per_s'] / 1e9:.1f} "
+            f"MFU={100 * metrics.get('mfu', 0):.1f}% (train.peak_flops sets the peak)")

@@ -23,6 +23,7 @@ import torch
 from stylegen import storage
 from stylegen.checkpoint import list_checkpoints
 from stylegen.config import Config, to_dict
+from stylegen.flops import count_flops, default_peak_flops, mfu
 from stylegen.train.step import TrainState, checkpoint_state, train_step, unwrap, validate
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
     resumed: dict[str, float] = {}
     wait_sum = step_sum = 0.0
     t_img, n_img = time.perf_counter(), 0
+    step_flops = 0  # counted at the first step
+    peak = tc.peak_flops or default_peak_flops(ctx.device, tc.threads)
     skipped_before = 0  # corrupt samples/shards skipped in earlier epochs
     trace = Trace(ctx.rank, ctx.world_size, state.step)
     fault = fault_kill_step()
@@ -172,9 +175,15 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                     ctx.metrics.data_resumed(resume.epoch, resume.batch, t0 - t_seek)
                 resume = None
             trace.batch(state.step + 1, content, style)
-            terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                               total_steps=tc.steps, device=ctx.device, amp=tc.amp,
-                               cpu_bf16=tc.cpu_bf16)
+            def step_once():
+                return train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                                  total_steps=tc.steps, device=ctx.device, amp=tc.amp, cpu_bf16=tc.cpu_bf16)
+            if step_flops:
+                terms = step_once()
+            else:  # the first step of this process is counted once (FLOPs do not change between steps)
+                terms, step_flops = count_flops(step_once)
+                log.info("rank %d: %.3g FLOPs per training step (%.3g per sample)", ctx.rank, step_flops,
+                         step_flops / len(content))
             dur = time.perf_counter() - t0
             wait_sum += wait
             step_sum += dur + wait
@@ -201,9 +210,14 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 now = time.perf_counter()
                 last = {**{f"loss_{k}": v for k, v in terms.items()}, **val, "step": step,
                         "epoch": epoch, "img_per_s": n_img * ctx.world_size / max(now - t_img, 1e-9),
+                        # per worker: this rank's steps since the last report x the FLOPs of one
+                        "flops_per_s": step_flops * n_img / batch / max(now - t_img, 1e-9),
                         "data_wait_frac": wait_sum / max(step_sum, 1e-9),
                         "data_skipped": skipped_before + loader.skipped,
                         "param_checksum": param_checksum(state.generator), **resumed}
+                last["mfu"] = mfu(last["flops_per_s"], peak)
+                if ctx.metrics is not None:
+                    ctx.metrics.throughput(last["flops_per_s"], last["mfu"])
                 t_img, n_img, wait_sum, step_sum = now, 0, 0.0, 0.0
                 if ctx.metrics is not None:
                     ctx.metrics.val(val["val_score"])
