@@ -47,6 +47,15 @@ class S3:
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, even by SIGKILL (a killed
+    pytest would otherwise leave the server running; Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def start_server(port: int | None = None, log_path: str | None = None,
                  free_requests: int | None = None) -> tuple[subprocess.Popen, str]:
     """``free_requests``: after that many unauthenticated requests the server checks credentials
@@ -57,7 +66,7 @@ def start_server(port: int | None = None, log_path: str | None = None,
     if free_requests is not None:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(free_requests)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=out, stderr=subprocess.STDOUT, env=env)
+                            stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s3server import S3, free_port, s3, s3_server  # noqa: F401  (fixtures)
+from s3server import S3, die_with_parent, free_port, s3, s3_server  # noqa: F401  (fixtures)
 from stylegen import storage
 from stylegen.checkpoint import load_checkpoint, save_checkpoint
 from stylegen.config import DataConfig, StorageConfig
@@ -238,7 +238,7 @@ def test_throttling_5xx_and_resets_are_retried_for_shard_reads_and_checkpoint_wr
 
     port, counter = free_port(), tmp_path / "faults"
     proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("faultproxy.py")),
-                              s3.endpoint.rsplit(":", 1)[1], str(port), "3", str(counter)])
+                              s3.endpoint.rsplit(":", 1)[1], str(port), "3", str(counter)], preexec_fn=die_with_parent)
     try:
         import urllib.request
 
@@ -304,7 +304,8 @@ def test_brace_patterns_on_s3_and_shards_over_plain_http_read_like_local(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(first_batches(s3.url("raw", "train-{000000..000003}.tar")), want))
     port = free_port()
     web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
-                            str(local)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            str(local)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           preexec_fn=die_with_parent)
     try:
         import socket
         import time
