@@ -280,7 +280,7 @@ def test_unreachable_address_is_one_line_and_fast(tmp_path, tiny_config):
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
     c = raycluster.start_local_cluster(state, port=raycluster.free_port(), dashboard_port=raycluster.free_port(),
-                                       num_cpus=2)
+                                       num_cpus=2, timeout=240)  # a busy 2-core box: the head once took > 90 s
     try:
         yield c
     finally:
