@@ -214,23 +214,6 @@ def _info(url: str | Path, cfg: StorageConfig | None, what):
     return retry(lambda: fs.get_file_info(what(path)), str(url), cfg.retries), path
 
 
-def exists(url: str | Path, cfg: StorageConfig | None = None) -> bool:
-    url = str(url)
-    if scheme(url) in ("http", "https"):
-        try:
-            read_bytes(url, cfg)
-            return True
-        except OSError:
-            return False
-    return _info(url, cfg, lambda p: p)[0].type != pafs.FileType.NotFound
-
-
-def is_dir(url: str | Path, cfg: StorageConfig | None = None) -> bool:
-    if scheme(str(url)) in ("http", "https"):
-        return False
-    return _info(url, cfg, lambda p: p)[0].type == pafs.FileType.Directory
-
-
 def list_files(url: str | Path, pattern: str = "*", cfg: StorageConfig | None = None,
                recursive: bool = False) -> list[str]:
     """Sorted URLs of the files under ``url`` whose name matches ``pattern`` ([] when it is absent)."""

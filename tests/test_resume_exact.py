@@ -7,7 +7,6 @@ by the ``STYLEGEN_TRACE_DIR`` hook), and ends with the same parameters.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,26 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from test_ray_train import batches_by_step, read_trace  # tests/ is on sys.path (pytest prepend mode)
 from tiny import DEMO, ROOT
 from tiny import TINY_NO_GRIDS as TINY
 
 # two epochs of 7 batches: resumes land mid-epoch and cross an epoch boundary
 SETS = [*TINY, "data.steps_per_epoch=7", "data.shuffle_shards=2", "train.report_every=2",
         "train.checkpoint_every=4"]
-
-
-def records(trace: Path) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for f in sorted(trace.glob("rank*.jsonl")):
-        out[int(f.stem[4:])] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-    return out
-
-
-def batches_by_step(recs: list[dict]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for r in recs:
-        out.update({int(k): v for k, v in r["batches"].items()})
-    return out
 
 
 def train_cmd(out: Path, steps: int, *extra: str) -> list[str]:
@@ -53,7 +39,7 @@ def run_to_end(cmd: list[str], trace: Path) -> None:
 def test_local_run_stopped_by_sigterm_and_resumed_is_the_same_run(tmp_path):
     steps = 16
     run_to_end(train_cmd(tmp_path / "a", steps), tmp_path / "ta")
-    ref = records(tmp_path / "ta")[0]
+    ref = read_trace(tmp_path / "ta")[0]
     ref_batches = batches_by_step(ref)
     assert sorted(ref_batches) == list(range(1, steps + 1))
 
@@ -64,7 +50,7 @@ def test_local_run_stopped_by_sigterm_and_resumed_is_the_same_run(tmp_path):
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(r["step"] >= 9 for r in records(trace).get(0, [])):
+            if any(r["step"] >= 9 for r in read_trace(trace).get(0, [])):
                 break
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
@@ -72,11 +58,11 @@ def test_local_run_stopped_by_sigterm_and_resumed_is_the_same_run(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    stopped = records(trace)[0]
+    stopped = read_trace(trace)[0]
     stop_step = stopped[-1]["step"]
     assert 9 <= stop_step < steps and stopped[-1]["checkpoint"], err[-2000:]
     run_to_end(train_cmd(tmp_path / "b", steps), trace)
-    both = records(trace)[0]
+    both = read_trace(trace)[0]
     resumed = [r for r in both if r["start_step"] == stop_step]
     assert resumed and resumed[0]["data_resume_batch"] == stop_step % 7  # mid-epoch, where it stopped
     assert resumed[0]["data_resume_epoch"] == stop_step // 7
@@ -113,7 +99,7 @@ def test_a_resume_with_another_loader_worker_count_continues_the_same_epoch(tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 loader worker(s), now 1 x 1: epoch 1 restarts from its first batch" in r.stderr
     assert "at most 8 samples of it are seen twice" in r.stderr  # 2 batches x 1 rank x batch 4
-    after = [x for x in records(trace)[0] if x["start_step"] == 9]
+    after = [x for x in read_trace(trace)[0] if x["start_step"] == 9]
     assert after and after[0]["epoch"] == 1 and "data_resume_batch" not in after[0]
     # steps 10..16 are batches 0..6 of epoch 1 with the new split: the whole epoch, nothing skipped
     assert after[-1]["step"] == 16 and (after[-1]["data"]["epoch"], after[-1]["data"]["batch"]) == (1, 7)
