@@ -302,7 +302,7 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
 
 def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: bool = False):
     """Run (or resume) the sweep; returns the ResultGrid. Writes the sweep report into the sweep dir."""
-    from stylegen.experiments import write_sweep_report
+    from stylegen.best import write_sweep_report
     from stylegen.storage import check_access
     from stylegen.train.ray_worker import ensure_ray
 
@@ -320,7 +320,7 @@ def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: b
 
 def run(args: argparse.Namespace) -> int:
     from stylegen.config import load_config
-    from stylegen.experiments import print_best
+    from stylegen.best import print_best
 
     cfg = load_config(args.config, [*args.overrides, *tune_overrides(args)])
     sweep = check_name(args.name or f"{cfg.ray.name}-sweep", "sweep name (--name)")

@@ -99,7 +99,7 @@ def test_checkpoint_manifest_and_export_writes_fsync_their_directory(tmp_path, m
     n = len(synced_dirs)
     shardio.write_shard_file(tmp_path / "sh" / "train-000000.tar", b"\0" * 1024)
     assert len(synced_dirs) == n  # no fsync for shards
-    from stylegen.experiments import TrialRow, export
+    from stylegen.best import TrialRow, export
 
     save_checkpoint(tmp_path / "run" / "checkpoint.pt", {"step": 1, "config": {}, "metrics": {}})
     n = len(synced_dirs)

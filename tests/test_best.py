@@ -1,6 +1,6 @@
 """`stylegen best` on synthetic sweep directories (the files Tune and Train V2 write), no Ray.
 
-What a sweep dir holds (see stylegen/experiments.py): experiment_state-*.json (trial
+What a sweep dir holds (see stylegen/best.py): experiment_state-*.json (trial
 status + sampled params), one dir per trial with result.json (its reports), and
 trial_runs/trial-<id>/ (the Train run: checkpoint_manager_snapshot.json + checkpoints).
 """
@@ -18,7 +18,7 @@ import pytest
 
 from stylegen.config import Config, to_dict
 from stylegen.errors import UserError
-from stylegen.experiments import load_sweep, print_best, ranked, write_sweep_report
+from stylegen.best import load_sweep, print_best, ranked, write_sweep_report
 
 TINY = {"model.channels": 8, "model.res_blocks": 1}
 
@@ -146,7 +146,7 @@ def test_best_reads_a_big_sweep_without_torch_or_ray(tmp_path, capsys):
     assert best.trial_id == "b_00000"
     # what keeps `stylegen best` fast: a fresh interpreter reads the 40 trials without importing
     # torch or ray (asserted by what is imported, not by a wall-clock figure)
-    code = ("import sys; from pathlib import Path; from stylegen.experiments import print_best; "
+    code = ("import sys; from pathlib import Path; from stylegen.best import print_best; "
             f"assert print_best(Path({str(tmp_path / 'big')!r}), top=10).trial_id == 'b_00000'; "
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
