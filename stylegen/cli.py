@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "best": ("stylegen.experiments", "best trial/checkpoint of a finished (or running) sweep or run, offline"),
     "stylize": ("stylegen.stylize", "stylize images with a checkpoint (default: the shipped model)"),
     "eval": ("stylegen.evaluate", "content/style/PSNR metrics of a checkpoint against reference points"),
-    "submit": ("stylegen.submit", "submit a train or tune job to a Ray cluster (token auth)"),
+    "serve": ("stylegen.serve", "serve the generator over HTTP on Ray Serve: POST /stylize and a web page at /"),
+    "submit": ("stylegen.submit", "submit a train, tune or serve job to a Ray cluster (token auth)"),
     "prometheus": ("stylegen.prom", "run Prometheus on loopback with infra/prometheus config"),
 }
 

@@ -101,11 +101,28 @@ COMMAND_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("stylegen_stylize_images_total", "counter", "images written by 'stylegen stylize'"),
 )
 
-METRIC_NAMES: tuple[str, ...] = tuple(s.name for s in TRAIN_SPECS + COMMAND_SPECS)
+SERVE_LABELS = ("run", "trial")  # of the served model: its run (or "shipped") and sweep trial
+SERVE_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SERVE_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+SERVE_SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec("stylegen_serve_requests_total", "counter", "HTTP requests answered by 'stylegen serve'",
+               ("route", "code")),
+    MetricSpec("stylegen_serve_request_duration_seconds", "histogram",
+               "time a replica took to answer one request (upload read, decode, batch queue, model, PNG)",
+               ("route",), buckets=SERVE_LATENCY_BUCKETS),
+    MetricSpec("stylegen_serve_request_seconds_total", "counter", "exact sum of the request times (Ray estimates "
+               "a histogram's _sum)", ("route",)),
+    MetricSpec("stylegen_serve_batch_size", "histogram", "requests per model call of the request batcher",
+               buckets=SERVE_BATCH_BUCKETS),
+    MetricSpec("stylegen_serve_images_total", "counter", "images stylized by 'stylegen serve'"),
+    MetricSpec("stylegen_serve_errors_total", "counter", "requests refused or failed, by reason", ("reason",)),
+)
+
+METRIC_NAMES: tuple[str, ...] = tuple(s.name for s in TRAIN_SPECS + COMMAND_SPECS + SERVE_SPECS)
 SHARD_RESULTS = ("written", "skipped")
 
 
-def series_names(specs: tuple[MetricSpec, ...] = TRAIN_SPECS + COMMAND_SPECS) -> frozenset[str]:
+def series_names(specs: tuple[MetricSpec, ...] = TRAIN_SPECS + COMMAND_SPECS + SERVE_SPECS) -> frozenset[str]:
     """Every sample name Prometheus stores for ``specs`` (histograms: _bucket, _sum, _count)."""
     out: set[str] = set()
     for s in specs:
@@ -400,6 +417,53 @@ class CommandMetrics:
         from prometheus_client import write_to_textfile  # temp file + rename
 
         write_to_textfile(path, self._sink.registry)
+
+    def close(self) -> None:
+        self._sink.close()
+
+
+# ----------------------------------------------------------------------------- serving
+
+class ServeMetrics:
+    """What one ``stylegen serve`` replica reports (``SERVE_SPECS``); labels ``run``/``trial`` of its model."""
+
+    def __init__(self, sink: _Sink, *, run: str, trial: str = ""):
+        self._sink, self.tags = sink, {"run": run, "trial": trial}
+        self._sink.inc("stylegen_serve_images_total", 0.0, self.tags)
+
+    @classmethod
+    def create(cls, backend: str, *, run: str, trial: str = "") -> "ServeMetrics":
+        """``backend``: "ray" (a replica: Ray's metrics agent exports), "prometheus" (private registry, not
+        served: ``exposition()`` for tests) or "none"."""
+        if backend == "ray":
+            return cls(_RaySink(SERVE_SPECS, SERVE_LABELS), run=run, trial=trial)
+        if backend == "prometheus":
+            return cls(_ClientSink(SERVE_SPECS, SERVE_LABELS), run=run, trial=trial)
+        if backend == "none":
+            return cls(_NullSink(), run=run, trial=trial)
+        raise UserError(f"unknown metrics backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+    def request(self, route: str, code: int, seconds: float) -> None:
+        t = {**self.tags, "route": route}
+        self._sink.inc("stylegen_serve_requests_total", 1.0, {**t, "code": str(code)})
+        self._sink.observe("stylegen_serve_request_duration_seconds", max(seconds, 0.0), t)
+        self._sink.inc("stylegen_serve_request_seconds_total", max(seconds, 0.0), t)
+
+    def batch(self, size: int) -> None:
+        self._sink.observe("stylegen_serve_batch_size", float(size), self.tags)
+
+    def images(self, n: int = 1) -> None:
+        self._sink.inc("stylegen_serve_images_total", float(n), self.tags)
+
+    def error(self, reason: str) -> None:
+        self._sink.inc("stylegen_serve_errors_total", 1.0, {**self.tags, "reason": reason})
+
+    def exposition(self) -> bytes:
+        if isinstance(self._sink, _ClientSink):
+            from prometheus_client import generate_latest
+
+            return generate_latest(self._sink.registry)
+        return b""
 
     def close(self) -> None:
         self._sink.close()

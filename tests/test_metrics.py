@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stylegen.errors import UserError
-from stylegen.metrics import (COMMAND_SPECS, METRIC_NAMES, TRAIN_SPECS, CommandMetrics, TrainMetrics,
+from stylegen.metrics import (COMMAND_SPECS, METRIC_NAMES, SERVE_SPECS, TRAIN_SPECS, CommandMetrics, TrainMetrics,
                               series_names)
 
 LOSSES = {"content": 1.25, "style": 3.5, "adv": 0.5, "total": 7.0}
@@ -73,7 +73,7 @@ def test_exposition_follows_naming_rules(metrics):
     resume = {s.labels["field"]: s.value for f in families if f.name == "stylegen_data_resume_position"
               for s in f.samples}
     assert resume == {"epoch": 2.0, "batch": 17.0}
-    assert set(METRIC_NAMES) == {s.name for s in TRAIN_SPECS + COMMAND_SPECS}
+    assert set(METRIC_NAMES) == {s.name for s in TRAIN_SPECS + COMMAND_SPECS + SERVE_SPECS}
     assert all(n.startswith("stylegen_") for n in METRIC_NAMES)
 
 
