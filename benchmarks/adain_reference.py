@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from stylegen import storage
+from stylegen.config import STYLE_LAYERS
 from stylegen.features import VGGFeatures
 from stylegen.losses import content_loss, style_loss_meanstd
 from stylegen.stats import adain, calc_mean_std
-
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
 
 
 def _conv(cin: int, cout: int, relu: bool = True) -> list[nn.Module]:

@@ -32,12 +32,15 @@ def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = No
     return field(default=default, metadata=meta)
 
 
-LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")  # the VGG19 features stylegen.features returns
+STYLE_LAYERS = LAYERS[:4]  # relu1_1..relu4_1, as the AdaIN paper: the style loss's default, the objective, Gatys
+CONTENT_LAYER = "relu4_1"
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and Tune's search seed take 0 <= seed < 2**32
 INT_MAX = 2**63 - 1  # every int key is held in an int64 somewhere (torch, numpy, Ray): the bound of keys without one
 # Run and sweep names become a directory under the storage root and part of a job's submission id:
 # no '/', no '..', no leading '.', '-' or '_' (a hidden dir, a flag), at most 64 characters.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+HOOK_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(=.*)?", re.DOTALL)  # train.hooks entries
 
 
 def check_name(name: str, what: str = "run name") -> str:
@@ -97,8 +100,8 @@ class LossConfig:
                                   "(each costs a generator forward + backward)",
                                   lo=0.0, hi=1.0, lo_open=True)
     normalize: bool = _f(True, "divide content/style/gram by the batch's trivial answers' losses (scale-free, as eval scores)")
-    content_layer: str = _f("relu4_1", "VGG layer for the content loss", choices=LAYERS)
-    style_layers: list[str] = _f(["relu1_1", "relu2_1", "relu3_1", "relu4_1"], "VGG layers for style losses")
+    content_layer: str = _f(CONTENT_LAYER, "VGG layer for the content loss", choices=LAYERS)
+    style_layers: list[str] = _f(list(STYLE_LAYERS), "VGG layers for style losses")
 
 
 @dataclass(kw_only=True)
@@ -130,6 +133,10 @@ class TrainConfig:
     threads: int = _f(0, "torch threads per process; 0 = leave torch's default", lo=0, hi=256)
     peak_flops: float = _f(0.0, "peak FLOP/s of one worker's device, for MFU; 0 = a default by device type "
                            "(known GPUs' dense bf16 peak, 153.6 GFLOP/s fp32 per CPU thread)", lo=0.0)
+    hooks: list[str] = _f([], "step hooks, a test/extension point (empty in production): each 'pkg.module:factory' "
+                          "or 'pkg.module:factory=ARG' is imported in every training process and factory(ARG) "
+                          "returns a callable that gets each StepEvent (stylegen/train/loop.py); the tests' "
+                          "trace and fault hooks are in tests/hooks.py")
 
 
 @dataclass(kw_only=True)
@@ -290,6 +297,10 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
         validate_space(coerced)
     if dotted == "ray.name":
         check_name(coerced, "ray.name:")
+    if dotted == "train.hooks":
+        for spec in coerced:
+            if not HOOK_RE.fullmatch(spec):
+                raise ConfigError(f"train.hooks: {spec!r} is not 'pkg.module:factory' or 'pkg.module:factory=ARG'")
     setattr(getattr(cfg, section), key, coerced)
 
 

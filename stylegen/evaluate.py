@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 from stylegen import storage
+from stylegen.config import CONTENT_LAYER, STYLE_LAYERS
 from stylegen.errors import UserError
+from stylegen.images import to_float
 
 log = logging.getLogger(__name__)
 FORMAT = "stylegen-eval-v1"
@@ -73,8 +75,7 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
     from stylegen.objective import generate, psnr, score
 
     generator.eval()
-    c = content_u8.to(device).float().div(255.0)
-    s = style_u8.to(device).float().div(255.0)
+    c, s = to_float(content_u8, device), to_float(style_u8, device)
     with torch.inference_mode():
         out = generate(generator, c, s, batch=batch)
         recon = generate(generator, c, c, batch=batch)
@@ -189,10 +190,8 @@ def check_json_target(path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from stylegen.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from stylegen.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint_path
     from stylegen.features import VGGFeatures
-    from stylegen.objective import CONTENT_LAYER, STYLE_LAYERS
-    from stylegen.checkpoint import generator_from_state
 
     if not 1 <= args.pairs <= MAX_PAIRS:
         raise UserError(f"--pairs {args.pairs}: must be between 1 and {MAX_PAIRS:,}")

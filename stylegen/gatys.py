@@ -13,13 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
+from stylegen.config import CONTENT_LAYER, STYLE_LAYERS
 from stylegen.losses import content_loss, style_loss_meanstd
-
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
 
 
 def gatys_stylize(content: torch.Tensor, style: torch.Tensor, vgg, *, steps: int = 200,
-                  content_layer: str = "relu4_1", style_layers: Sequence[str] = STYLE_LAYERS,
+                  content_layer: str = CONTENT_LAYER, style_layers: Sequence[str] = STYLE_LAYERS,
                   style_weight: float = 10.0, lr: float = 0.05) -> torch.Tensor:
     """content (B,3,H,W), style (B or 1,3,h,w) in [0, 1] -> stylized (B,3,H,W) in [0, 1], detached."""
     style_layers = list(style_layers)

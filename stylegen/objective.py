@@ -22,10 +22,11 @@ from collections.abc import Mapping
 
 import torch
 
+from stylegen.config import CONTENT_LAYER, STYLE_LAYERS
+from stylegen.images import to_float
 from stylegen.losses import content_loss, style_loss_gram, style_loss_meanstd
+from stylegen.models import eval_mode, unwrap
 
-CONTENT_LAYER = "relu4_1"
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
 LOSS_KEYS = ("content", "style", "gram")
 ROW_KEYS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n")
 
@@ -118,13 +119,7 @@ def score_generator(generator, vgg, content_u8: torch.Tensor, style_u8: torch.Te
 
     The generator is run in eval mode and restored to its previous mode.
     """
-    g = getattr(generator, "module", generator)  # a DDP wrapper's bare module
-    was_training = g.training
-    g.eval()
-    try:
-        c = content_u8.to(device).float().div(255.0)
-        s = style_u8.to(device).float().div(255.0)
+    with eval_mode(unwrap(generator)) as g:
+        c, s = to_float(content_u8, device), to_float(style_u8, device)
         out = generate(g, c, s, batch=batch)
         return score(vgg, c, s, {"model": out}, batch=batch, cache=cache)["model"]
-    finally:
-        g.train(was_training)

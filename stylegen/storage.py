@@ -74,6 +74,11 @@ def local_path(url: str | Path) -> Path:
     return Path(str(url).removeprefix("file://")).expanduser()
 
 
+def absolute(url: str | Path) -> str:
+    """A remote URL as it is; a local path (``~``, ``file://``, relative) as an absolute path."""
+    return str(url) if is_remote(url) else str(local_path(url).resolve())
+
+
 def _endpoint(cfg: StorageConfig) -> tuple[str | None, str | None]:
     """(host[:port], scheme) for endpoint_override, from the config or $AWS_ENDPOINT_URL."""
     ep = cfg.endpoint or os.environ.get(ENDPOINT_ENV, "")
@@ -118,7 +123,7 @@ def ray_storage(url: str, cfg: StorageConfig | None = None) -> tuple[str, pafs.F
     """``(storage_path, storage_filesystem)`` for Ray Train/Tune ``RunConfig``: a remote URL goes
     with our filesystem (endpoint, retries) and its path stripped of the scheme, as Ray asks."""
     if not is_remote(url):
-        return str(local_path(url).resolve()), None
+        return absolute(url), None
     fs, path = resolve(url, cfg)
     return path, fs
 
@@ -324,6 +329,13 @@ def download(url: str, dest: Path, cfg: StorageConfig | None = None) -> Path:
     """Copy one file/object to a local path (atomically)."""
     write_bytes(dest, read_bytes(url, cfg), fsync=False)
     return dest
+
+
+def probe_writable(directory: Path) -> None:
+    """Create ``directory`` (and its parents) and a temporary file in it; the OSError when either fails."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(prefix=".write-probe-", dir=directory):
+        pass
 
 
 def check_output_file(path: str | Path, flag: str) -> None:

@@ -17,7 +17,7 @@ import os
 import shlex
 from pathlib import Path
 
-from stylegen.storage import is_remote, join, local_path, ray_storage, read_bytes, write_bytes
+from stylegen.storage import absolute, check_access, is_remote, join, local_path, ray_storage, read_bytes, write_bytes
 from stylegen.config import Config, check_name, from_dict, to_dict, validate_space, with_overrides
 from stylegen.config_cli import add_config_arguments, flag_overrides
 from stylegen.errors import UserError
@@ -88,26 +88,22 @@ def fit_trial(base: dict, params: dict, train_storage: str, trial_id: str, callb
     """Build and fit the trial's TorchTrainer; None, or the failure as one line (the worker's own exception)."""
     import ray.train
 
-    from stylegen.train.ray_worker import build_trainer, failure_reason
+    from stylegen.train.ray_worker import build_trainer  # torch: not for `stylegen tune --help`
 
     cfg = trial_config(base, params)
     trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage=train_storage, trial=trial_id, callbacks=[callback])
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:  # V2 raises once train.max_failures restarts are spent
-        return named_reason(e, failure_reason(e))
-    return None if result.error is None else named_reason(result.error, failure_reason(result.error))
+        return named_reason(e)
+    return None if result.error is None else named_reason(result.error)
 
 
-def named_reason(error: BaseException, reason: str) -> str:
-    """'FloatingPointError: non-finite ...': the worker's exception type in front of its message."""
-    import ray.train
+def named_reason(error: BaseException) -> str:
+    """'FloatingPointError: non-finite ...': the failed worker's exception type in front of its message."""
+    from stylegen.train.ray_worker import failed_exception, failure_reason
 
-    inner: object = error
-    if isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
-        inner = next(iter(error.worker_failures.values()))
-    elif isinstance(error, ray.train.ControllerError):
-        inner = error.controller_failure
+    reason, inner = failure_reason(error), failed_exception(error)
     name = type(getattr(inner, "cause", None) or inner).__name__  # RayTaskError keeps the user's error as .cause
     return reason if reason.startswith(name) else f"{name}: {reason}"
 
@@ -170,11 +166,6 @@ def concurrency(cfg: Config, driver: float) -> int:
 
 
 SWEEP_CONFIG = "sweep_config.json"
-
-
-def sweep_location(storage: str, sweep: str) -> str:
-    """``storage/sweep`` for a local path or a URI (s3://b/p): Path() would mangle the URI's '//'."""
-    return join(storage, sweep)
 
 
 def first_difference(a, b, prefix: str = "") -> str | None:
@@ -264,10 +255,10 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
         raise UserError("tune.space is empty; add e.g. [tune.space] \"loss.style\" = { loguniform = [1.0, 100.0] }")
     trial_cfg = with_overrides(cfg, {"ray.workers": tc.workers_per_trial})
     base = to_dict(trial_cfg)
-    location = sweep_location(storage, sweep)
+    location = join(storage, sweep)  # not Path(): it would mangle the '//' of s3://b/p
     bundle = trial_bundle()
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, train_storage=sweep_location(location, "trial_runs")),
+        tune.with_parameters(run_trial, base=base, train_storage=join(location, "trial_runs")),
         tune.PlacementGroupFactory([bundle]))
     ray_path, fs = ray_storage(storage, cfg.storage)
     ray_location = f"{ray_path}/{sweep}"
@@ -303,14 +294,11 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
 def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: bool = False):
     """Run (or resume) the sweep; returns the ResultGrid. Writes the sweep report into the sweep dir."""
     from stylegen.best import write_sweep_report
-    from stylegen.storage import check_access
     from stylegen.train.ray_worker import ensure_ray
 
-    storage = cfg.ray.storage
+    storage = absolute(cfg.ray.storage)
     if is_remote(storage):
         check_access(storage, cfg.storage, write=True, what="--storage")
-    else:
-        storage = str(local_path(storage).resolve())
     ensure_ray(cfg.ray.address)
     results = build_tuner(cfg, sweep, storage, resume, trust_storage).fit()
     if not is_remote(storage):  # the report (parquet + plot) is for local sweeps; `best` reads both kinds

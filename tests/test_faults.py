@@ -13,7 +13,6 @@ Read-only storage is simulated with a read-only bind mount in a private mount na
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,28 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import DEMO, ROOT
+from hooks import Trace, hook_sets, trace_records
+from tiny import DEMO, ROOT, tiny_cfg
 from tiny import TINY_NO_GRIDS as TINY
 
 ERR = "cannot write to the output directory"
 
 
-def tiny_cfg(*overrides: str):
-    from stylegen.config import load_config
-
-    return load_config(str(DEMO), [*TINY, *overrides])
-
-
-def trace_records(trace: Path, rank: int = 0) -> list[dict]:
-    f = trace / f"rank{rank}.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
-
-
-def run_local(cfg, out: Path, trace: Path, monkeypatch) -> dict:
+def run_local(cfg, out: Path, trace: Path) -> dict:
+    """``stylegen train --local`` in this process, the trace hook writing into ``trace``."""
     from stylegen.train.loop import run_local as _run
 
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
-    return _run(cfg, out, progress=False, metrics_backend="none")
+    return _run(cfg, out, progress=False, metrics_backend="none", hooks=(Trace(trace),))
 
 
 def make_shards(d: Path, n: int = 4, per: int = 8) -> list[Path]:
@@ -66,7 +55,7 @@ def make_shards(d: Path, n: int = 4, per: int = 8) -> list[Path]:
 
 
 @pytest.mark.timeout(120)
-def test_shard_truncated_mid_run_is_skipped_counted_and_the_run_finishes(tmp_path, monkeypatch, caplog):
+def test_shard_truncated_mid_run_is_skipped_counted_and_the_run_finishes(tmp_path, caplog):
     shards = make_shards(tmp_path / "shards")
     trace = tmp_path / "trace"
     victim = shards[1]
@@ -83,7 +72,7 @@ def test_shard_truncated_mid_run_is_skipped_counted_and_the_run_finishes(tmp_pat
     cfg = tiny_cfg(f"data.content=['{tmp_path / 'shards' / 'train-*.tar'}']", "data.shuffle_shards=1",
                    "train.steps=40", "train.report_every=2", "train.checkpoint_every=40")
     with caplog.at_level(logging.WARNING, logger="stylegen.data.loader"):
-        last = run_local(cfg, tmp_path / "out", trace, monkeypatch)
+        last = run_local(cfg, tmp_path / "out", trace)
     watcher.join(5)
     recs = trace_records(trace)
     assert recs[0]["data_skipped"] == 0  # intact before the cut
@@ -93,9 +82,9 @@ def test_shard_truncated_mid_run_is_skipped_counted_and_the_run_finishes(tmp_pat
     assert "skipping rest of shard" in caplog.text and victim.name in caplog.text
 
 
-def test_half_written_checkpoint_dir_is_ignored_on_resume(tmp_path, monkeypatch, caplog):
+def test_half_written_checkpoint_dir_is_ignored_on_resume(tmp_path, caplog):
     out, trace = tmp_path / "out", tmp_path / "trace"
-    run_local(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace, monkeypatch)
+    run_local(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace)
     # a crash during the save of step 9: its dir exists, with only atomic_write_bytes' temp file in it
     torn = out / "checkpoints" / "step_00000009"
     torn.mkdir()
@@ -103,8 +92,7 @@ def test_half_written_checkpoint_dir_is_ignored_on_resume(tmp_path, monkeypatch,
     (torn / ".checkpoint.pt.x1y2.tmp").write_bytes(good[: len(good) // 3])
     (trace / "rank0.jsonl").unlink()
     with caplog.at_level(logging.WARNING, logger="stylegen.train.loop"):
-        last = run_local(tiny_cfg("train.steps=9", "train.report_every=3", "train.checkpoint_every=3"), out, trace,
-                         monkeypatch)
+        last = run_local(tiny_cfg("train.steps=9", "train.report_every=3", "train.checkpoint_every=3"), out, trace)
     assert [(r["start_step"], r["step"]) for r in trace_records(trace)] == [(6, 9)]
     assert last["step"] == 9
     assert "step_00000009" in caplog.text  # the torn dir was named in a warning
@@ -179,15 +167,14 @@ def test_read_only_output_dir_is_a_clear_error_before_training(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_output_dir_turning_read_only_mid_run_is_a_clear_error(tmp_path, monkeypatch):
+def test_output_dir_turning_read_only_mid_run_is_a_clear_error(tmp_path):
     base = tmp_path / "store"
     out = base / "out"
     out.mkdir(parents=True)
     trace = tmp_path / "trace"  # outside the read-only tree: every report the run made, in order
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
     first = out / "checkpoints" / "step_00000002" / "checkpoint.pt"
-    res = _run_readonly(base, _cmd_local(out, "train.steps=200", "train.checkpoint_every=2", "train.report_every=2"),
-                        first, 100)
+    res = _run_readonly(base, _cmd_local(out, "train.steps=200", "train.checkpoint_every=2", "train.report_every=2",
+                                         hook_sets(trace=trace)), first, 100)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("stylegen train: error: " + ERR)
     from stylegen.checkpoint import load_checkpoint
@@ -242,14 +229,13 @@ def test_file_size_limit_during_local_training_is_one_line_and_leaves_no_partial
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_resume_skips_torn_and_corrupt_checkpoints(tmp_path, monkeypatch):
+def test_ray_resume_skips_torn_and_corrupt_checkpoints(tmp_path):
     import ray
 
     from stylegen.train.ray_worker import build_trainer, ensure_ray
 
     trace, storage = tmp_path / "trace", tmp_path / "storage"
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
-    sets = ["train.report_every=4", "train.checkpoint_every=4"]
+    sets = ["train.report_every=4", "train.checkpoint_every=4", hook_sets(trace=trace)]
     ensure_ray("", num_cpus=2)
     try:
         first = build_trainer(tiny_cfg("train.steps=8", *sets), name="torn", storage=str(storage)).fit()

@@ -10,7 +10,6 @@ is short in steps: ~2 s per report here, not per step.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hooks import hook_sets, trace_records
 from stylegen import raycluster
 from tiny import DEMO, ROOT, TINY
 
@@ -39,21 +39,16 @@ print("drained", workers[0])
 """
 
 
-def read_rank0(trace: Path) -> list[dict]:
-    f = trace / "rank0.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
-
-
 @pytest.mark.timeout(600)
 def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
     state = tmp_path / "cluster"
     c = raycluster.start_local_cluster(state, port=raycluster.free_port(), dashboard_port=raycluster.free_port(),
                                        num_cpus=0, worker_node=True, worker_cpus=2)
     trace, storage = tmp_path / "trace", tmp_path / "storage"
-    env = {**raycluster.cluster_env(Path(c.token_path), dict(os.environ)), "STYLEGEN_TRACE_DIR": str(trace)}
+    env = raycluster.cluster_env(Path(c.token_path), dict(os.environ))
     env.pop("RAY_ADDRESS", None)
-    args = [f"--set={s}" for s in TINY] + ["--set=train.steps=80", "--set=train.report_every=2",
-                                           "--set=train.checkpoint_every=1000", "--set=train.sample_every=1000"]
+    args = [f"--set={s}" for s in [*TINY, "train.steps=80", "train.report_every=2", "train.checkpoint_every=1000",
+                                   "train.sample_every=1000", hook_sets(trace=trace)]]
     log_path = tmp_path / "driver.log"
     try:
         with open(log_path, "wb") as log_file:
@@ -61,13 +56,13 @@ def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
                                      "--address", c.gcs_address, "--storage", str(storage), "--name", "reclaim",
                                      "--no-progress"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and not any(r["step"] >= 6 for r in read_rank0(trace)):
+        while time.monotonic() < deadline and proc.poll() is None and not any(r["step"] >= 6 for r in trace_records(trace)):
             time.sleep(0.5)
         assert proc.poll() is None, log_path.read_text()[-3000:]
         drained = subprocess.run([sys.executable, "-c", DRAIN, c.gcs_address], env=env, capture_output=True,
                                  text=True, timeout=120)
         assert drained.returncode == 0, drained.stderr[-2000:]
-        drained_at = max(r["step"] for r in read_rank0(trace))
+        drained_at = max(r["step"] for r in trace_records(trace))
         rc = proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
@@ -75,7 +70,7 @@ def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
         raycluster.stop_local_cluster(state)
     out = log_path.read_text()
     assert rc == 0, out[-3000:]
-    recs = read_rank0(trace)
+    recs = trace_records(trace)
     jit = [r["step"] for r in recs if r["checkpoint"] and r["step"] < 80]
     # exactly one checkpoint before the final one: the just-in-time one, soon after the drain
     # (the watcher polls every 5 s; a report every 2 steps), and training went on to the end

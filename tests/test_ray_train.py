@@ -1,14 +1,13 @@
 """Ray Train DDP on 2 CPU workers: in-sync ranks, different data per rank, a killed worker, a killed driver.
 
 One local Ray per module. Ranks' own facts (pid, first batch, exact parameter digest,
-reported steps) come from the ``STYLEGEN_TRACE_DIR`` hook (``stylegen.train.loop.Trace``),
-because ``ray.train.report`` keeps only rank 0's metrics. Worker death is injected with
-``STYLEGEN_FAULT_KILL_AT_STEP=N:FLAG`` (SIGKILL after step N, once).
+reported steps) come from the ``trace`` hook (tests/hooks.py, installed with ``train.hooks``),
+because ``ray.train.report`` keeps only rank 0's metrics. Worker death is injected with the
+``kill_after_step`` hook (SIGKILL after step N, once).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,24 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from hooks import batches_by_step, hook_sets, read_trace
 from stylegen.raycluster import group_alive
-from tiny import DEMO, ROOT, TINY
-
+from tiny import DEMO, ROOT, TINY, tiny_cfg
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def tiny_cfg(*overrides: str):
-    from stylegen.config import load_config
-
-    return load_config(str(DEMO), [*TINY, *overrides])
-
-
-def read_trace(trace: Path) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for f in sorted(trace.glob("rank*.jsonl")):
-        out[int(f.stem[4:])] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +41,11 @@ RESUME_SETS = ["train.steps=16", "train.report_every=4", "train.checkpoint_every
                "data.steps_per_epoch=6", "data.shuffle_shards=2"]
 
 
-def batches_by_step(recs: list[dict]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for r in recs:  # a step trained twice (after a restart) keeps its last record: what the run kept
-        out.update({int(k): v for k, v in r["batches"].items()})
-    return out
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tmp_path_factory):
     """Per rank: {step: batch digest} and the final parameters of the run the resumed ones must equal."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    os.environ["STYLEGEN_TRACE_DIR"] = str(tmp / "trace")
-    try:
-        result = fit(tiny_cfg(*RESUME_SETS), tmp, "reference")
-    finally:
-        del os.environ["STYLEGEN_TRACE_DIR"]
+    result = fit(tiny_cfg(*RESUME_SETS, hook_sets(trace=tmp / "trace")), tmp, "reference")
     assert result.error is None
     ranks = read_trace(tmp / "trace")
     return {r: (batches_by_step(recs), recs[-1]["params_digest"], recs[-1]["param_checksum"])
@@ -89,11 +64,11 @@ def assert_same_run(ranks: dict[int, list[dict]], uninterrupted) -> None:
 
 def start_driver(trace: Path, storage: Path, name: str, log_path: Path, sets: list[str]) -> subprocess.Popen:
     """`stylegen train` (its own local Ray) in a new process group, tracing every rank's reports."""
-    env = {**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "wb") as log_file:
         return subprocess.Popen([sys.executable, "-m", "stylegen", "train", "--config", str(DEMO),
-                                 *[f"--set={s}" for s in [*TINY, *sets]], "--storage", str(storage), "--name", name,
+                                 *[f"--set={s}" for s in [*TINY, *sets, hook_sets(trace=trace)]], "--storage", str(storage), "--name", name,
                                  "--no-progress"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -105,12 +80,11 @@ def fit(cfg, tmp_path: Path, name: str):
 
 
 @pytest.mark.timeout(300)
-def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path, monkeypatch):
+def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path):
     trace = tmp_path / "trace"
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
     # content-only objective: its fixed-pair value (val_content) falls reliably within 30 steps
     cfg = tiny_cfg("loss.style=0", "train.steps=30", "train.report_every=5", "train.checkpoint_every=15",
-                   "train.sample_every=30")
+                   "train.sample_every=30", hook_sets(trace=trace))
     from test_train_local import initial_val_content
 
     start = initial_val_content(cfg)  # rank 0's initial weights (DDP broadcasts them)
@@ -136,13 +110,11 @@ def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path, monk
 
 
 @pytest.mark.timeout(300)
-def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path, monkeypatch):
+def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path):
     trace, flag = tmp_path / "trace", tmp_path / "kill-once"
     flag.write_text("")
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
-    monkeypatch.setenv("STYLEGEN_FAULT_KILL_AT_STEP", f"10:{flag}")
     every = 4
-    cfg = tiny_cfg(*RESUME_SETS, "train.max_failures=1")
+    cfg = tiny_cfg(*RESUME_SETS, "train.max_failures=1", hook_sets(trace=trace, kill_after=(10, flag)))
     result = fit(cfg, tmp_path, "killed")
     assert result.error is None, result.error
     assert result.metrics["step"] == 16
@@ -167,7 +139,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, 
 
 
 @pytest.mark.timeout(420)
-def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_path, monkeypatch):
+def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_path):
     """SIGKILL the `stylegen train` driver after its first checkpoint; rerunning the name resumes."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     proc = start_driver(trace, storage, "again", tmp_path / "driver.log", RESUME_SETS)
@@ -196,10 +168,9 @@ def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_pa
     for f in trace.glob("rank*.jsonl"):
         f.unlink()
 
-    cfg = tiny_cfg(*RESUME_SETS)
+    cfg = tiny_cfg(*RESUME_SETS, hook_sets(trace=trace))  # the rerun's ranks trace too
     from stylegen.train.ray_worker import build_trainer
 
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))  # the rerun's ranks trace too (forwarded by hook_env)
     result = build_trainer(cfg, name="again", storage=str(storage)).fit()
     assert result.error is None, result.error
     assert result.metrics["step"] == 16
@@ -231,7 +202,7 @@ def _kill_group(pgid: int) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, tmp_path, monkeypatch):
+def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, tmp_path):
     """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop together."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     log_path = tmp_path / "driver.log"
@@ -267,8 +238,7 @@ def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, 
     from stylegen.train.ray_worker import build_trainer
 
     cfg = tiny_cfg(f"train.steps={stop['step'] + 4}", "train.report_every=2", "train.checkpoint_every=100",
-                   "train.sample_every=1000")
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))  # the rerun's ranks trace too (forwarded by hook_env)
+                   "train.sample_every=1000", hook_sets(trace=trace))  # the rerun's ranks trace too
     result = build_trainer(cfg, name="term", storage=str(storage)).fit()
     assert result.error is None and result.metrics["step"] == stop["step"] + 4
     rerun = read_trace(trace)

@@ -2,12 +2,11 @@
 
 A run stopped (SIGTERM, a SIGKILLed Ray worker, a killed driver) and resumed trains on exactly
 the batches an uninterrupted run trains on, step by step (digests of every batch's bytes, recorded
-by the ``STYLEGEN_TRACE_DIR`` hook), and ends with the same parameters.
+by the ``trace`` hook of tests/hooks.py), and ends with the same parameters.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_ray_train import batches_by_step, read_trace  # tests/ is on sys.path (pytest prepend mode)
+from hooks import batches_by_step, hook_sets, read_trace  # tests/ is on sys.path (pytest prepend mode)
 from tiny import DEMO, ROOT
 from tiny import TINY_NO_GRIDS as TINY
 
@@ -25,28 +24,28 @@ SETS = [*TINY, "data.steps_per_epoch=7", "data.shuffle_shards=2", "train.report_
         "train.checkpoint_every=4"]
 
 
-def train_cmd(out: Path, steps: int, *extra: str) -> list[str]:
+def train_cmd(out: Path, trace: Path, steps: int, *extra: str) -> list[str]:
+    """`stylegen train --local` tracing its reports into ``trace``."""
+    sets = [*SETS, f"train.steps={steps}", *extra, hook_sets(trace=trace)]
     return [sys.executable, "-m", "stylegen", "train", "--local", "--config", str(DEMO),
-            *[f"--set={s}" for s in [*SETS, f"train.steps={steps}", *extra]], "--out", str(out), "--no-progress"]
+            *[f"--set={s}" for s in sets], "--out", str(out), "--no-progress"]
 
 
-def run_to_end(cmd: list[str], trace: Path) -> None:
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}, capture_output=True,
-                       text=True, timeout=300)
+def run_to_end(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_local_run_stopped_by_sigterm_and_resumed_is_the_same_run(tmp_path):
     steps = 16
-    run_to_end(train_cmd(tmp_path / "a", steps), tmp_path / "ta")
+    run_to_end(train_cmd(tmp_path / "a", tmp_path / "ta", steps))
     ref = read_trace(tmp_path / "ta")[0]
     ref_batches = batches_by_step(ref)
     assert sorted(ref_batches) == list(range(1, steps + 1))
 
     trace = tmp_path / "tb"
-    proc = subprocess.Popen(train_cmd(tmp_path / "b", steps, "train.report_every=1"), cwd=ROOT,
-                            env={**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_cmd(tmp_path / "b", trace, steps, "train.report_every=1"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -61,7 +60,7 @@ def test_local_run_stopped_by_sigterm_and_resumed_is_the_same_run(tmp_path):
     stopped = read_trace(trace)[0]
     stop_step = stopped[-1]["step"]
     assert 9 <= stop_step < steps and stopped[-1]["checkpoint"], err[-2000:]
-    run_to_end(train_cmd(tmp_path / "b", steps), trace)
+    run_to_end(train_cmd(tmp_path / "b", trace, steps))
     both = read_trace(trace)[0]
     resumed = [r for r in both if r["start_step"] == stop_step]
     assert resumed and resumed[0]["data_resume_batch"] == stop_step % 7  # mid-epoch, where it stopped
@@ -93,9 +92,9 @@ def test_a_resume_with_another_loader_worker_count_continues_the_same_epoch(tmp_
     """2 DataLoader workers to step 9 (epoch 1, batch 2), then 1 worker: the warning states the bound and
     training goes on in epoch 1 from its first batch."""
     trace = tmp_path / "t"
-    run_to_end(train_cmd(tmp_path / "o", 9, "data.num_workers=2"), trace)
-    r = subprocess.run(train_cmd(tmp_path / "o", 16, "data.num_workers=1"), cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}, timeout=300)
+    run_to_end(train_cmd(tmp_path / "o", trace, 9, "data.num_workers=2"))
+    r = subprocess.run(train_cmd(tmp_path / "o", trace, 16, "data.num_workers=1"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 loader worker(s), now 1 x 1: epoch 1 restarts from its first batch" in r.stderr
     assert "at most 8 samples of it are seen twice" in r.stderr  # 2 batches x 1 rank x batch 4

@@ -25,7 +25,7 @@ from PIL import Image
 from s3server import S3, s3, s3_server  # noqa: F401  (fixtures)
 from stylegen import storage
 from stylegen.data.shard import ShardParams, build_shards, verify
-from test_ray_train import read_trace
+from hooks import hook_sets, read_trace
 from tiny import DEMO, ROOT, TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -88,11 +88,9 @@ def test_s3_chain_train_kill_resume_sweep_best_export_stylize(tmp_path, s3):
     trace, flag = tmp_path / "trace", tmp_path / "kill-once"
     flag.write_text("")
     sets = [*TINY, *data, "train.steps=16", "train.report_every=4", "train.checkpoint_every=4",
-            "train.sample_every=100", "train.max_failures=1"]
+            "train.sample_every=100", "train.max_failures=1", hook_sets(trace=trace, kill_after=(10, flag))]
     r = run(["train", "--config", str(DEMO), *[f"--set={x}" for x in sets], "--storage", s3.url("runs"),
-             "--name", "chain", "--no-progress"],
-            {**env, "STYLEGEN_TRACE_DIR": str(trace), "STYLEGEN_FAULT_KILL_AT_STEP": f"10:{flag}"},
-            tmp_path / "train.log", 600)
+             "--name", "chain", "--no-progress"], env, tmp_path / "train.log", 600)
     assert r.returncode == 0, r.stdout[-3000:]
     assert not flag.exists(), "the fault hook never fired"
     for rank, recs in read_trace(trace).items():

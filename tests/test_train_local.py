@@ -1,14 +1,13 @@
 """The local training loop (``stylegen train --local``): learning, checkpoints, resume, SIGTERM, ``stylegen best``.
 
 Tiny settings (8 channels, 1 res block, batch 4, random VGG) on the embedded shards; the
-``STYLEGEN_TRACE_DIR`` hook records every report (step, start step, losses) per rank.
+``trace`` hook (tests/hooks.py) records every report (step, start step, losses) per rank.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,27 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import DEMO, ROOT
+from hooks import Trace, hook_sets, trace_records
+from tiny import DEMO, ROOT, tiny_cfg
 from tiny import TINY_NO_GRIDS as TINY
 
 
-
-def tiny_cfg(*overrides: str):
-    from stylegen.config import load_config
-
-    return load_config(str(DEMO), [*TINY, *overrides])
-
-
-def trace_records(trace: Path, rank: int = 0) -> list[dict]:
-    f = trace / f"rank{rank}.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
-
-
-def run(cfg, out: Path, trace: Path, monkeypatch) -> dict:
+def run(cfg, out: Path, trace_dir: Path) -> dict:
+    """``run_local`` with the trace hook writing into ``trace_dir``."""
     from stylegen.train.loop import run_local
 
-    monkeypatch.setenv("STYLEGEN_TRACE_DIR", str(trace))
-    return run_local(cfg, out, progress=False, metrics_backend="none")
+    return run_local(cfg, out, progress=False, metrics_backend="none", hooks=(Trace(trace_dir),))
 
 
 def initial_val_content(cfg) -> float:
@@ -51,11 +39,11 @@ def initial_val_content(cfg) -> float:
     return validate(build_state(cfg, dev).generator, build_features(cfg.features), c, s, dev)["val_content"]
 
 
-def test_local_run_lowers_the_loss(tmp_path, monkeypatch):
+def test_local_run_lowers_the_loss(tmp_path):
     # content-only objective: the fixed validation pairs' content loss (the objective itself) falls
     cfg = tiny_cfg("loss.style=0", "train.steps=30", "train.report_every=5", "train.checkpoint_every=30")
     start = initial_val_content(cfg)
-    last = run(cfg, tmp_path / "out", tmp_path / "trace", monkeypatch)
+    last = run(cfg, tmp_path / "out", tmp_path / "trace")
     recs = trace_records(tmp_path / "trace")
     assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30]
     assert last["step"] == 30
@@ -95,32 +83,31 @@ def test_checkpoint_round_trip(tmp_path):
     assert r1["total"] == pytest.approx(r2["total"], rel=1e-6)
 
 
-def test_resume_continues_the_step_count(tmp_path, monkeypatch):
+def test_resume_continues_the_step_count(tmp_path):
     out, trace = tmp_path / "out", tmp_path / "trace"
-    run(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace, monkeypatch)
+    run(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace)
     (trace / "rank0.jsonl").unlink()
-    last = run(tiny_cfg("train.steps=10", "train.report_every=2", "train.checkpoint_every=2"), out, trace,
-               monkeypatch)
+    last = run(tiny_cfg("train.steps=10", "train.report_every=2", "train.checkpoint_every=2"), out, trace)
     recs = trace_records(trace)
     assert {r["start_step"] for r in recs} == {6}
     assert [r["step"] for r in recs] == [8, 10]
     assert last["step"] == 10
-    again = run(tiny_cfg("train.steps=10"), out, trace, monkeypatch)  # finished: nothing to train
+    again = run(tiny_cfg("train.steps=10"), out, trace)  # finished: nothing to train
     assert again["step"] == 10 and again["val_score"] == pytest.approx(last["val_score"])
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     from stylegen.train.loop import latest_good_checkpoint
 
     out, trace = tmp_path / "out", tmp_path / "trace"
-    run(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace, monkeypatch)
+    run(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace)
     newest = out / "checkpoints" / "step_00000006" / "checkpoint.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # torn write
     with caplog.at_level(logging.WARNING, logger="stylegen.train.loop"):
         assert latest_good_checkpoint(out / "checkpoints")["step"] == 3
     assert "skipping unreadable checkpoint" in caplog.text and "step_00000006" in caplog.text
     (trace / "rank0.jsonl").unlink()
-    run(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace, monkeypatch)
+    run(tiny_cfg("train.steps=6", "train.report_every=3", "train.checkpoint_every=3"), out, trace)
     assert [(r["start_step"], r["step"]) for r in trace_records(trace)] == [(3, 6)]
 
 
@@ -132,10 +119,9 @@ def _train_cmd(out: Path, *sets: str) -> list[str]:
 @pytest.mark.timeout(120)
 def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
     out, trace = tmp_path / "out", tmp_path / "trace"
-    env = {**os.environ, "STYLEGEN_TRACE_DIR": str(trace)}
     proc = subprocess.Popen(_train_cmd(out, "train.steps=100000", "train.report_every=2",
-                                       "train.checkpoint_every=100000"),
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       "train.checkpoint_every=100000", hook_sets(trace=trace)),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
         while not trace_records(trace) and time.monotonic() < deadline and proc.poll() is None:
@@ -158,10 +144,9 @@ def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
     assert "run directory" in stdout
 
 
-def test_best_reads_a_local_run_dir(tmp_path, monkeypatch):
+def test_best_reads_a_local_run_dir(tmp_path):
     out = tmp_path / "out"
-    run(tiny_cfg("train.steps=4", "train.report_every=2", "train.checkpoint_every=2"), out, tmp_path / "t",
-        monkeypatch)
+    run(tiny_cfg("train.steps=4", "train.report_every=2", "train.checkpoint_every=2"), out, tmp_path / "t")
     res = subprocess.run([sys.executable, "-m", "stylegen.cli", "best", str(out), "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

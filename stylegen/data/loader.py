@@ -359,10 +359,10 @@ class PairStream(IterableDataset):
     """Iterable of exactly ``steps`` ``(content, style, worker, content pos, style pos)`` batches for one
     rank (split over DataLoader workers), each stream starting at its worker's position in ``starts``."""
 
-    def __init__(self, data_cfg: DataConfig, content: list[str], style: list[str], *, same: bool,
+    def __init__(self, data_cfg: DataConfig, content: list[str], style: list[str], *,
                  rank: int, seed: int, counter, steps: int, storage_cfg: StorageConfig | None = None) -> None:
         super().__init__()
-        self.data_cfg, self.content, self.style, self.same = data_cfg, content, style, same
+        self.data_cfg, self.content, self.style = data_cfg, content, style
         self.storage_cfg, self.steps = storage_cfg, steps
         self.rank, self.seed, self.counter, self.epoch = rank, seed, counter, 0
         self.starts: list[list[int]] = []  # per worker: [c window, c offset, s window, s offset]
@@ -481,12 +481,12 @@ def build_loader(data_cfg: DataConfig, *, split: str = "train", rank: int | None
     number on every rank. rank/world_size default to RANK/WORLD_SIZE (set by Ray Train) or
     torch.distributed. ``resume``: continue that epoch from a saved position (same world and
     DataLoader workers; otherwise the caller restarts the epoch)."""
-    c_urls, s_urls, same = stream_urls(data_cfg, split, storage_cfg)
+    c_urls, s_urls, _ = stream_urls(data_cfg, split, storage_cfg)  # same shards for both: the style seed differs
     c_share, r, world = _rank_share(c_urls, rank, world_size)
     s_share, _, _ = _rank_share(s_urls, rank, world_size)
     counter = multiprocessing.Value("q", 0)
     seed = data_cfg.seed + (7919 if split == "val" else 0)
-    stream = PairStream(data_cfg, c_share, s_share, same=same, rank=r, seed=seed, counter=counter,
+    stream = PairStream(data_cfg, c_share, s_share, rank=r, seed=seed, counter=counter,
                         steps=epoch_steps(data_cfg, c_urls, world, storage_cfg), storage_cfg=storage_cfg)
     start = 0
     if resume is not None and resume.epoch == epoch_seed:

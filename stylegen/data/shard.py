@@ -250,12 +250,8 @@ def _check_writable(out: str) -> None:
     if storage.is_remote(out):
         storage.check_access(out, write=True, what="--out")
         return
-    path = storage.local_path(out)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        storage.probe_writable(storage.local_path(out))
     except OSError as e:
         raise UserError(f"cannot write to output directory {out!r} ({e.strerror or e}); "
                         "pass a writable --out") from None

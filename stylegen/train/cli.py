@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("stopped by SIGTERM at step %s with a checkpoint; rerun the same command to resume",
                     result.metrics.get("step"))
     best = result.get_best_checkpoint(metric="val_score", mode="min") if result.best_checkpoints else None
-    root = cfg.ray.storage if storage.is_remote(cfg.ray.storage) else str(storage.local_path(cfg.ray.storage).resolve())
-    run_dir = storage.join(root, cfg.ray.name)
+    run_dir = storage.join(storage.absolute(cfg.ray.storage), cfg.ray.name)
 
     def where(ckpt) -> str | None:  # Ray prints remote paths without their scheme
         return storage.join(run_dir, storage.name(ckpt.path)) if ckpt else None

@@ -19,8 +19,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stylegen.checkpoint import STEP_DIR, load_checkpoint, save_checkpoint
 from stylegen.config import Config, from_dict, to_dict
+from stylegen.errors import UserError
+from stylegen.features import build_features
+from stylegen.grids import save_grid
+from stylegen.metrics import TrainMetrics
 from stylegen.storage import ENDPOINT_ENV, ray_storage
+from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
+from stylegen.train.step import build_state, checkpoint_state, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +35,12 @@ log = logging.getLogger(__name__)
 class RaySink:
     """Every rank reports (``report`` is a barrier); only rank 0 attaches a checkpoint."""
 
-    def __init__(self, cfg: Config, rank: int, run_dir: Path | None, metrics=None):
-        self.cfg, self.rank, self.run_dir, self.metrics = cfg, rank, run_dir, metrics
+    def __init__(self, cfg: Config, rank: int, run_dir: Path | None, metrics: TrainMetrics | None = None):
+        self.rank, self.run_dir, self.metrics = rank, run_dir, metrics
         self.cfg_dict = to_dict(cfg)
 
     def report(self, state, metrics, checkpoint, grid_index, val_pairs):
         import ray.train
-
-        from stylegen.checkpoint import save_checkpoint
-        from stylegen.grids import save_grid
-        from stylegen.train.loop import grid_tensors
-        from stylegen.train.step import checkpoint_state, unwrap
 
         if not checkpoint or self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -47,8 +49,7 @@ class RaySink:
             t0 = time.perf_counter()
             save_checkpoint(Path(tmp) / "checkpoint.pt", checkpoint_state(state, self.cfg_dict, metrics))
             if grid_index is not None:
-                device = next(unwrap(state.generator).parameters()).device
-                tensors = grid_tensors(state, val_pairs, device)
+                tensors = grid_tensors(state, val_pairs)
                 save_grid(Path(tmp) / f"epoch_{grid_index:04d}.png", *tensors)
                 if self.run_dir is not None:  # local storage: also beside the run, like --local
                     save_grid(self.run_dir / "samples" / f"epoch_{grid_index:04d}.png", *tensors)
@@ -85,22 +86,22 @@ def interrupt_poll(rank: int, stop_actor: str | None):
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
-    handle: list = []
-    announced = [False]
+    flag = None  # the stop flag's actor handle, looked up at the first poll
+    announced = threading.Event()  # the preemption was answered with its one checkpoint
 
     def poll() -> str | None:
+        nonlocal flag
         stop = False
         if rank == 0 and stop_actor:
             try:
-                if not handle:
-                    handle.append(ray.get_actor(stop_actor))
-                stop = bool(ray.get(handle[0].is_requested.remote(), timeout=30))
+                flag = flag or ray.get_actor(stop_actor)
+                stop = bool(ray.get(flag.is_requested.remote(), timeout=30))
             except Exception as e:  # the driver (and its actor) is gone: nobody can ask us to stop
                 log.debug("stop flag %s unreadable: %s", stop_actor, e)
         if broadcast_from_rank_zero(stop):
             return "stop"
-        if ray.train.get_preemption_info() is not None and not announced[0]:
-            announced[0] = True
+        if ray.train.get_preemption_info() is not None and not announced.is_set():
+            announced.set()
             return "checkpoint"
         return None
 
@@ -114,13 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from stylegen.features import build_features
-    from stylegen.metrics import TrainMetrics
-    from stylegen.train.loop import LoopContext, training_loop
-    from stylegen.train.step import build_state, restore_state
-
     cfg = from_dict(config["cfg"])
-    os.environ.update(config.get("env") or {})  # the driver's test/debug hook variables (see hook_env)
     if not config.get("verbose"):
         quiet_train_reports()
     ctx = ray.train.get_context()
@@ -153,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     # alone would leave the others waiting in the next all-reduce. Stops go through the agreed poll.
     loop_ctx = LoopContext(device=device, rank=rank, world_size=world, metrics=metrics,
                            progress=rank == 0 and config.get("progress", True),
-                           poll=interrupt_poll(rank, config.get("stop")))
+                           poll=interrupt_poll(rank, config.get("stop")), hooks=load_hooks(cfg.train.hooks))
     try:
         training_loop(cfg, state, vgg, loop_ctx, RaySink(cfg, rank, run_dir, metrics))
     finally:
@@ -181,10 +176,6 @@ def find_resume_checkpoint() -> dict | None:
     import ray.train
     from pyarrow.fs import FileSelector, FileType
 
-    from stylegen.checkpoint import load_checkpoint
-    from stylegen.errors import UserError
-    from stylegen.checkpoint import STEP_DIR
-
     storage = ray.train.get_context().get_storage()
     fs, root = storage.storage_filesystem, storage.experiment_fs_path
     try:
@@ -207,14 +198,6 @@ def find_resume_checkpoint() -> dict | None:
     return None
 
 
-def hook_env() -> dict[str, str]:
-    """The driver's test/debug hook variables (``loop.TRACE_ENV``, ``loop.FAULT_ENV``), forwarded to every
-    worker: Ray workers inherit the environment of the cluster, not of this driver."""
-    from stylegen.train.loop import FAULT_ENV, TRACE_ENV
-
-    return {k: os.environ[k] for k in (TRACE_ENV, FAULT_ENV) if os.environ.get(k)}
-
-
 def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", callbacks: list | None = None,
                   stop_actor: str | None = None, progress: bool = True):
     """A TorchTrainer for ``cfg`` (workers/resources from ``cfg.ray``); same name + storage resumes."""
@@ -230,7 +213,7 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
     run_dir = None if storage_fs else str(Path(storage_path) / name)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir, "env": hook_env(),
+        train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir,
                            "stop": stop_actor, "progress": progress,
                            "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -254,8 +237,6 @@ def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
     """
     import ray
 
-    from stylegen.errors import UserError
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
@@ -275,15 +256,20 @@ def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
                         "check --address / RAY_ADDRESS and that the cluster is up") from None
 
 
-def failure_reason(error: Exception) -> str:
-    """One line from a Train V2 failure: the first failed worker's (or the controller's) exception message."""
+def failed_exception(error: BaseException) -> BaseException:
+    """The exception behind a Train V2 failure: the first failed worker's, or the controller's."""
     import ray.train
 
-    inner: object = error
     if isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
-        inner = next(iter(error.worker_failures.values()))
-    elif isinstance(error, ray.train.ControllerError):
-        inner = error.controller_failure
+        return next(iter(error.worker_failures.values()))
+    if isinstance(error, ray.train.ControllerError):
+        return error.controller_failure
+    return error
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line from a Train V2 failure: the first failed worker's (or the controller's) exception message."""
+    inner = failed_exception(error)
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
     return (lines[-1] if lines else type(inner).__name__)[:300]
 
@@ -327,8 +313,6 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bo
 
     import ray
     import ray.train
-
-    from stylegen.errors import UserError
 
     ensure_ray(address)
     stop_name = f"stylegen-stop-{uuid.uuid4().hex[:12]}"

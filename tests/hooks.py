@@ -1,0 +1,122 @@
+"""Step hooks the tests inject into the training loop, and readers of what they record.
+
+In the test process, pass them to the loop: ``run_local(..., hooks=(trace(dir),))``. A run in another
+process (``stylegen train`` subprocesses, Ray Train workers) builds them from ``train.hooks``:
+``hook_sets(trace=dir, kill_after=(10, flag))`` gives the ``--set`` value, and each training process
+imports this module as ``tests.hooks`` (Ray workers and ``python -m stylegen`` run from the repo root).
+
+- ``trace=DIR``: every rank appends one JSON line per report to ``DIR/rank<R>.jsonl``: what
+  ``ray.train.report`` does not keep (rank 1's metrics, pid, start step, an exact digest of the
+  parameters, a digest of every batch trained since the previous report).
+- ``kill_after_step=N:FLAG``: SIGKILL this process right after step N, once: whoever deletes FLAG first dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from stylegen.models import unwrap
+from stylegen.train.loop import StepEvent
+
+log = logging.getLogger(__name__)
+
+
+def params_digest(module: torch.nn.Module) -> str:
+    """Exact fingerprint of the parameters (bytes of every tensor): equal only when bit-identical."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in unwrap(module).parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def batch_digest(content: torch.Tensor, style: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(content.contiguous().numpy().tobytes())
+    h.update(style.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Trace:
+    """The ``trace`` hook of one training process (see the module doc)."""
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.first_batch = ""
+        self.batches: dict[str, str] = {}  # step -> digest of its batch, since the last report
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.phase == "trained":
+            digest = batch_digest(event.content, event.style)
+            self.first_batch = self.first_batch or digest
+            self.batches[str(event.state.step)] = digest
+            return
+        rec = {"rank": event.rank, "world": event.world_size, "pid": os.getpid(), "start_step": event.start_step,
+               **event.metrics, "first_batch": self.first_batch, "checkpoint": event.checkpoint,
+               "params_digest": params_digest(event.state.generator), "time": time.time(), "batches": self.batches,
+               "data": event.state.data}
+        self.batches = {}
+        with open(self.directory / f"rank{event.rank}.jsonl", "a") as f:  # one short line per append: readable
+            f.write(json.dumps(rec) + "\n")                                 # while the run goes on
+
+
+def trace(arg: str) -> Trace:
+    """``tests.hooks:trace=DIR``."""
+    return Trace(Path(arg))
+
+
+def kill_after_step(arg: str):
+    """``tests.hooks:kill_after_step=N:FLAG``."""
+    n, _, flag = arg.partition(":")
+    step, flag_path = int(n), Path(flag)
+
+    def hook(event: StepEvent) -> None:
+        if event.phase != "trained" or event.state.step != step:
+            return
+        try:
+            flag_path.unlink()
+        except FileNotFoundError:
+            return
+        log.warning("test fault: SIGKILL pid %d after step %d", os.getpid(), step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def hook_sets(*, trace: Path | None = None, kill_after: tuple[int, Path] | None = None) -> str:
+    """The ``train.hooks=[...]`` config override that installs these hooks in another process."""
+    specs = []
+    if trace is not None:
+        specs.append(f"tests.hooks:trace={trace}")
+    if kill_after is not None:
+        specs.append(f"tests.hooks:kill_after_step={kill_after[0]}:{kill_after[1]}")
+    return "train.hooks=" + json.dumps(specs)  # a JSON list of plain strings is a TOML array
+
+
+def read_trace(directory: Path) -> dict[int, list[dict]]:
+    """Every rank's trace records: {rank: [record, ...]} (empty before the first report)."""
+    out: dict[int, list[dict]] = {}
+    for f in sorted(directory.glob("rank*.jsonl")):
+        out[int(f.stem[4:])] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def trace_records(directory: Path, rank: int = 0) -> list[dict]:
+    """One rank's trace records (empty before its first report)."""
+    return read_trace(directory).get(rank, [])
+
+
+def batches_by_step(recs: list[dict]) -> dict[int, str]:
+    """{step: batch digest}; a step trained twice (after a restart) keeps its last record: what the run kept."""
+    out: dict[int, str] = {}
+    for r in recs:
+        out.update({int(k): v for k, v in r["batches"].items()})
+    return out
