@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -152,7 +153,8 @@ def _number(form: dict[str, str], name: str, default: float, lo: float, hi: floa
     try:
         v = float(text)
     except ValueError:
-        raise BadRequest(400, "bad_field", f"'{name}' must be a number in [{lo:g}, {hi:g}], got {text[:40]!r}") from None
+        raise BadRequest(400, "bad_field",
+                         f"'{name}' must be a number in [{lo:g}, {hi:g}], got {text[:40]!r}") from None
     if not lo <= v <= hi:
         raise BadRequest(400, "bad_field", f"'{name}' must be in [{lo:g}, {hi:g}], got {text[:40]!r}")
     return v
@@ -224,35 +226,45 @@ class ModelRef:
     trial: str = ""
 
 
-def resolve_model(spec: str | None) -> ModelRef:
-    """``--checkpoint``: a checkpoint file, a dir holding ``checkpoint.pt``, a train run or a sweep
-    (its best checkpoint by val_score, as ``stylegen best``), local or ``s3://...``; None = shipped."""
+def _is_sweep(spec: str) -> bool:
+    """A Tune sweep dir (it holds ``experiment_state-*.json``), as ``stylegen stylize`` tells them apart."""
+    import glob
+
     from stylegen import storage
-    from stylegen.checkpoint import FILENAME
+
+    if storage.is_remote(spec):
+        try:
+            return bool(storage.list_files(spec, "experiment_state-*.json"))
+        except OSError:
+            return False  # resolve_checkpoint_path names the problem
+    p = Path(spec)
+    return p.is_dir() and bool(glob.glob(str(Path(glob.escape(str(p))) / "experiment_state-*.json")))
+
+
+def resolve_model(spec: str | None) -> ModelRef:
+    """``--checkpoint`` as ``stylegen stylize`` reads it: a checkpoint file, a dir holding ``checkpoint.pt``, a run
+    dir (its newest) or a Tune sweep dir (its best checkpoint by val_score, as ``stylegen best``), local or
+    ``s3://...``; None = the shipped model. The labels: the run (or sweep) name and the trial."""
+    from stylegen import storage
+    from stylegen.checkpoint import FILENAME, resolve_checkpoint_path
 
     if spec is None:
         return ModelRef(None)
-    remote = storage.is_remote(spec)
-    direct = (spec.endswith(".pt") or (storage.file_size(storage.join(spec, FILENAME)) is not None) if remote
-              else Path(spec).is_file() or (Path(spec) / FILENAME).is_file())
-    if direct:
-        from stylegen.checkpoint import resolve_checkpoint_path
+    base = spec.rstrip("/")
+    if base.endswith("/" + FILENAME) or base == FILENAME:
+        base = base.rsplit("/", 1)[0] if "/" in base else "."
+    name = storage.name(base) if storage.is_remote(base) else Path(base).resolve().name
+    if not _is_sweep(spec):
+        return ModelRef(resolve_checkpoint_path(spec), run=name)
+    from stylegen.best import ranked, read_location
 
-        path = resolve_checkpoint_path(spec)
-        return ModelRef(path, run=storage.name(str(Path(path).parent)) if not remote else storage.name(path.rsplit("/", 1)[0]))
-    if not remote and not Path(spec).exists():
-        raise UserError(f"--checkpoint {spec!r} not found; pass a checkpoint.pt, a run or sweep directory, or s3://...")
-    from stylegen.experiments import ranked, read_location
-
-    rows, _ = read_location(spec if remote else Path(spec), "val_score", "min")
-    order = ranked(rows, "min")
+    order = ranked(read_location(spec if storage.is_remote(spec) else Path(spec), "val_score", "min")[0], "min")
     if not order:
-        raise UserError(f"--checkpoint {spec!r}: no checkpoint with a val_score in this run/sweep yet; "
-                        "pass a checkpoint.pt instead")
+        raise UserError(f"sweep {spec!r} has no trial with a checkpointed val_score yet; wait for a checkpoint "
+                        "or pass --checkpoint CKPT")
     best = order[0]
-    name = storage.name(spec.rstrip("/")) if remote else Path(spec).resolve().name
-    log.info("serving trial %s of %s (val_score %.4f): %s", best.trial_id, spec, best.val_score, best.checkpoint)
-    return ModelRef(best.checkpoint, run=name, trial=best.trial_id)
+    log.info("sweep %s: serving the best trial %s (val_score %.4f)", spec, best.trial_id, best.val_score)
+    return ModelRef(resolve_checkpoint_path(best.checkpoint), run=name, trial=best.trial_id)
 
 
 def run_model(gen, items: list[dict[str, Any]]) -> list[Any]:
@@ -513,7 +525,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[ServerOptions, str | No
         raise UserError("--batch-wait-ms must be in [0, 10000], --max-upload-mb > 0 and --max-pixels >= 256")
     token = find_serve_token(args.token, args.token_file)
     digest = args.token_sha256 or (token_digest(token) if token else None)
-    if args.token_sha256 and (len(args.token_sha256) != 64 or any(c not in "0123456789abcdef" for c in args.token_sha256)):
+    if args.token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", args.token_sha256):
         raise UserError("--token-sha256 must be 64 lowercase hex digits")
     check_bind(args.host, token or args.token_sha256)
     model = resolve_model(args.checkpoint)
@@ -547,9 +559,9 @@ def start_ray(address: str | None, temp_dir: str | None) -> None:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))}}
     address = address or os.environ.get("RAY_ADDRESS", "")
     try:
-        if address:
-            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
-        else:
+        if address:  # replicas use the cluster's stylegen, or a job's working_dir (submit serve): its runtime_env
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:  # workers import this checkout as the driver does
             ray.init(runtime_env=env, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                      logging_level=logging.WARNING, _temp_dir=temp_dir, log_to_driver=False)
     except ConnectionError as e:

@@ -1,5 +1,11 @@
 """``stylegen submit {train|tune} --address http://HOST:8265 --config F [--set ...] [--name N] [--wait]``.
 
+``stylegen submit serve --address URL [--checkpoint CKPT] [--http-host H] [--http-port P]
+[--serve-token-file F]`` deploys ``stylegen serve`` on the cluster the same way: a job (same
+upload allow-list, same token checks) whose entrypoint is ``python -m stylegen serve --detach``;
+the Serve app outlives the job. Its bearer token never leaves this machine: only its SHA-256
+is in the entrypoint (``--token-sha256``), which is all the replicas compare against.
+
 Everything that can be checked before talking to the cluster is checked first: the
 config is resolved and validated locally, the name is checked, and a token must be
 found (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) unless
@@ -40,7 +46,7 @@ from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "tune")
+KINDS = ("train", "tune", "serve")
 CONFIG_IN_JOB = "_submit/config.toml"
 # The upload allow-list (see upload_allowed): *.py and *.toml under UPLOAD_DIRS, the package's
 # assets (pyproject.toml's package-data) and the top-level files named here.
@@ -52,7 +58,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=KINDS, help="which job: train (jobs/train.py) or tune (jobs/tune.py)")
+    p.add_argument("kind", choices=KINDS, help="which job: train (jobs/train.py), tune (jobs/tune.py) or serve "
+                                               "(stylegen serve, left running on the cluster)")
     p.add_argument("--address", default=None, metavar="URL",
                    help="job server of the head: http://HOST:8265 (default $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS)")
     add_config_arguments(p)
@@ -68,11 +75,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-args", default="", metavar="'ARGS'",
                    help="extra arguments for the job's command as one string, written with '=' "
                         "(e.g. --job-args='--workers 4 --storage s3://b/p')")
+    g = p.add_argument_group("serve", "only for `submit serve`")
+    g.add_argument("--checkpoint", metavar="CKPT|SWEEP",
+                   help="what to serve, as the cluster sees it: s3://... or a path on the cluster "
+                        "(default: the shipped model)")
+    g.add_argument("--http-host", default="127.0.0.1",
+                   help="where Serve listens on the cluster's nodes (default 127.0.0.1; others need a token)")
+    g.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP port (default 8000)")
+    g.add_argument("--serve-token-file", metavar="F",
+                   help="file (mode 0600) holding the bearer token POST /stylize will need (or $STYLEGEN_SERVE_TOKEN)")
+    g.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     from stylegen.raycluster import auth_headers, find_token, resolve_job_address
 
+    if args.kind == "serve":
+        return run_serve(args)
     cfg_text, name = resolve_job_config(args.config, args.overrides, args.name)
     job_args = split_job_args(args.job_args)
     if not 0 < args.timeout <= 600:
@@ -116,6 +135,64 @@ def run(args: argparse.Namespace) -> int:
     print(f"  stop:   ray job stop {q(submission_id)} --address {q(address)}")
     if token is not None:
         print("  (the ray CLI sends the token only with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] set)")
+    sys.stdout.flush()
+    return wait_for_job(client, submission_id) if args.wait else 0
+
+
+def serve_entrypoint(args: argparse.Namespace, job_args: list[str]) -> tuple[str, str]:
+    """(entrypoint, name) of a ``submit serve`` job, checked locally first: the bind needs a token off loopback,
+    and only the token's SHA-256 goes into the command line."""
+    from stylegen.config import check_name
+    from stylegen.serve import check_bind, find_serve_token, token_digest
+
+    name = check_name(args.name or "serve", "run name")
+    if not 1 <= args.http_port <= 65535 or args.replicas < 1:
+        raise UserError("--http-port must be in 1-65535 and --replicas >= 1")
+    token = find_serve_token(None, args.serve_token_file)
+    check_bind(args.http_host, token)
+    if args.checkpoint and "://" not in args.checkpoint and not args.checkpoint.startswith("/"):
+        raise UserError(f"--checkpoint {args.checkpoint!r} is relative: the cluster cannot see this machine's files; "
+                        "pass s3://... or an absolute path on the cluster (or nothing: the shipped model)")
+    argv = [args.python, "-m", "stylegen", "serve", "--detach", "--host", args.http_host,
+            "--port", str(args.http_port), "--replicas", str(args.replicas)]
+    if args.checkpoint:
+        argv += ["--checkpoint", args.checkpoint]
+    if token is not None:
+        argv += ["--token-sha256", token_digest(token)]
+    return shlex.join([*argv, *job_args]), name
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``submit serve``: the same checks and upload as train/tune, no config and no preflight."""
+    from stylegen.raycluster import auth_headers, find_token, resolve_job_address
+
+    if not 0 < args.timeout <= 600:
+        raise UserError(f"--timeout {args.timeout:g}: expected seconds in (0, 600]")
+    entrypoint, name = serve_entrypoint(args, split_job_args(args.job_args))
+    address = resolve_job_address(args.address)
+    token = None
+    if not args.no_token:
+        found = find_token()
+        if found is None:
+            raise UserError("no Ray auth token: set RAY_AUTH_TOKEN_PATH to the cluster's token file (or "
+                            "RAY_AUTH_TOKEN, or put it in ~/.ray/auth_token); pass --no-token only if the cluster "
+                            "has no auth")
+        token = found[0]
+    headers = auth_headers(token)
+    check_job_server(address, headers, args.timeout, token_given=token is not None)
+    submission_id = make_submission_id("serve", name)
+    with staged_project("# stylegen submit serve: no training config\n") as working_dir:
+        client = _client(address, headers)
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                              metadata={"stylegen_kind": "serve", "stylegen_name": name,
+                                        "submitted_by": "stylegen submit"},
+                              runtime_env={"working_dir": str(working_dir), "env_vars": {"PYTHONUNBUFFERED": "1"}})
+        except Exception as e:
+            raise UserError(f"submitting to {address} failed: {_one_line(e)}") from None
+    print(submission_id)
+    print(f"  the app listens on {args.http_host}:{args.http_port} of the cluster's nodes once the job has SUCCEEDED")
+    print(f"  logs: ray job logs {shlex.quote(submission_id)} --address {shlex.quote(address)}")
     sys.stdout.flush()
     return wait_for_job(client, submission_id) if args.wait else 0
 

@@ -411,3 +411,55 @@ def test_metrics_reach_rays_export_port_listed_for_prometheus(server):
     assert {n.removeprefix("ray_") for n in names} <= series_names(SERVE_SPECS)
     assert samples[("ray_stylegen_serve_errors_total", "not_image", "", "")] >= 1
     assert samples[("ray_stylegen_serve_requests_total", "", "", "200")] >= 2
+
+
+def test_submit_serve_sends_only_the_token_hash(tmp_path, monkeypatch):
+    """``submit serve`` checks the bind and the token locally; the entrypoint carries the SHA-256, never the token."""
+    import shlex
+
+    from stylegen.cli import build_parser
+    from stylegen.submit import serve_entrypoint
+
+    monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
+    tok = tmp_path / "tok"
+    tok.write_text(TOKEN)
+    tok.chmod(0o600)
+    parse = build_parser().parse_args
+    args = parse(["submit", "serve", "--http-host", "0.0.0.0", "--serve-token-file", str(tok),
+                  "--checkpoint", "s3://bucket/sweeps/s1", "--replicas", "2"])
+    entry, name = serve_entrypoint(args, [])
+    argv = shlex.split(entry)
+    assert TOKEN not in entry and name == "serve"
+    assert argv[:4] == ["python", "-m", "stylegen", "serve"] and "--detach" in argv
+    assert argv[argv.index("--token-sha256") + 1] == serve.token_digest(TOKEN)
+    assert argv[argv.index("--checkpoint") + 1] == "s3://bucket/sweeps/s1"
+    with pytest.raises(UserError, match="reachable from other machines"):
+        serve_entrypoint(parse(["submit", "serve", "--http-host", "0.0.0.0"]), [])
+    with pytest.raises(UserError, match="is relative"):
+        serve_entrypoint(parse(["submit", "serve", "--checkpoint", "runs/best"]), [])
+    loopback, _ = serve_entrypoint(parse(["submit", "serve"]), [])
+    assert "--token-sha256" not in loopback
+    # and the replica side accepts the hash as its token
+    ns = parse(["serve", "--host", "0.0.0.0", "--token-sha256", serve.token_digest(TOKEN)])
+    monkeypatch.setattr(serve, "resolve_model", lambda spec: serve.ModelRef(None))
+    opts, _ = serve.options_from_args(ns)
+    assert opts.token_sha256 == serve.token_digest(TOKEN)
+
+
+def test_resolve_model(tmp_path):
+    import shutil
+
+    from stylegen.stylize import shipped_checkpoint
+
+    assert serve.resolve_model(None) == serve.ModelRef(None, "shipped", "")
+    run = tmp_path / "run1"
+    run.mkdir()
+    shutil.copyfile(shipped_checkpoint(), run / "checkpoint.pt")
+    for spec in (run, run / "checkpoint.pt"):
+        ref = serve.resolve_model(str(spec))
+        assert ref.checkpoint == str(run / "checkpoint.pt") and ref.run == "run1"
+    with pytest.raises(UserError, match="not found"):
+        serve.resolve_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not found"):  # neither a checkpoint nor a run/sweep with one
+        serve.resolve_model(str(tmp_path / "empty"))

@@ -1,0 +1,241 @@
+"""The page of ``stylegen serve`` in a real headless browser (Debian's chromium, driven over the Chrome
+DevTools protocol with ``websockets``): pick a content and a style image through the file inputs, wait
+for the result, read the result image's bytes back from the page and check them; then the alpha slider
+and the colour toggle each bring a new, different result. A screenshot goes to the test's tmp dir, and to
+``docs/serve-page.png`` with ``STYLEGEN_SCREENSHOT=docs/serve-page.png``. CI installs chromium (.ci/run)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stylegen import serve
+
+TOKEN = "browser-test-token-0123456789abcdef"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_browser() -> str:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError("no chromium on PATH: install it (`apt-get install -y chromium`; .ci/run does) to run "
+                       "the page test")
+
+
+class DevTools:
+    """A minimal synchronous Chrome DevTools protocol client over one page target's websocket."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=64 * 2**20, open_timeout=30).__enter__()  # closed in close()
+        self.ids = itertools.count(1)
+
+    def call(self, method: str, timeout: float = 60.0, **params):
+        i = next(self.ids)
+        self.ws.send(json.dumps({"id": i, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if msg.get("id") == i:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def eval(self, expr: str, timeout: float = 60.0):
+        r = self.call("Runtime.evaluate", timeout=timeout, expression=expr, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expr[:80]}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expr: str, timeout: float = 120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = self.eval(expr)
+            if v:
+                return v
+            time.sleep(0.2)
+        raise TimeoutError(f"{expr} still false after {timeout:.0f} s (status: {self.eval(STATUS)!r})")
+
+    def close(self):
+        self.ws.close()
+
+
+STATUS = "document.getElementById('status').textContent"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from s3server import die_with_parent
+
+    d = tmp_path_factory.mktemp("serve-page")
+    tok = d / "token"
+    tok.write_text(TOKEN)
+    tok.chmod(0o600)
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgpage{os.getpid()}"
+    log = d / "serve.log"
+    proc = serve.launch(["--port", str(port), "--token-file", str(tok), "--temp-dir", str(ray_tmp)],
+                        env=env, log_path=log, preexec_fn=die_with_parent)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        serve.wait_ready(base, proc, timeout=300)
+        yield base
+    except Exception:
+        print(log.read_text()[-4000:], file=sys.stderr)
+        raise
+    finally:
+        rc = serve.stop(proc)
+        assert rc == 0, f"stylegen serve exited {rc}:\n{log.read_text()[-3000:]}"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless chromium on a free DevTools port (loopback), its page target's DevTools client; killed after."""
+    from s3server import die_with_parent
+
+    profile = tmp_path / "profile"
+    argv = [find_browser(), "--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+            "--disable-extensions", "--disable-background-networking", "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=900,520", "about:blank"]
+    if os.geteuid() == 0:
+        argv.insert(1, "--no-sandbox")  # chromium refuses to run as root with its sandbox
+    log = open(tmp_path / "chromium.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent)
+    log.close()
+    devtools = None
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        page = next(t for t in targets if t["type"] == "page")
+        devtools = DevTools(page["webSocketDebuggerUrl"])
+        yield devtools
+    finally:
+        if devtools is not None:
+            devtools.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _images(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    """Two of scikit-image's bundled photos (a cat, a stained tissue texture), downscaled."""
+    from stylegen.data.embedded import skimage_data_dir
+
+    d = skimage_data_dir()
+    content, style = tmp_path / "cat.png", tmp_path / "texture.png"
+    Image.open(d / "chelsea.png").convert("RGB").resize((300, 200)).save(content)
+    Image.open(d / "ihc.png").convert("RGB").crop((0, 0, 256, 256)).save(style)
+    return content, style, np.asarray(Image.open(content))
+
+
+READ_RESULT = """(async () => {
+  const r = await fetch(document.getElementById('result').src);
+  const b = new Uint8Array(await r.arrayBuffer());
+  let s = ''; for (const x of b) s += String.fromCharCode(x);
+  return btoa(s);
+})()"""
+
+
+def _result(dev: DevTools) -> np.ndarray:
+    data = base64.b64decode(dev.eval(READ_RESULT))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:40]
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
+
+
+def _wait_result(dev: DevTools, previous: str | None) -> str:
+    """Wait for a finished result newer than ``previous`` (its blob URL); return its URL."""
+    cond = ("(() => { const r = document.getElementById('result'); "
+            f"return r.dataset.state === 'done' && r.src !== {json.dumps(previous or '')} ? r.src : ''; }})()")
+    return dev.wait_for(cond)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_page_uploads_two_images_and_shows_the_result(server, browser, tmp_path):
+    dev = browser
+    content_path, style_path, _ = _images(tmp_path)
+    dev.call("Page.enable")
+    dev.call("Emulation.setDeviceMetricsOverride", width=880, height=470, deviceScaleFactor=1, mobile=False)
+    dev.call("Page.navigate", url=f"{server}/#token={TOKEN}")  # the fragment never reaches the server
+    dev.wait_for("document.readyState === 'complete' && !!document.getElementById('content')")
+    assert dev.eval("document.getElementById('token').value") == TOKEN
+    dev.eval("document.getElementById('size').value = '128'")
+    root = dev.call("DOM.getDocument")["root"]["nodeId"]
+    for field, path in (("content", content_path), ("style", style_path)):
+        node = dev.call("DOM.querySelector", nodeId=root, selector=f"#{field}")["nodeId"]
+        dev.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])  # fires 'change' like a user's pick
+    url = _wait_result(dev, None)
+    out = _result(dev)
+    assert out.shape == (128, 128, 3)
+    # the content as the server crops it (cover 128x128), to compare the result with
+    from stylegen.images import cover_crop
+
+    content = np.asarray(cover_crop(Image.open(content_path).convert("RGB"), (128, 128))).astype(float)
+    assert np.abs(out - content).mean() > 5, "the result is the content: nothing was stylized"
+    assert "error" not in dev.eval("document.getElementById('status').className")
+    shot = base64.b64decode(dev.call("Page.captureScreenshot", format="png")["data"])
+    (tmp_path / "serve-page.png").write_bytes(shot)
+    assert Image.open(io.BytesIO(shot)).size[0] >= 800
+    if os.environ.get("STYLEGEN_SCREENSHOT"):
+        Path(os.environ["STYLEGEN_SCREENSHOT"]).write_bytes(shot)
+
+    # the slider: alpha 0 is (nearly) the content's own style, a different picture
+    dev.eval("(() => { const a = document.getElementById('alpha'); a.value = '0'; "
+             "a.dispatchEvent(new Event('change')); })()")
+    url = _wait_result(dev, url)
+    weak = _result(dev)
+    assert np.abs(weak - out).mean() > 5
+    # the colour toggle: luminance-only transfer keeps the content's chroma
+    dev.eval("(() => { const a = document.getElementById('alpha'); a.value = '1'; "
+             "document.getElementById('preserve_color').click(); })()")
+    _wait_result(dev, url)
+    kept = _result(dev)
+
+    def chroma(a):
+        y = 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]
+        return np.stack([(a[..., 2] - y) / 1.772, (a[..., 0] - y) / 1.402], -1)
+
+    assert np.abs(chroma(kept) - chroma(content)).max() <= 1.5
+    assert np.abs(chroma(out) - chroma(content)).mean() > 3
+
+    # a refused request shows the server's one-line error on the page
+    dev.eval("document.getElementById('token').value = 'wrong-token-wrong-token'")
+    dev.eval("document.getElementById('preserve_color').click()")
+    dev.wait_for("document.getElementById('result').dataset.state === 'error'")
+    assert "wrong token" in dev.eval(STATUS)
