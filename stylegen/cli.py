@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("stylegen.tune", "Ray Tune sweep over the loss weights"),
     "best": ("stylegen.experiments", "best trial/checkpoint of a finished (or running) sweep or run, offline"),
     "stylize": ("stylegen.stylize", "stylize images with a checkpoint (default: the shipped model)"),
+    "export": ("stylegen.export", "export a checkpoint (or a sweep's best) as ONNX with dynamic height and width"),
     "eval": ("stylegen.evaluate", "content/style/PSNR metrics of a checkpoint against reference points"),
     "serve": ("stylegen.serve", "serve the generator over HTTP on Ray Serve: POST /stylize and a web page at /"),
     "submit": ("stylegen.submit", "submit a train, tune or serve job to a Ray cluster (token auth)"),

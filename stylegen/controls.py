@@ -150,13 +150,21 @@ def tile_layout(n: int, tile: int, overlap: int) -> tuple[int, list[int]]:
 
 
 def blend_window(n: int, left: int, right: int) -> torch.Tensor:
-    """(n,) feather weights: a linear ramp up over the first ``left`` px, down over the last ``right``.
-    Two tiles overlapping over L px get ramps that sum to 1 at every pixel of the overlap."""
+    """(n,) feather weights of a tile that overlaps its neighbours by ``left`` / ``right`` px.
+
+    Over an overlap of L px the weight is 0 for the outer L/4 (where the tile's border, seen
+    through reflection padding instead of the real neighbourhood, alters the output), then a
+    linear ramp over the middle L/2 up to 1. The neighbour's window mirrors it, so the two
+    weights sum to 1 across the ramp and each tile alone covers its side of it."""
     w = torch.ones(n, dtype=torch.float32)
-    if left:
-        w[:left] = (torch.arange(left, dtype=torch.float32) + 0.5) / left
-    if right:
-        w[n - right:] = torch.minimum(w[n - right:], (right - 0.5 - torch.arange(right, dtype=torch.float32)) / right)
+    for length, flip in ((left, False), (right, True)):
+        if not length:
+            continue
+        edge, ramp = length // 4, length - 2 * (length // 4)
+        r = torch.cat([torch.zeros(edge), (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp])
+        r = r.flip(0) if flip else r
+        part = w[n - len(r):] if flip else w[:len(r)]
+        part.copy_(torch.minimum(part, r))
     return w
 
 

@@ -1,11 +1,14 @@
 """``stylegen stylize``: stylize image files with a trained generator.
 
-    stylegen stylize [--checkpoint CKPT] --content IMG [IMG ...] --style IMG
-                     [--alpha A] [--out FILE.png|DIR] [--size 64|N|native]
+    stylegen stylize [--checkpoint CKPT|SWEEP] --content IMG [IMG ...] --style IMG [IMG ...]
+                     [--weights W [W ...] | --mask M.png] [--alpha A] [--preserve-color]
+                     [--out FILE.png|DIR] [--size 64|N|native] [--tile N]
 
-Every input is checked (checkpoint, then all images) before anything is written, so a bad
-input leaves no output behind; each output PNG is written atomically. Without
+Every input is checked (controls, checkpoint, then all images) before anything is written, so
+a bad input leaves no output behind; each output PNG is written atomically. Without
 ``--checkpoint`` the model shipped in the package (``stylegen/assets/pretrained.pt``) is used.
+The controls (mixing, mask, colour preservation, tiles) are ``stylegen.controls``, shared
+with ``stylegen serve``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PRETRAINED = "assets/pretrained.pt"
-# --size native: the generator's activations at 32 channels cost ~1 KB per pixel per layer.
-NATIVE_MAX_PIXELS = 2048 * 2048
+# --size native: above --tile px a side the image is stylized in tiles (activations bounded by
+# the tile), so the limit is the time a CPU takes and the full-size float buffers (~50 B/px).
+NATIVE_MAX_PIXELS = 8192 * 8192
 MIN_SIDE = 16
 
 
@@ -41,16 +45,50 @@ def shipped_checkpoint() -> Path:
     return Path(str(res))  # the package is installed from files (setuptools package-data), not a zip
 
 
+def _is_sweep(path: str | Path) -> bool:
+    """A Tune sweep dir (it holds experiment_state-*.json), local or on object storage."""
+    import glob
+
+    from stylegen import storage
+
+    if storage.is_remote(path):
+        try:
+            return bool(storage.list_files(str(path), "experiment_state-*.json"))
+        except OSError:
+            return False  # resolve_checkpoint_path names the problem
+    p = Path(path)
+    return p.is_dir() and bool(glob.glob(str(Path(glob.escape(str(p))) / "experiment_state-*.json")))
+
+
+def resolve_model(path: str | Path) -> str:
+    """A checkpoint file, a dir holding one, a run dir (its newest: ``resolve_checkpoint_path``),
+    or a Tune sweep dir (its best checkpoint by val_score, as ``stylegen best`` picks it); local
+    or ``s3://``. Returns the checkpoint file's path/URL."""
+    from stylegen.checkpoint import resolve_checkpoint_path
+
+    if not _is_sweep(path):
+        return resolve_checkpoint_path(path)
+    from stylegen.best import ranked, read_location
+
+    order = ranked(read_location(path, "val_score", "min")[0], "min")
+    if not order:
+        raise UserError(f"sweep {str(path)!r} has no trial with a checkpointed val_score yet; "
+                        "wait for a checkpoint or pass --checkpoint CKPT")
+    log.info("sweep %s: best trial %s (val_score %.4f)", path, order[0].trial_id, order[0].val_score)
+    return resolve_checkpoint_path(order[0].checkpoint)
+
+
 def load_generator(path: str | Path | None, device: str | torch.device = "cpu") -> tuple[Generator, Config]:
     """Rebuild the generator from a checkpoint's own config and load its weights (strict), in eval mode.
 
-    ``path`` None = the shipped pretrained model. Raises UserError for a missing file, a
-    file that is not a stylegen checkpoint (random bytes, pickle payloads: loaded with
-    weights_only=True), an unreadable config, or weights that do not fit the config.
+    ``path`` None = the shipped pretrained model; else anything ``resolve_model`` takes (a
+    checkpoint, run or sweep). Raises UserError for a missing file, a file that is not a
+    stylegen checkpoint (random bytes, pickle payloads: loaded with weights_only=True), an
+    unreadable config, or weights that do not fit the config.
     """
-    from stylegen.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint_path
+    from stylegen.checkpoint import generator_from_state, load_checkpoint
 
-    p = shipped_checkpoint() if path is None else resolve_checkpoint_path(path)
+    p = shipped_checkpoint() if path is None else resolve_model(path)
     gen, cfg = generator_from_state(load_checkpoint(p, map_location="cpu"), str(p))
     return gen.to(device).eval(), cfg
 
@@ -108,28 +146,52 @@ def output_paths(contents: list[str], out: str | None) -> list[Path]:
     return paths
 
 
-def prepare(content_paths: list[str], style_path: str, size: int | None):
-    """Load and size all inputs: [(content u8 (3,H,W), style u8 (3,H,W))], style matched to each content."""
+def prepare(content_paths: list[str], style_paths: list[str], size: int | None, mask_path: str | None = None):
+    """Load and size all inputs: [(content u8 (3,H,W), [style u8 (3,H,W), ...], mask float (H,W) | None)],
+    each style brought to each content's size, the mask resized to the content and cropped as it is."""
+    import torch
+
     from stylegen.images import cover_crop, crop_to_multiple, load_rgb, to_uint8_tensor
 
-    style_img = load_rgb(style_path, what="style image")
-    _check_min_side(style_img, style_path, "style image")
-    pairs = []
+    style_imgs = []
+    for sp in style_paths:
+        style_imgs.append(load_rgb(sp, what="style image"))
+        _check_min_side(style_imgs[-1], sp, "style image")
+    mask_img = None if mask_path is None else load_rgb(mask_path, what="mask").convert("L")
+    items = []
     for c in content_paths:
         im = load_rgb(c, what="content image")
         _check_min_side(im, c, "content image")
+        mk = None if mask_img is None else _fit_mask(mask_img, im, mask_path, c)
         if size is None:
             im = crop_to_multiple(im, 4)  # sides >= 16 stay >= 16
+            mk = None if mk is None else crop_to_multiple(mk, 4)
             if im.width * im.height > NATIVE_MAX_PIXELS:
                 raise UserError(f"content image {c!r} is {im.width}x{im.height}, over the {NATIVE_MAX_PIXELS:,}-pixel "
                                 "limit of --size native; pass --size N (e.g. 512)")
         else:
             im = cover_crop(im, (size, size))
+            mk = None if mk is None else cover_crop(mk, (size, size))
         # The style is brought to the content's size: the concat generator needs no match,
         # but the style's statistics then come from the scale the model was trained at.
-        st = cover_crop(style_img, (im.height, im.width))
-        pairs.append((to_uint8_tensor(im), to_uint8_tensor(st)))
-    return pairs
+        sts = [to_uint8_tensor(cover_crop(s, (im.height, im.width))) for s in style_imgs]
+        m = None if mk is None else to_uint8_tensor(mk)[0].to(torch.float32) / 255.0
+        items.append((to_uint8_tensor(im), sts, m))
+    return items
+
+
+def _fit_mask(mask, content, mask_path: str, content_path: str):
+    """The mask (an L image) at the content's size: resized when only the scale differs (aspect
+    within 2 %), a UserError when the shapes differ (it would not line up with the content)."""
+    from PIL import Image
+
+    if mask.size == content.size:
+        return mask
+    ratio = (mask.width / mask.height) / (content.width / content.height)
+    if not 0.98 <= ratio <= 1.02:
+        raise UserError(f"--mask {mask_path!r} is {mask.width}x{mask.height} but content image {content_path!r} is "
+                        f"{content.width}x{content.height} (another aspect ratio); give a mask of the content's shape")
+    return mask.resize(content.size, Image.Resampling.BILINEAR)
 
 
 def _check_min_side(im, path: str, what: str) -> None:
@@ -153,25 +215,55 @@ def make_output_dirs(paths: list[Path]) -> None:
                             "pass a writable --out") from None
 
 
-def stylize_tensor(gen, content_u8, style_u8, alpha: float = 1.0, device: str | torch.device = "cpu"):
-    """uint8 (B,3,H,W) content and style -> uint8 (B,3,H,W) output."""
-    import torch
+def parse_tile(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a tile side in pixels, got {text!r}") from None
+    if n < 256 or n % 8:
+        raise argparse.ArgumentTypeError(f"--tile {n}: must be a multiple of 8, >= 256")
+    return n
 
-    from stylegen.images import to_float, to_uint8
 
-    with torch.inference_mode():
-        out = gen(to_float(content_u8).to(device), to_float(style_u8).to(device), alpha=alpha)
-    return to_uint8(out)
+def controls_from_args(args: argparse.Namespace):
+    """``Controls`` of the flags, checked against the number of styles and the mask (UserError)."""
+    from stylegen.controls import Controls, check
+
+    c = Controls(alpha=args.alpha, preserve_color=args.preserve_color,
+                 weights=tuple(args.weights) if args.weights else None, tile=args.tile,
+                 overlap=args.tile // 64 * 8)
+    if args.weights and len(args.weights) != len(args.style):
+        raise UserError(f"--weights has {len(args.weights)} values for {len(args.style)} --style images; "
+                        "give one weight per style")
+    if args.mask and len(args.style) != 2:
+        raise UserError(f"--mask needs exactly two --style images (the first where the mask is black, the second "
+                        f"where it is white); got {len(args.style)}")
+    if args.mask and args.weights:
+        raise UserError("--mask and --weights cannot be combined; the mask decides where each style goes")
+    check(c, len(args.style), bool(args.mask))
+    return c
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", metavar="CKPT",
-                   help="checkpoint.pt, a dir holding one, or a --local run dir (its newest; default: the shipped model)")
+    p.add_argument("--checkpoint", metavar="CKPT|SWEEP",
+                   help="checkpoint.pt, a dir holding one, a run dir (its newest), a Tune sweep dir (its best), local "
+                        "or s3://... (default: the shipped model)")
     p.add_argument("--content", nargs="+", required=True, metavar="IMG",
                    help="content image(s), any format Pillow reads")
-    p.add_argument("--style", required=True, metavar="IMG", help="style image")
+    p.add_argument("--style", nargs="+", required=True, metavar="IMG",
+                   help="style image(s); several are mixed (--weights) or placed by --mask")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="style mixing weights, one per --style (normalised; default equal), mixed in feature space")
+    p.add_argument("--mask", metavar="M.png",
+                   help="with two --style images: the second where the mask is white, the first where black "
+                        "(grey blends); the content's shape, resized to its size")
     p.add_argument("--alpha", type=parse_alpha, default=1.0, metavar="A",
                    help="style strength in [0, 1]: 0 = the content's own style, 1 = full style (default 1)")
+    p.add_argument("--preserve-color", action="store_true",
+                   help="luminance-only transfer: the output keeps the content's colours (chroma)")
+    p.add_argument("--tile", type=parse_tile, default=2048, metavar="N",
+                   help="images with a side over N px are stylized in overlapping tiles (N/8 overlap, "
+                        "feathered; default 2048)")
     p.add_argument("--out", metavar="FILE.png|DIR",
                    help="output PNG (one content) or directory (one <stem>.png per content); "
                         "default <stem>_stylized.png, or stylized/ for several contents")
@@ -192,18 +284,20 @@ def run(args: argparse.Namespace) -> int:
         from stylegen.storage import check_output_file
 
         check_output_file(args.metrics_textfile, "--metrics-textfile")
+    controls = controls_from_args(args)
     outs = output_paths(args.content, args.out)
-    inputs = {Path(x).resolve() for x in [*args.content, args.style]}
+    inputs = {Path(x).resolve() for x in [*args.content, *args.style, *([args.mask] if args.mask else [])]}
     clash = [o for o in outs if o.resolve() in inputs]
     if clash:
         raise UserError(f"output {str(clash[0])!r} would overwrite an input image; pass another --out")
     gen, _ = load_generator(args.checkpoint, args.device)
-    pairs = prepare(args.content, args.style, args.size)
+    items = prepare(args.content, args.style, args.size, args.mask)
+    from stylegen.controls import stylize as stylize_one
     from stylegen.images import save_png
 
     make_output_dirs(outs)
-    for (c, s), path in zip(pairs, outs, strict=True):
-        out = stylize_tensor(gen, c[None], s[None], args.alpha, args.device)[0]
+    for (c, styles, mask), path in zip(items, outs, strict=True):
+        out = stylize_one(gen, c, styles, controls, mask, args.device)
         try:
             save_png(path, out)
         except OSError as e:  # disk full, permissions: the atomic write left nothing behind
