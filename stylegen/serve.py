@@ -226,27 +226,12 @@ class ModelRef:
     trial: str = ""
 
 
-def _is_sweep(spec: str) -> bool:
-    """A Tune sweep dir (it holds ``experiment_state-*.json``), as ``stylegen stylize`` tells them apart."""
-    import glob
-
-    from stylegen import storage
-
-    if storage.is_remote(spec):
-        try:
-            return bool(storage.list_files(spec, "experiment_state-*.json"))
-        except OSError:
-            return False  # resolve_checkpoint_path names the problem
-    p = Path(spec)
-    return p.is_dir() and bool(glob.glob(str(Path(glob.escape(str(p))) / "experiment_state-*.json")))
-
-
 def resolve_model(spec: str | None) -> ModelRef:
     """``--checkpoint`` as ``stylegen stylize`` reads it: a checkpoint file, a dir holding ``checkpoint.pt``, a run
     dir (its newest) or a Tune sweep dir (its best checkpoint by val_score, as ``stylegen best``), local or
     ``s3://...``; None = the shipped model. The labels: the run (or sweep) name and the trial."""
     from stylegen import storage
-    from stylegen.checkpoint import FILENAME, resolve_checkpoint_path
+    from stylegen.checkpoint import FILENAME, resolve_model as resolve_model_path
 
     if spec is None:
         return ModelRef(None)
@@ -254,17 +239,8 @@ def resolve_model(spec: str | None) -> ModelRef:
     if base.endswith("/" + FILENAME) or base == FILENAME:
         base = base.rsplit("/", 1)[0] if "/" in base else "."
     name = storage.name(base) if storage.is_remote(base) else Path(base).resolve().name
-    if not _is_sweep(spec):
-        return ModelRef(resolve_checkpoint_path(spec), run=name)
-    from stylegen.best import ranked, read_location
-
-    order = ranked(read_location(spec if storage.is_remote(spec) else Path(spec), "val_score", "min")[0], "min")
-    if not order:
-        raise UserError(f"sweep {spec!r} has no trial with a checkpointed val_score yet; wait for a checkpoint "
-                        "or pass --checkpoint CKPT")
-    best = order[0]
-    log.info("sweep %s: serving the best trial %s (val_score %.4f)", spec, best.trial_id, best.val_score)
-    return ModelRef(resolve_checkpoint_path(best.checkpoint), run=name, trial=best.trial_id)
+    checkpoint, trial = resolve_model_path(spec)
+    return ModelRef(checkpoint, run=name, trial=trial)
 
 
 def run_model(gen, items: list[dict[str, Any]]) -> list[Any]:

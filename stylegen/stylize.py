@@ -45,39 +45,6 @@ def shipped_checkpoint() -> Path:
     return Path(str(res))  # the package is installed from files (setuptools package-data), not a zip
 
 
-def _is_sweep(path: str | Path) -> bool:
-    """A Tune sweep dir (it holds experiment_state-*.json), local or on object storage."""
-    import glob
-
-    from stylegen import storage
-
-    if storage.is_remote(path):
-        try:
-            return bool(storage.list_files(str(path), "experiment_state-*.json"))
-        except OSError:
-            return False  # resolve_checkpoint_path names the problem
-    p = Path(path)
-    return p.is_dir() and bool(glob.glob(str(Path(glob.escape(str(p))) / "experiment_state-*.json")))
-
-
-def resolve_model(path: str | Path) -> str:
-    """A checkpoint file, a dir holding one, a run dir (its newest: ``resolve_checkpoint_path``),
-    or a Tune sweep dir (its best checkpoint by val_score, as ``stylegen best`` picks it); local
-    or ``s3://``. Returns the checkpoint file's path/URL."""
-    from stylegen.checkpoint import resolve_checkpoint_path
-
-    if not _is_sweep(path):
-        return resolve_checkpoint_path(path)
-    from stylegen.best import ranked, read_location
-
-    order = ranked(read_location(path, "val_score", "min")[0], "min")
-    if not order:
-        raise UserError(f"sweep {str(path)!r} has no trial with a checkpointed val_score yet; "
-                        "wait for a checkpoint or pass --checkpoint CKPT")
-    log.info("sweep %s: best trial %s (val_score %.4f)", path, order[0].trial_id, order[0].val_score)
-    return resolve_checkpoint_path(order[0].checkpoint)
-
-
 def load_generator(path: str | Path | None, device: str | torch.device = "cpu") -> tuple[Generator, Config]:
     """Rebuild the generator from a checkpoint's own config and load its weights (strict), in eval mode.
 
@@ -86,9 +53,9 @@ def load_generator(path: str | Path | None, device: str | torch.device = "cpu") 
     stylegen checkpoint (random bytes, pickle payloads: loaded with weights_only=True), an
     unreadable config, or weights that do not fit the config.
     """
-    from stylegen.checkpoint import generator_from_state, load_checkpoint
+    from stylegen.checkpoint import generator_from_state, load_checkpoint, resolve_model
 
-    p = shipped_checkpoint() if path is None else resolve_model(path)
+    p = shipped_checkpoint() if path is None else resolve_model(path)[0]
     gen, cfg = generator_from_state(load_checkpoint(p, map_location="cpu"), str(p))
     return gen.to(device).eval(), cfg
 
