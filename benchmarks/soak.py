@@ -54,9 +54,14 @@ class Sample:
 class SoakResult:
     samples: list[Sample] = field(default_factory=list)
     returncode: int | None = None
+    stopped: bool = False  # SIGTERMed after --minutes: a clean stop exits 143 (stylegen.train.cli.EXIT_STOPPED)
     seconds: float = 0.0
     steps: int = 0
     stderr_tail: str = ""
+
+    @property
+    def clean_exit(self) -> bool:
+        return self.returncode == (128 + signal.SIGTERM if self.stopped else 0)
 
     def judged(self, warmup: float) -> list[Sample]:
         """Samples after the first ``warmup`` fraction of the run."""
@@ -117,7 +122,7 @@ def run_soak(*, steps: int = 5000, minutes: float | None = None, interval: float
                     res.samples.append(Sample(time.monotonic() - t0, *got, _step(out)))
                 if minutes is not None and not stopping and time.monotonic() - t0 > minutes * 60:
                     proc.send_signal(signal.SIGTERM)  # preemption: checkpoint, then exit
-                    stopping = True
+                    stopping = res.stopped = True
                 time.sleep(interval)
             res.returncode = proc.wait(timeout=120)
         finally:
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, help="also write every sample as CSV (t, rss_mb, fds, step)")
     args = p.parse_args(argv)
     res = run_soak(steps=args.steps, minutes=args.minutes, interval=args.interval)
-    if res.returncode != 0:
+    if not res.clean_exit:
         print(f"soak: training exited {res.returncode}\n{res.stderr_tail}", file=sys.stderr)
         return 1
     if args.csv:

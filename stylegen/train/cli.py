@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 from pathlib import Path
 
 from stylegen import storage
 from stylegen.config_cli import add_config_arguments, flag_overrides
 
 log = logging.getLogger(__name__)
+# A run stopped by SIGTERM (preemption, `ray job stop`) has checkpointed but not finished: it exits as a
+# process killed by SIGTERM would, so schedulers (a Kubernetes Job, a Ray job, a shell `&&`) do not
+# take it for a finished run. Rerunning the same command resumes it.
+EXIT_STOPPED = 128 + signal.SIGTERM
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,14 +48,19 @@ def run(args: argparse.Namespace) -> int:
         from stylegen.errors import UserError
 
         out = Path(cfg.train.out)
+        stop = threading.Event()
         try:
-            metrics = run_local(cfg, out, progress=not args.no_progress)
+            metrics = run_local(cfg, out, progress=not args.no_progress, stop=stop)
         except FloatingPointError as e:  # diverged: the message names the step and the fix
             raise UserError(f"training diverged: {e}; the last good checkpoint is kept in {out / 'checkpoints'}") from None
         print(f"run directory: {out.resolve()}")
         print(f"checkpoints:   {(out / 'checkpoints').resolve()}")
         print(f"result grids:  {(out / 'samples').resolve()}")
         print(f"final val_score={metrics.get('val_score', float('nan')):.4f}  {throughput_line(metrics)}")
+        if stop.is_set():
+            log.warning("stopped by SIGTERM at step %s with a checkpoint; rerun the same command to resume",
+                        metrics.get("step"))
+            return EXIT_STOPPED
         return 0
 
     from stylegen.train.ray_worker import fit
@@ -71,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"result grids: in each checkpoint directory (epoch_XXXX.png){grids}")
     print(f"final metrics: val_score={result.metrics.get('val_score', float('nan')):.4f} step={result.metrics.get('step')}  "
           f"{throughput_line(result.metrics)}")
-    return 0
+    return EXIT_STOPPED if stopped else 0
 
 
 def throughput_line(metrics: dict) -> str:

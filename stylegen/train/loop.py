@@ -341,10 +341,11 @@ def latest_good_checkpoint(ckpt_root: Path) -> dict | None:
 
 
 def run_local(cfg: Config, out: Path, *, progress: bool = True, metrics_backend: str | None = None,
-              hooks: tuple[Hook, ...] = ()) -> dict:
+              hooks: tuple[Hook, ...] = (), stop: threading.Event | None = None) -> dict:
     """``stylegen train --local``: one process; resumes from ``out`` when it holds checkpoints.
 
-    ``hooks`` (in-process callers such as tests) run besides those ``train.hooks`` names."""
+    ``hooks`` (in-process callers such as tests) run besides those ``train.hooks`` names. ``stop``
+    is set by SIGTERM (the run then checkpoints and returns early): the caller can tell the two apart."""
     check_writable(out)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -359,7 +360,8 @@ def run_local(cfg: Config, out: Path, *, progress: bool = True, metrics_backend:
     metrics = TrainMetrics.create(backend, run=out.name, rank=0, host=cfg.metrics.host, port=cfg.metrics.port)
     if backend == "prometheus":
         log.info("metrics at %s", metrics.url)
-    ctx = LoopContext(device=device, progress=progress, metrics=metrics, hooks=(*load_hooks(cfg.train.hooks), *hooks))
+    ctx = LoopContext(device=device, progress=progress, metrics=metrics, hooks=(*load_hooks(cfg.train.hooks), *hooks),
+                      stop=stop or threading.Event())
     install_sigterm(ctx)
     try:
         last = training_loop(cfg, state, vgg, ctx, LocalSink(cfg, out, metrics))

@@ -211,11 +211,12 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
         resources["GPU"] = rc.gpus_per_worker
     storage_path, storage_fs = ray_storage(storage, cfg.storage)
     run_dir = None if storage_fs else str(Path(storage_path) / name)
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir,
                            "stop": stop_actor, "progress": progress,
-                           "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)},
+                           "verbose": verbose},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -226,6 +227,8 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or None,
+            # the controller's and workers' ray.train INFO lines (resources, worker group, DDP wrapping): -v
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
 
