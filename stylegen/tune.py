@@ -245,6 +245,43 @@ def check_resume_trust(sweep_dir: str | Path, trust_storage: bool = False) -> No
             todo.extend(sorted(path.iterdir()))
 
 
+def trial_line(event: str, trial_id: str, result: dict | None, max_steps: int, params: dict | None = None) -> str:
+    """One line per trial event, e.g. 'trial 00001 step 40/60 val_score 0.8123' (what the sweep shows
+    instead of Tune's status tables, which `stylegen -v tune` keeps)."""
+    line = f"trial {trial_id.rsplit('_', 1)[-1]} {event}"
+    if params:
+        line += " " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+    if result and "step" in result:
+        line += f" step {result['step']}/{max_steps}"
+        if isinstance(result.get("val_score"), (int, float)):
+            line += f" val_score {result['val_score']:.4f}"
+    return line
+
+
+def trial_logger(max_steps: int):
+    """A Tune callback logging ``trial_line`` at each trial's start, report, end and error."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ARG002
+            log.info("%s", trial_line("started", trial.trial_id, None, max_steps, trial.config))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ARG002
+            log.info("%s", trial_line("at", trial.trial_id, result, max_steps))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ARG002
+            last = trial.last_result or {}
+            early = last.get("step", max_steps) < max_steps
+            log.info("%s", trial_line("stopped early (scheduler) at" if early else "finished at", trial.trial_id,
+                                      last, max_steps))
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ARG002
+            log.warning("%s", trial_line("failed (see trials.parquet's stop_reason) at", trial.trial_id,
+                                         trial.last_result, max_steps))
+
+    return TrialLines()
+
+
 def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_storage: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -257,6 +294,7 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
     base = to_dict(trial_cfg)
     location = join(storage, sweep)  # not Path(): it would mangle the '//' of s3://b/p
     bundle = trial_bundle()
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, train_storage=join(location, "trial_runs")),
         tune.PlacementGroupFactory([bundle]))
@@ -287,7 +325,9 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler, num_samples=tc.samples,
                                     # seeded sampling: the same config samples the same trials
                                     search_alg=BasicVariantGenerator(max_concurrent=n, random_state=tc.seed)),
-        run_config=tune.RunConfig(name=sweep, storage_path=ray_path, storage_filesystem=fs),
+        run_config=tune.RunConfig(name=sweep, storage_path=ray_path, storage_filesystem=fs,
+                                  # Tune's status tables with -v; else one line per trial event
+                                  verbose=None if verbose else 0, callbacks=None if verbose else [trial_logger(cfg.train.steps)]),
     )
 
 

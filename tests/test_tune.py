@@ -238,3 +238,13 @@ def test_sweep_without_trial_slot_resource_falls_back_and_finishes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "TRIALS 2 2 0" in r.stdout
     assert "lowered to 1" in r.stderr and "trials take 0.01 CPU" in r.stderr
+
+
+def test_trial_line_names_the_trial_its_params_step_and_score():
+    from stylegen.tune import trial_line
+
+    assert trial_line("started", "03823_00001", None, 60, {"loss.style": 1.554051, "loss.adversarial": 0}) == \
+        "trial 00001 started loss.adversarial=0 loss.style=1.554"
+    assert trial_line("at", "03823_00001", {"step": 30, "val_score": 0.81234}, 60) == \
+        "trial 00001 at step 30/60 val_score 0.8123"
+    assert trial_line("failed at", "x_00002", {}, 60) == "trial 00002 failed at"
