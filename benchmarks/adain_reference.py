@@ -9,8 +9,8 @@ step or wall-clock budget, then scores it with ``stylegen eval``'s code on the s
     python benchmarks/adain_reference.py train --config jobs/configs/quality/base.toml \
         --steps 880 --out runs/quality/adain_ref
 
-The encoder is our ``VGGFeatures`` (same convs and layers as naoto's ``vgg``, which prepends a
-1x1 conv for the input normalisation that ``VGGFeatures`` does inline).
+The model itself lives in ``stylegen.references`` (``stylegen eval --reference adain=OUT/decoder.pt``
+scores the saved decoder beside the model on eval's pairs).
 """
 
 from __future__ import annotations
@@ -23,58 +23,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from stylegen import storage
-from stylegen.config import STYLE_LAYERS
 from stylegen.features import VGGFeatures
-from stylegen.losses import content_loss, style_loss_meanstd
-from stylegen.stats import adain, calc_mean_std
-
-
-def _conv(cin: int, cout: int, relu: bool = True) -> list[nn.Module]:
-    return [nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3)] + ([nn.ReLU()] if relu else [])
-
-
-def make_decoder() -> nn.Sequential:
-    """naoto0804/pytorch-AdaIN ``net.decoder``: relu4_1 (512) -> RGB."""
-    up = lambda: nn.Upsample(scale_factor=2, mode="nearest")  # noqa: E731
-    return nn.Sequential(
-        *_conv(512, 256), up(),
-        *_conv(256, 256), *_conv(256, 256), *_conv(256, 256), *_conv(256, 128), up(),
-        *_conv(128, 128), *_conv(128, 64), up(),
-        *_conv(64, 64), *_conv(64, 3, relu=False),
-    )
-
-
-class AdaINReference(nn.Module):
-    def __init__(self, vgg_weights: str = "random") -> None:
-        super().__init__()
-        self.encoder = VGGFeatures(vgg_weights)
-        self.decoder = make_decoder()
-
-    def forward(self, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        fc = self.encoder(content, ["relu4_1"])["relu4_1"]
-        fs = self.encoder(style, ["relu4_1"])["relu4_1"]
-        t = alpha * adain(fc, fs) + (1 - alpha) * fc
-        out = self.decoder(t)
-        return out if self.training else out.clamp(0, 1)  # images, as ours (and naoto's saved outputs) are
-
-    def train_loss(self, content: torch.Tensor, style: torch.Tensor, style_weight: float = 10.0) -> torch.Tensor:
-        """naoto's training objective: encoder features of the output vs the AdaIN target t
-        (content) and the style's relu1_1..relu4_1 mean/std (style)."""
-        with torch.no_grad():
-            s_feats = self.encoder(style, STYLE_LAYERS)
-            t = adain(self.encoder(content, ["relu4_1"])["relu4_1"], s_feats["relu4_1"])
-        g = self.decoder(t)
-        o_feats = self.encoder(g, STYLE_LAYERS)
-        loss_s = style_loss_meanstd([o_feats[n] for n in STYLE_LAYERS], [s_feats[n] for n in STYLE_LAYERS])
-        return content_loss(o_feats["relu4_1"], t) + style_weight * loss_s
+from stylegen.references import AdaINReference, make_decoder
+from stylegen.stats import calc_mean_std
 
 
 def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, steps: int, minutes: float,
-                    pairs: int) -> dict:
-    """Train the reference's decoder with our step on our data; returns ``stylegen eval``'s rows (+ budget)."""
+                    pairs: int, init: Path | None = None) -> dict:
+    """Train the reference's decoder with our step on our data; returns ``stylegen eval``'s rows (+ budget).
+
+    ``init``: a decoder.pt to continue from (a fresh optimiser and schedule; its steps are not counted)."""
     from tqdm import tqdm
 
     from stylegen.checkpoint import save_checkpoint
@@ -89,6 +49,10 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cpu")
     model = AdaINReference(cfg.features.weights)
+    if init is not None:
+        from stylegen.checkpoint import load_checkpoint
+
+        model.decoder.load_state_dict(load_checkpoint(init)["decoder"])
     opt = torch.optim.Adam(model.decoder.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     state = TrainState(model, None, opt, None, 0)
     vgg = VGGFeatures(cfg.features.weights)
@@ -114,6 +78,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     rows = evaluate(model, vgg, content_u8, style_u8, gatys_steps=0)
     print(format_table(rows))
     result = {"reference": "adain (VGG19 relu4_1 encoder + mirrored decoder)", "config": cfg_path,
+              "init": str(init) if init else None,
               "overrides": overrides, "steps": state.step, "train_seconds": seconds, "pairs": len(content_u8),
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -132,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget when --steps is 0")
     t.add_argument("--pairs", type=int, default=16, help="held-out eval pairs (stylegen eval's default 16)")
     t.add_argument("--out", type=Path, default=Path("runs/quality/adain_ref"))
+    t.add_argument("--init", type=Path, help="continue from this decoder.pt (fresh optimiser and schedule)")
     args = p.parse_args(argv)
     if not (args.steps > 0) ^ (args.minutes > 0):
         p.error("give exactly one budget: --steps N or --minutes M")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train_reference(args.config, args.overrides, args.out, steps=args.steps, minutes=args.minutes, pairs=args.pairs)
+    train_reference(args.config, args.overrides, args.out, steps=args.steps, minutes=args.minutes, pairs=args.pairs,
+                    init=args.init)
     return 0
 
 

