@@ -158,7 +158,7 @@ def test_best_reads_a_local_run_dir(tmp_path):
     assert Path(best["checkpoint"]) == out / "checkpoints" / "step_00000004"
 
 
-def run_polled(tmp_path, steps: int, answers: dict[int, str]):
+def run_polled(tmp_path, steps: int, answers: dict[int, str], report_lines: bool = False):
     """A tiny local loop reporting every 2 steps whose poll answers ``answers[n]`` at its n-th call;
     returns (state, last metrics, checkpoint dir names, number of polls)."""
     import torch
@@ -181,7 +181,8 @@ def run_polled(tmp_path, steps: int, answers: dict[int, str]):
     dev = torch.device("cpu")
     state = build_state(cfg, dev)
     last = training_loop(cfg, state, build_features(cfg.features),
-                         LoopContext(device=dev, progress=False, poll=poll), LocalSink(cfg, tmp_path))
+                         LoopContext(device=dev, progress=False, poll=poll, report_lines=report_lines),
+                         LocalSink(cfg, tmp_path))
     return state, last, [p.name for p in list_checkpoints(tmp_path / "checkpoints")], len(asked)
 
 
@@ -215,3 +216,12 @@ def test_a_local_run_dir_resolves_to_its_newest_checkpoint(tmp_path):
         tmp_path / "checkpoints" / "step_00000100" / "checkpoint.pt")
     with pytest.raises(UserError, match="not found"):
         resolve_checkpoint_path(tmp_path / "checkpoints" / "step_00000009" / "nothing")
+
+
+def test_report_lines_log_one_line_per_report(tmp_path, caplog):
+    """Under Ray rank 0 logs a line per report (a bar would stream one line per step to the driver)."""
+    with caplog.at_level(logging.INFO, logger="stylegen.train.loop"):
+        run_polled(tmp_path, 4, {}, report_lines=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
+    assert all("val_score" in line and "img/s" in line and "eta" in line for line in lines)

@@ -82,7 +82,9 @@ class LoopContext:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    progress: bool = True
+    progress: bool = True  # a tqdm bar (a terminal)
+    # one INFO line per report instead: under Ray a bar streams to the driver as one line per update
+    report_lines: bool = False
     metrics: TrainMetrics | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM (one process only)
     # Asked at report steps only, which every rank reaches together, so it may be a collective:
@@ -167,6 +169,7 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
     peak = tc.peak_flops or default_peak_flops(ctx.device, tc.threads)
     skipped_before = 0  # corrupt samples/shards skipped in earlier epochs
     start_step = state.step
+    t_start = time.perf_counter()
 
     def emit(phase: str, content: torch.Tensor, style: torch.Tensor, **extra) -> None:
         for hook in ctx.hooks:
@@ -195,8 +198,8 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 terms = step_once()
             else:  # the first step of this process is counted once (FLOPs do not change between steps)
                 terms, step_flops = count_flops(step_once)
-                log.info("rank %d: %.3g FLOPs per training step (%.3g per sample)", ctx.rank, step_flops,
-                         step_flops / len(content))
+                log.log(logging.INFO if ctx.rank == 0 else logging.DEBUG, "rank %d: %.3g FLOPs per training step "
+                        "(%.3g per sample)", ctx.rank, step_flops, step_flops / len(content))
             step_s, wait_s = meter.stop_step(len(content))
             if ctx.metrics is not None:
                 ctx.metrics.step(step_s, len(content), wait_s, terms)
@@ -228,6 +231,10 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                     ctx.metrics.val(val["val_score"])
                 bar.set_postfix(loss=f"{terms['total']:.3g}", val=f"{val['val_score']:.3f}",
                                 img_s=f"{last['img_per_s']:.0f}")
+                if ctx.report_lines:
+                    eta = (tc.steps - step) * (time.perf_counter() - t_start) / max(1, step - start_step)
+                    log.info("step %d/%d  loss %.3g  val_score %.4f  %.0f img/s  eta %d:%02d", step, tc.steps,
+                             terms["total"], val["val_score"], last["img_per_s"], eta // 60, eta % 60)
                 sink.report(state, last, ckpt, grid, (val_c, val_s))
                 emit("reported", content, style, metrics=last, checkpoint=ckpt)  # after the sink: a checkpoint is saved
             if final:

@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
     # No SIGTERM handler here: Train V2 runs this function in a thread, and a stop seen by one rank
     # alone would leave the others waiting in the next all-reduce. Stops go through the agreed poll.
     loop_ctx = LoopContext(device=device, rank=rank, world_size=world, metrics=metrics,
-                           progress=rank == 0 and config.get("progress", True),
+                           progress=False, report_lines=rank == 0 and config.get("progress", True),
                            poll=interrupt_poll(rank, config.get("stop")), hooks=load_hooks(cfg.train.hooks))
     try:
         training_loop(cfg, state, vgg, loop_ctx, RaySink(cfg, rank, run_dir, metrics))
