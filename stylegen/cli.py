@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("stylegen.config_cli", "show the resolved config ('config show')"),
     "train": ("stylegen.train.cli", "train the generator (--local: one process; else Ray Train DDP)"),
     "tune": ("stylegen.tune", "Ray Tune sweep over the loss weights"),
-    "best": ("stylegen.experiments", "best trial/checkpoint of a finished (or running) sweep or run, offline"),
+    "best": ("stylegen.best", "best trial/checkpoint of a finished (or running) sweep or run, offline"),
     "stylize": ("stylegen.stylize", "stylize images with a checkpoint (default: the shipped model)"),
     "export": ("stylegen.export", "export a checkpoint (or a sweep's best) as ONNX with dynamic height and width"),
     "eval": ("stylegen.evaluate", "content/style/PSNR metrics of a checkpoint against reference points"),
