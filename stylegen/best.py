@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stylegen import storage
+from stylegen.checkpoint import list_checkpoints, load_checkpoint_bytes, resolve_checkpoint_path
 from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,6 @@ def load_run(path: Path, metric: str, mode: str) -> list[TrialRow]:
         m = _read_json(metrics_file, "run metrics") if metrics_file.is_file() else {}
         if not isinstance(m, dict):
             raise _malformed(metrics_file, "run metrics", "not a JSON object")
-        from stylegen.checkpoint import list_checkpoints
 
         steps = list_checkpoints(path / "checkpoints")
         if steps:
@@ -309,6 +309,31 @@ def read_location(path: Path | str, metric: str, mode: str) -> tuple[list[TrialR
         return _remote_rows(rows, local, str(path)), running
 
 
+def is_sweep(path: str | Path) -> bool:
+    """A Tune sweep dir (it holds ``experiment_state-*.json``), local or on object storage."""
+    if storage.is_remote(path):
+        try:
+            return bool(storage.list_files(str(path), "experiment_state-*.json"))
+        except OSError:
+            return False  # resolve_checkpoint_path names the problem
+    p = Path(path)
+    return p.is_dir() and any(p.glob("experiment_state-*.json"))
+
+
+def resolve_model(path: str | Path) -> tuple[str, str]:
+    """What a user's ``--checkpoint`` names, as (checkpoint file path/URL, trial id or ""): a checkpoint
+    file, a dir holding one, a run dir (its newest: ``resolve_checkpoint_path``), or a Tune sweep dir
+    (its best checkpoint by val_score, as ``stylegen best`` picks it); local or ``s3://``."""
+    if not is_sweep(path):
+        return resolve_checkpoint_path(path), ""
+    order = ranked(read_location(path, "val_score", "min")[0], "min")
+    if not order:
+        raise UserError(f"sweep {str(path)!r} has no trial with a checkpointed val_score yet; "
+                        "wait for a checkpoint or pass --checkpoint CKPT")
+    log.info("sweep %s: best trial %s (val_score %.4f)", path, order[0].trial_id, order[0].val_score)
+    return resolve_checkpoint_path(order[0].checkpoint), order[0].trial_id
+
+
 def print_best(path: Path | str, *, metric: str = "val_score", mode: str = "min", top: int = 1,
                as_json: bool = False) -> TrialRow:
     rows, running = read_location(path, metric, mode)
@@ -365,7 +390,6 @@ def export(best: TrialRow, out: str | Path) -> str:
     Each file is written atomically (a private temp file renamed into place, file and directory
     fsync'd: :func:`storage.write_bytes`); best.json first, so that a directory holding a
     checkpoint.pt without it was not written here (see :func:`check_export_target`)."""
-    from stylegen.checkpoint import load_checkpoint_bytes
     from stylegen.config import from_dict, to_toml
 
     out = str(out)

@@ -67,33 +67,6 @@ def resolve_checkpoint_path(path: str | Path) -> str:
     return str(p)
 
 
-def is_sweep(path: str | Path) -> bool:
-    """A Tune sweep dir (it holds ``experiment_state-*.json``), local or on object storage."""
-    if storage.is_remote(path):
-        try:
-            return bool(storage.list_files(str(path), "experiment_state-*.json"))
-        except OSError:
-            return False  # resolve_checkpoint_path names the problem
-    p = Path(path)
-    return p.is_dir() and any(p.glob("experiment_state-*.json"))
-
-
-def resolve_model(path: str | Path) -> tuple[str, str]:
-    """What a user's ``--checkpoint`` names, as (checkpoint file path/URL, trial id or ""): a checkpoint
-    file, a dir holding one, a run dir (its newest: ``resolve_checkpoint_path``), or a Tune sweep dir
-    (its best checkpoint by val_score, as ``stylegen best`` picks it); local or ``s3://``."""
-    if not is_sweep(path):
-        return resolve_checkpoint_path(path), ""
-    from stylegen.best import ranked, read_location  # the sweep reader (pyarrow), only for sweeps
-
-    order = ranked(read_location(path, "val_score", "min")[0], "min")
-    if not order:
-        raise UserError(f"sweep {str(path)!r} has no trial with a checkpointed val_score yet; "
-                        "wait for a checkpoint or pass --checkpoint CKPT")
-    log.info("sweep %s: best trial %s (val_score %.4f)", path, order[0].trial_id, order[0].val_score)
-    return resolve_checkpoint_path(order[0].checkpoint), order[0].trial_id
-
-
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``; anything else than a stylegen checkpoint is a UserError."""
     p = resolve_checkpoint_path(path)

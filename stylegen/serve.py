@@ -231,7 +231,8 @@ def resolve_model(spec: str | None) -> ModelRef:
     dir (its newest) or a Tune sweep dir (its best checkpoint by val_score, as ``stylegen best``), local or
     ``s3://...``; None = the shipped model. The labels: the run (or sweep) name and the trial."""
     from stylegen import storage
-    from stylegen.checkpoint import FILENAME, resolve_model as resolve_model_path
+    from stylegen.best import resolve_model as resolve_model_path
+    from stylegen.checkpoint import FILENAME
 
     if spec is None:
         return ModelRef(None)

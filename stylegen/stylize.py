@@ -53,7 +53,8 @@ def load_generator(path: str | Path | None, device: str | torch.device = "cpu") 
     stylegen checkpoint (random bytes, pickle payloads: loaded with weights_only=True), an
     unreadable config, or weights that do not fit the config.
     """
-    from stylegen.checkpoint import generator_from_state, load_checkpoint, resolve_model
+    from stylegen.best import resolve_model
+    from stylegen.checkpoint import generator_from_state, load_checkpoint
 
     p = shipped_checkpoint() if path is None else resolve_model(path)[0]
     gen, cfg = generator_from_state(load_checkpoint(p, map_location="cpu"), str(p))

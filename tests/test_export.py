@@ -78,7 +78,7 @@ def test_export_a_sweep_uses_its_best_checkpoint_and_writes_atomically(tmp_path,
     import onnxruntime as ort
 
     from stylegen.checkpoint import generator_from_state, load_checkpoint
-    from stylegen.checkpoint import resolve_model
+    from stylegen.best import resolve_model
 
     sweep = make_sweep(tmp_path / "sweep", FINISHED)
     best = sweep / "trial_runs" / "trial-a_00001" / "step_00000010" / "checkpoint.pt"  # val_score 2.2
@@ -101,7 +101,7 @@ def test_export_a_sweep_uses_its_best_checkpoint_and_writes_atomically(tmp_path,
 
 
 def test_sweep_without_checkpoints_is_one_line(tmp_path):
-    from stylegen.checkpoint import resolve_model
+    from stylegen.best import resolve_model
 
     sweep = make_sweep(tmp_path / "sweep", FINISHED[:1], with_checkpoints=False)
     with pytest.raises(UserError, match="no trial with a checkpointed val_score"):
