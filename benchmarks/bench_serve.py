@@ -70,7 +70,7 @@ class InProcess:
         import torch
 
         from stylegen import serve
-        from stylegen.stylize import load_generator
+        from stylegen.loading import load_generator
 
         torch.set_num_threads(threads)
         self.run_model = serve.run_model

@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stylegen import storage
-    from stylegen.stylize import load_generator
+    from stylegen.loading import load_generator
 
     if not str(args.onnx).endswith(".onnx"):
         raise UserError(f"--onnx {args.onnx!r}: name the file *.onnx")

@@ -298,7 +298,7 @@ class StylizeServer:
         from ray import serve
 
         from stylegen.metrics import ServeMetrics
-        from stylegen.stylize import load_generator
+        from stylegen.loading import load_generator
 
         torch.set_num_threads(max(1, opts.torch_threads))
         self.opts = opts
@@ -507,7 +507,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[ServerOptions, str | No
     check_bind(args.host, token or args.token_sha256)
     model = resolve_model(args.checkpoint)
     if model.checkpoint is not None or args.checkpoint is None:  # loads here first: a bad file is one line now
-        from stylegen.stylize import load_generator
+        from stylegen.loading import load_generator
 
         load_generator(model.checkpoint)
     opts = ServerOptions(model=model, token_sha256=digest, max_batch_size=args.max_batch_size,

@@ -19,46 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stylegen.errors import UserError
+from stylegen.loading import load_generator
 
 if TYPE_CHECKING:
     import torch
 
-    from stylegen.config import Config
-    from stylegen.models.generator import Generator
-
 log = logging.getLogger(__name__)
-PRETRAINED = "assets/pretrained.pt"
 # --size native: above --tile px a side the image is stylized in tiles (activations bounded by
 # the tile), so the limit is the time a CPU takes and the full-size float buffers (~50 B/px).
 NATIVE_MAX_PIXELS = 8192 * 8192
 MIN_SIDE = 16
-
-
-def shipped_checkpoint() -> Path:
-    """Path of the pretrained model inside the package, or a UserError when it is not shipped."""
-    import importlib.resources
-
-    res = importlib.resources.files("stylegen").joinpath(PRETRAINED)
-    if not res.is_file():
-        raise UserError("no --checkpoint given and no shipped model found (stylegen/assets/pretrained.pt); "
-                        "pass --checkpoint CKPT (a checkpoint.pt from `stylegen train` or `stylegen best --export`)")
-    return Path(str(res))  # the package is installed from files (setuptools package-data), not a zip
-
-
-def load_generator(path: str | Path | None, device: str | torch.device = "cpu") -> tuple[Generator, Config]:
-    """Rebuild the generator from a checkpoint's own config and load its weights (strict), in eval mode.
-
-    ``path`` None = the shipped pretrained model; else anything ``resolve_model`` takes (a
-    checkpoint, run or sweep). Raises UserError for a missing file, a file that is not a
-    stylegen checkpoint (random bytes, pickle payloads: loaded with weights_only=True), an
-    unreadable config, or weights that do not fit the config.
-    """
-    from stylegen.best import resolve_model
-    from stylegen.checkpoint import generator_from_state, load_checkpoint
-
-    p = shipped_checkpoint() if path is None else resolve_model(path)[0]
-    gen, cfg = generator_from_state(load_checkpoint(p, map_location="cpu"), str(p))
-    return gen.to(device).eval(), cfg
 
 
 def parse_size(text: str) -> int | None:

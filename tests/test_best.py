@@ -115,7 +115,7 @@ def test_sweep_report_parquet_matches_best(tmp_path, capsys):
 
 
 def test_export_loads_in_stylize(tmp_path):
-    from stylegen.stylize import load_generator
+    from stylegen.loading import load_generator
 
     sweep = make_sweep(tmp_path / "sw", FINISHED)
     out = tmp_path / "exp"

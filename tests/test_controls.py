@@ -28,7 +28,7 @@ U8 = 1 / 255
 
 @pytest.fixture(scope="module")
 def shipped():
-    from stylegen.stylize import load_generator
+    from stylegen.loading import load_generator
 
     return load_generator(None)[0]
 

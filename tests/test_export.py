@@ -26,7 +26,7 @@ def run_onnx(sess: ort.InferenceSession, c: torch.Tensor, s: torch.Tensor, alpha
 
 @pytest.fixture(scope="module")
 def shipped_onnx(tmp_path_factory):
-    from stylegen.stylize import load_generator
+    from stylegen.loading import load_generator
 
     gen = load_generator(None)[0]
     path = tmp_path_factory.mktemp("onnx") / "shipped.onnx"
@@ -94,7 +94,7 @@ def test_export_a_sweep_uses_its_best_checkpoint_and_writes_atomically(tmp_path,
         want = gen(c, s, alpha=0.5).numpy()
     assert np.abs(run_onnx(sess, c, s, 0.5) - want).max() <= LIMIT
     # and stylize/serve load the same checkpoint from the sweep
-    from stylegen.stylize import load_generator
+    from stylegen.loading import load_generator
 
     loaded = load_generator(sweep)[0]
     assert all(torch.equal(v, gen.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -11,7 +11,7 @@ from stylegen.config import DataConfig
 from stylegen.data.loader import load_pairs
 from stylegen.features import VGGFeatures
 from stylegen.objective import score_generator
-from stylegen.stylize import load_generator
+from stylegen.loading import load_generator
 
 
 def _record() -> dict:

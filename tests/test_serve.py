@@ -185,7 +185,7 @@ def test_run_model_mixes_controls_in_one_batch():
     """Requests with different controls in one batch each get their own result: what alone they would get."""
     import torch
 
-    from stylegen.stylize import load_generator
+    from stylegen.loading import load_generator
 
     gen, _ = load_generator(None)
     files = {"content": png_bytes(content_image()), "style": png_bytes(style_image())}
@@ -449,7 +449,7 @@ def test_submit_serve_sends_only_the_token_hash(tmp_path, monkeypatch):
 def test_resolve_model(tmp_path):
     import shutil
 
-    from stylegen.stylize import shipped_checkpoint
+    from stylegen.loading import shipped_checkpoint
 
     assert serve.resolve_model(None) == serve.ModelRef(None, "shipped", "")
     run = tmp_path / "run1"

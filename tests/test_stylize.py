@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stylegen import stylize
+from stylegen import loading, stylize
 from stylegen.checkpoint import save_checkpoint
 from stylegen.cli import main
 from stylegen.config import Config, ModelConfig, to_dict
@@ -153,14 +153,14 @@ def test_alpha_changes_output(tmp_path, imgs, fusion):
 
 
 def test_default_checkpoint_is_the_shipped_one(ckpt, imgs, tmp_path, monkeypatch):
-    monkeypatch.setattr(stylize, "shipped_checkpoint", lambda: ckpt[0])
+    monkeypatch.setattr(loading, "shipped_checkpoint", lambda: ckpt[0])
     out = tmp_path / "shipped.png"
     assert main(["stylize", "--content", str(imgs[0]), "--style", str(imgs[1]), "--out", str(out)]) == 0
     assert out.is_file()
 
 
 def test_load_generator_round_trip(ckpt):
-    g, cfg = stylize.load_generator(ckpt[0])
+    g, cfg = loading.load_generator(ckpt[0])
     assert cfg.model.channels == 8 and not g.training
     for k, v in ckpt[1].state_dict().items():
         assert torch.equal(g.state_dict()[k], v)
@@ -222,7 +222,7 @@ def test_bad_input_one_line_no_output(case, ckpt, imgs, tmp_path, capsys, monkey
 
 
 def test_no_checkpoint_and_no_shipped_model(imgs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(stylize, "PRETRAINED", "assets/no-such-model.pt")
+    monkeypatch.setattr(loading, "PRETRAINED", "assets/no-such-model.pt")
     out = tmp_path / "o.png"
     assert main(["stylize", "--content", str(imgs[0]), "--style", str(imgs[1]), "--out", str(out)]) == 2
     assert "no --checkpoint given and no shipped model found" in capsys.readouterr().err
