@@ -40,7 +40,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     from stylegen.checkpoint import save_checkpoint
     from stylegen.config import DataConfig, load_config
     from stylegen.data.loader import build_loader, load_pairs
-    from stylegen.evaluate import _json_safe, evaluate, format_table
+    from stylegen.evaluate import json_safe, evaluate, format_table
     from stylegen.train.step import TrainState, train_step
 
     cfg = load_config(cfg_path, overrides)
@@ -82,7 +82,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
               "overrides": overrides, "steps": state.step, "train_seconds": seconds, "pairs": len(content_u8),
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    storage.write_bytes(out / "eval.json", (json.dumps(_json_safe(result), indent=2) + "\n").encode())
+    storage.write_bytes(out / "eval.json", (json.dumps(json_safe(result), indent=2) + "\n").encode())
     save_checkpoint(out / "decoder.pt", {"decoder": model.decoder.state_dict()})
     return result
 

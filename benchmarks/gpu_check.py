@@ -163,22 +163,14 @@ class Check:
         return value
 
     def save(self) -> None:
+        from stylegen.evaluate import json_safe  # torch-light; imported after sys.path holds the repo
+
         self.r["elapsed_s"] = round(time.perf_counter() - self.t0, 2)
         out = Path(self.args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_json_safe(self.r), indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe(self.r), indent=2) + "\n")
         os.replace(tmp, out)
-
-
-def _json_safe(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 # ----------------------------------------------------------------------------- data (no webdataset)

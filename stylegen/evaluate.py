@@ -161,13 +161,13 @@ def save_grid(path: str, content, style, outputs: dict, keys: list[str]) -> None
     save_png(path, torch.from_numpy(grid_array(cols)).permute(2, 0, 1))
 
 
-def _json_safe(v):
+def json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.grid}  (content | style | {' | '.join(keys)})")
     if args.json:
         try:
-            storage.write_bytes(args.json, (json.dumps(_json_safe(result), indent=2) + "\n").encode())
+            storage.write_bytes(args.json, (json.dumps(json_safe(result), indent=2) + "\n").encode())
         except OSError as e:
             raise UserError(f"cannot write --json {args.json!r} ({e.strerror or type(e).__name__})") from None
         print(Path(args.json))

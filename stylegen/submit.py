@@ -87,17 +87,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
 
 
-def run(args: argparse.Namespace) -> int:
+def reach_job_server(args: argparse.Namespace) -> tuple[str, dict]:
+    """The job server's address and auth headers (the cluster's Ray token unless --no-token), checked
+    to answer before anything is uploaded."""
     from stylegen.raycluster import auth_headers, find_token, resolve_job_address
 
-    if args.kind == "serve":
-        return run_serve(args)
-    cfg_text, name = resolve_job_config(args.config, args.overrides, args.name)
-    job_args = split_job_args(args.job_args)
-    if not 0 < args.timeout <= 600:
-        raise UserError(f"--timeout {args.timeout:g}: expected seconds in (0, 600]")
-    if "--storage" not in " ".join(job_args):
-        warn_if_relative_storage(cfg_text)
     address = resolve_job_address(args.address)
     token = None
     if not args.no_token:
@@ -109,6 +103,19 @@ def run(args: argparse.Namespace) -> int:
         log.debug("using the Ray auth token from %s", source)
     headers = auth_headers(token)
     check_job_server(address, headers, args.timeout, token_given=token is not None)
+    return address, headers
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.kind == "serve":
+        return run_serve(args)
+    cfg_text, name = resolve_job_config(args.config, args.overrides, args.name)
+    job_args = split_job_args(args.job_args)
+    if not 0 < args.timeout <= 600:
+        raise UserError(f"--timeout {args.timeout:g}: expected seconds in (0, 600]")
+    if "--storage" not in " ".join(job_args):
+        warn_if_relative_storage(cfg_text)
+    address, headers = reach_job_server(args)
 
     submission_id = make_submission_id(args.kind, name)
     entrypoint = build_entrypoint(args.python, args.kind, name, job_args)
@@ -164,22 +171,10 @@ def serve_entrypoint(args: argparse.Namespace, job_args: list[str]) -> tuple[str
 
 def run_serve(args: argparse.Namespace) -> int:
     """``submit serve``: the same checks and upload as train/tune, no config and no preflight."""
-    from stylegen.raycluster import auth_headers, find_token, resolve_job_address
-
     if not 0 < args.timeout <= 600:
         raise UserError(f"--timeout {args.timeout:g}: expected seconds in (0, 600]")
     entrypoint, name = serve_entrypoint(args, split_job_args(args.job_args))
-    address = resolve_job_address(args.address)
-    token = None
-    if not args.no_token:
-        found = find_token()
-        if found is None:
-            raise UserError("no Ray auth token: set RAY_AUTH_TOKEN_PATH to the cluster's token file (or "
-                            "RAY_AUTH_TOKEN, or put it in ~/.ray/auth_token); pass --no-token only if the cluster "
-                            "has no auth")
-        token = found[0]
-    headers = auth_headers(token)
-    check_job_server(address, headers, args.timeout, token_given=token is not None)
+    address, headers = reach_job_server(args)
     submission_id = make_submission_id("serve", name)
     with staged_project("# stylegen submit serve: no training config\n") as working_dir:
         client = _client(address, headers)
