@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  status: ray job status {q(submission_id)} --address {q(address)}")
     print(f"  logs:   ray job logs {q(submission_id)} --address {q(address)} --follow")
     print(f"  stop:   ray job stop {q(submission_id)} --address {q(address)}")
-    if token is not None:
+    if not args.no_token:
         print("  (the ray CLI sends the token only with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] set)")
     sys.stdout.flush()
     return wait_for_job(client, submission_id) if args.wait else 0
