@@ -21,6 +21,16 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
   (> 1 only on CPUs with AVX512-BF16 or AMX).
 - identity_fraction_train: ``loss.identity_fraction = 0.25`` (G(c, c) for a quarter of the
   batch) vs 1.0, same default step otherwise.
+- recipe_step: the shipped recipe's train step (jobs/configs/pretrained.toml: batch 8, 48 channels,
+  vgg_adain, identity on a quarter of the batch, cpu_bf16, its train.threads unless --recipe-threads)
+  as ``build_state`` makes it now (every speed lever on) against the same step with every lever off
+  (the step as it was before issue 18: NCHW, separate VGG target passes, separate encoder passes).
+  Same math either way; ratio = steps per minute now / before. Also printed as CPU time per step
+  (process time, which load from other processes on this shared machine inflates far less than wall time).
+- lever_<name>: the recipe step with one lever on against all off (channels_last: NHWC batches,
+  generator and VGG; batched_vgg: one no-grad VGG pass over content | style for the loss's targets;
+  batch_encoder: one generator encoder pass over content | style); lever_threads: every lever on,
+  2 torch threads against 1 (steps per minute, not CPU time).
 - mean_std: ``stats.calc_mean_std`` (two-pass mean, then mean of squared deviations) vs
   ``torch.var_mean``, forward + backward over the four style layers' shapes of a batch.
 """
@@ -67,6 +77,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default")
+    ap.add_argument("--recipe-threads", type=int, default=0,
+                    help="threads for the recipe_step/lever rows; 0 = the recipe's train.threads")
+    ap.add_argument("--only", default="", help="comma-separated row names (prefixes) to run; default all")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,14 +145,81 @@ def main() -> int:
             ("cpu_bf16_train", trainer(default, cpu_bf16=True), trainer(default), max(1, args.iters // 2)),
             ("identity_fraction_train", trainer(with_identity(0.25)), trainer(default), max(1, args.iters // 2)),
             ("mean_std", mean_std(calc_mean_std), mean_std(_var_mean_std), args.iters)]
+    only = [x for x in args.only.split(",") if x]
     for name, fo, fb, iters in rows:
+        if only and not any(name.startswith(x) for x in only):
+            continue
         o, r = [], []
         for _ in range(args.repeats):  # interleaved so load changes affect both sides
             o.append(_rate(fo, b, iters))
             r.append(_rate(fb, b, iters))
         mo, mr = statistics.median(o), statistics.median(r)
         print(f"{name}: ours={mo:.1f} baseline={mr:.1f} ratio={mo / mr:.2f}", flush=True)
+    if not only or any(x.startswith(("recipe", "lever")) for x in only):
+        recipe_rows(args, only)
     return 0
+
+
+def recipe_trainer(cfg: Config, vgg, levers: dict, threads: int):
+    """(step function, batch) of the recipe's train step with ``levers`` (TrainState flags and the
+    generator's batch_encoder) set; every call runs one step at ``threads`` torch threads."""
+    state = build_state(cfg, torch.device("cpu"))
+    state.channels_last, state.batched_vgg = levers["channels_last"], levers["batched_vgg"]
+    state.generator.batch_encoder = levers["batch_encoder"]
+    if not state.channels_last:  # build_state made it NHWC: back to NCHW, as before
+        state.generator.to(memory_format=torch.contiguous_format)
+    b = cfg.data.batch_size
+    gen = torch.Generator().manual_seed(1)
+    c8 = torch.randint(0, 256, (b, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    s8 = torch.randint(0, 256, (b, 3, 64, 64), dtype=torch.uint8, generator=gen)
+
+    def f():
+        torch.set_num_threads(threads)
+        train_step(state, vgg, c8, s8, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=cfg.train.steps,
+                   device=torch.device("cpu"), amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)
+    return f
+
+
+def recipe_rows(args, only: list[str]) -> None:
+    """recipe_step and lever_* rows (see the module doc): steps per minute and CPU ms per step."""
+    from stylegen.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "jobs" / "configs" / "pretrained.toml"), ["features.weights=random"])
+    threads = args.recipe_threads or cfg.train.threads or torch.get_num_threads()
+    # a VGG per layout: train_step puts its VGG in channels_last when that lever is on
+    vgg_nchw, vgg_nhwc = VGGFeatures("random"), VGGFeatures("random")
+    names = ("channels_last", "batched_vgg", "batch_encoder")
+    off = dict.fromkeys(names, False)
+    on = dict.fromkeys(names, True)
+    iters = max(1, args.iters // 2)
+
+    def trainer(levers, th=threads):
+        return recipe_trainer(cfg, vgg_nhwc if levers["channels_last"] else vgg_nchw, levers, th)
+
+    base = trainer(off)
+    rows = [("recipe_step", trainer(on), base)]
+    rows += [(f"lever_{n}", trainer({**off, n: True}), base) for n in names]
+    rows.append(("lever_threads", trainer(on, 2), trainer(on, 1)))
+    print(f"# recipe: jobs/configs/pretrained.toml, batch {cfg.data.batch_size}, {threads} thread(s), "
+          f"cpu_bf16={cfg.train.cpu_bf16}; {args.repeats} interleaved repeats of {iters} steps", flush=True)
+    for name, fo, fb in rows:
+        if only and not any(name.startswith(x) for x in only):
+            continue
+        wo, wb, co, cb = [], [], [], []
+        for _ in range(args.repeats):
+            for fn, w, c in ((fo, wo, co), (fb, wb, cb)):
+                fn()  # warm-up (and, for threads, the switch)
+                t, tc = time.perf_counter(), time.process_time()
+                for _ in range(iters):
+                    fn()
+                w.append((time.perf_counter() - t) / iters)
+                c.append((time.process_time() - tc) / iters)
+        mo, mb = 60 / statistics.median(wo), 60 / statistics.median(wb)
+        o_ms, b_ms = 1e3 * statistics.median(co), 1e3 * statistics.median(cb)
+        print(f"{name}: ours={mo:.1f} baseline={mb:.1f} ratio={mo / mb:.2f} (steps/min); "
+              f"cpu ms/step ours={o_ms:.0f} baseline={b_ms:.0f} cpu_ratio={b_ms / o_ms:.2f}", flush=True)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
 
 
 if __name__ == "__main__":

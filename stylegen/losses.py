@@ -74,12 +74,20 @@ def feature_layers(cfg) -> tuple[str, ...]:
     return tuple(n for n in LAYERS if n in wanted)
 
 
-def target_features(vgg, content: torch.Tensor, style: torch.Tensor, cfg) -> tuple[dict, dict]:
+def target_features(vgg, content: torch.Tensor, style: torch.Tensor, cfg, *,
+                    batched: bool = False) -> tuple[dict, dict]:
     """(content_feats, style_feats) for ``loss_terms``, without autograd: compute once per
-    batch and reuse (e.g. across alphas, or for the D step)."""
+    batch and reuse (e.g. across alphas, or for the D step).
+
+    ``batched``: one VGG pass over content | style (2B, 3, H, W) when both have the same shape and
+    need the same layers (loss.normalize): the same per-sample math, half the calls."""
     layers = list(feature_layers(cfg)) if getattr(cfg, "normalize", False) else None
     with torch.no_grad():
         if layers:  # the trivial references need both images at every layer
+            if batched and content.shape == style.shape:
+                both = vgg(torch.cat([content, style]), layers)  # {layer: (2B, C, h, w)}
+                b = len(content)
+                return {n: f[:b] for n, f in both.items()}, {n: f[b:] for n, f in both.items()}
             return vgg(content, layers), vgg(style, layers)
         return vgg(content, [cfg.content_layer]), vgg(style, list(cfg.style_layers))
 

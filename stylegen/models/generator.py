@@ -140,6 +140,10 @@ class Generator(nn.Module):
         if self.fusion not in ("concat", "adain"):
             raise ValueError(f"model.fusion must be 'concat' or 'adain', got {self.fusion!r}")
         self.levels = cfg.adain_levels if self.fusion == "adain" else 1
+        # adain: one encoder call over content | style when they have the same shape (same per-sample
+        # math, one conv call per layer instead of two). Off by default so inference (stylegen eval) runs
+        # exactly as before; the train step's build_state turns it on.
+        self.batch_encoder = False
         self.content_encoder = Encoder(c)
         if self.fusion == "concat":
             self.style_encoder = Encoder(c)
@@ -184,7 +188,13 @@ class Generator(nn.Module):
         (the train step: the loss's targets); ignored without vgg_adain."""
         if content.shape[-1] % 4 or content.shape[-2] % 4:
             raise ValueError(f"content H, W must be divisible by 4, got {tuple(content.shape[-2:])}")
-        fc = self.content_encoder(content)  # [(B,C,H,W), (B,2C,H/2,W/2), (B,4C,H/4,W/4)]
+        if self.fusion == "adain" and self.batch_encoder and style.shape == content.shape:
+            b = len(content)
+            both = self.content_encoder(torch.cat([content, style]))  # [(2B, C, H, W), ...]
+            fc, fs = [f[:b] for f in both], [f[b:] for f in both]
+        else:
+            fc = self.content_encoder(content)  # [(B,C,H,W), (B,2C,H/2,W/2), (B,4C,H/4,W/4)]
+            fs = None
         if self.fusion == "concat":
             s4 = self.style_encoder(style)[2]
             code = self._style_code(s4)
@@ -193,7 +203,7 @@ class Generator(nn.Module):
             h = torch.cat([fc[2], code.expand(fc[2].shape[0], -1, *fc[2].shape[-2:])], dim=1)  # (B, 12C, H/4, W/4)
             skips: list[torch.Tensor | None] = [None, None]
         else:
-            fs = self.content_encoder(style)
+            fs = fs if fs is not None else self.content_encoder(style)
             fused: list[torch.Tensor | None] = [None, None, None]
             for i in range(3 - self.levels, 3):  # levels=1: only H/4; 2: + H/2; 3: + H
                 t = adain(fc[i], fs[i])

@@ -27,6 +27,10 @@ class TrainState:
     opt_d: torch.optim.Optimizer | None
     step: int = 0
     data: dict | None = None  # the data position (stylegen.data.loader.DataState.to_dict()) after `step`
+    # Speed levers of train_step (same math; benchmarks/bench_model.py measures each). The defaults are the
+    # step as it was before them; build_state turns them on from the config.
+    channels_last: bool = False  # NHWC batches, generator and VGG (oneDNN's and cuDNN's native layout)
+    batched_vgg: bool = False    # one no-grad VGG pass over content | style for the loss's targets
 
 
 def unwrap(module: nn.Module | None) -> nn.Module | None:
@@ -52,13 +56,16 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.train.seed)
     g = build_generator(cfg).to(device)
     d = Discriminator().to(device) if cfg.loss.adversarial > 0 else None
-    if device.type == "cuda" and cfg.train.amp:
+    channels_last = (device.type == "cuda" and cfg.train.amp) or (device.type == "cpu" and cfg.train.cpu_channels_last)
+    if channels_last:
         g = g.to(memory_format=torch.channels_last)
+    if hasattr(g, "batch_encoder"):
+        g.batch_encoder = True  # one encoder pass over content | style (models/generator.py)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = torch.optim.Adam([p for p in g.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=betas)
     # The discriminator's Adam follows DCGAN's betas (0.5, 0.999): it must track a moving target.
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.optim.d_lr, betas=(0.5, 0.999)) if d is not None else None
-    return TrainState(g, d, opt_g, opt_d, 0)
+    return TrainState(g, d, opt_g, opt_d, 0, channels_last=channels_last, batched_vgg=True)
 
 
 def lr_factor(step: int, total_steps: int, optim: OptimConfig) -> float:
@@ -91,7 +98,9 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
                loss_cfg: LossConfig, optim_cfg: OptimConfig, total_steps: int, device: torch.device,
                amp: bool = True, cpu_bf16: bool = False) -> dict[str, float]:
     """One generator step (and one discriminator step when it is on). Returns float terms + 'total'."""
-    channels_last = amp and device.type == "cuda"
+    channels_last = state.channels_last
+    if channels_last:
+        vgg_channels_last(vgg)
     content = to_float(content_u8, device, channels_last)  # (B, 3, H, W)
     style = to_float(style_u8, device, channels_last)      # (B, 3, H, W)
     factor = lr_factor(state.step, total_steps, optim_cfg)
@@ -102,7 +111,7 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
     with autocast_for(device, amp, cpu_bf16):
         identity = loss_cfg.identity > 0
         # the loss's target features, computed once; a generator that reads VGG features reuses them
-        content_feats, style_feats = target_features(vgg, content, style, loss_cfg)
+        content_feats, style_feats = target_features(vgg, content, style, loss_cfg, batched=state.batched_vgg)
         reads_vgg = getattr(unwrap(state.generator), "vgg", None) is not None  # model.vgg_adain
         if identity:
             # One forward for both (one DDP forward per backward): (B + k, 3, H, W) -> stylized | G(c, c)
@@ -150,6 +159,14 @@ def train_step(state: TrainState, vgg: nn.Module, content_u8: torch.Tensor, styl
         result["discriminator"] = float(dl.detach())
     state.step += 1
     return result
+
+
+def vgg_channels_last(vgg: nn.Module) -> None:
+    """Put the frozen VGG's weights in channels_last, once (idempotent, in place): with NCHW weights
+    oneDNN reorders NHWC inputs back to its blocked layout at every conv, which was slower than NCHW."""
+    w = next(vgg.parameters(), None)
+    if w is not None and w.dim() == 4 and not w.is_contiguous(memory_format=torch.channels_last):
+        vgg.to(memory_format=torch.channels_last)
 
 
 def identity_samples(batch: int, fraction: float) -> int:
