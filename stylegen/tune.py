@@ -91,7 +91,8 @@ def fit_trial(base: dict, params: dict, train_storage: str, trial_id: str, callb
     from stylegen.train.ray_worker import build_trainer  # torch: not for `stylegen tune --help`
 
     cfg = trial_config(base, params)
-    trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage=train_storage, trial=trial_id, callbacks=[callback])
+    trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage=train_storage, trial=trial_id, callbacks=[callback],
+                            progress=False)  # the sweep logs one line per trial report (trial_logger)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:  # V2 raises once train.max_failures restarts are spent

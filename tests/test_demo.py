@@ -16,16 +16,20 @@ def test_a_failing_phase_stops_the_demo_with_its_exit_code(tmp_path, capsys):
     assert "[1/2] verify" in capsys.readouterr().out
 
 
-def test_summary_prints_paths_and_the_eval_table_with_the_shipped_row(tmp_path):
-    shipped = json.loads((demo.ROOT / "docs" / "pretrained-eval-heldout.json").read_text())
-    rows = {k: dict(v) for k, v in shipped["rows"].items()}
+def test_summary_prints_paths_and_the_eval_table_with_the_shipped_and_gatys_rows(tmp_path):
+    shipped = json.loads((demo.ROOT / demo.SHIPPED_EVAL).read_text())
+    rows = {k: dict(v) for k, v in shipped["rows"].items() if k != "gatys"}  # the demo evals without Gatys
     rows["model"]["objective_n"] = 1.2345
     (tmp_path / "eval.json").write_text(json.dumps({"rows": rows}))
     text = demo.summary(tmp_path, str(tmp_path / "ray"), tmp_path / "best", tmp_path / "s.png",
                         tmp_path / "c.png", tmp_path / "st.png", 290.0)
     assert "=== results (4.8 min)" in text
     assert f"best checkpoint: {tmp_path / 'best'}" in text
-    lines = {line.split("  ")[0].strip(): line for line in text.splitlines() if "  " in line}
-    assert "1.234" in lines["demo's best trial"]
-    shipped_obj = f"{shipped['rows']['model']['objective_n']:.4g}"
-    assert shipped_obj in next(v for k, v in lines.items() if k.startswith("shipped model"))
+    table = text.split("\n\n")[-1].strip().splitlines()
+    assert table[0].split() == list(demo.SUMMARY_COLUMNS)
+    by_label = {line[:line.index("  ")]: line.split()[-4:] for line in table[1:]}
+    assert by_label["demo's best trial (minutes of training)"][2] == "1.234"
+    assert by_label["shipped model (1 h of training)"][2] == f"{shipped['rows']['model']['objective_n']:.3f}"
+    gatys = next(v for k, v in by_label.items() if k.startswith("gatys"))
+    assert gatys[2] == f"{shipped['rows']['gatys']['objective_n']:.3f}"
+    assert by_label["identity (output=content)"] == ["0.000", "1.000", "1.000", "-"]
