@@ -68,10 +68,23 @@ def bare_loop(cfg, steps: int, warmup: int, threads: int) -> tuple[float, float]
     return n_img / dt, wait / dt
 
 
-def ddp_run(cfg, trace: Path, storage: Path) -> list[dict[int, list[dict]]]:
+def report_trace(arg: str):
+    """``train.hooks`` entry ``benchmarks.bench_ddp:report_trace=DIR``: every rank appends the metrics of
+    each report to DIR/rank<R>.jsonl (Ray keeps rank 0's only). Ray workers import it from the repo root."""
+    directory = Path(arg)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def hook(event) -> None:  # stylegen.train.loop.StepEvent
+        if event.phase == "reported":
+            with open(directory / f"rank{event.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": event.state.step, **event.metrics}) + "\n")
+    return hook
+
+
+def ddp_run(cfg, trace: Path, storage: Path) -> dict[int, list[dict]]:
     from stylegen.train.ray_worker import build_trainer, ensure_ray
 
-    os.environ["STYLEGEN_TRACE_DIR"] = str(trace)
+    cfg.train.hooks = [*cfg.train.hooks, f"benchmarks.bench_ddp:report_trace={trace}"]
     ensure_ray("", num_cpus=2)
     result = build_trainer(cfg, name="bench", storage=str(storage)).fit()
     if result.error:
