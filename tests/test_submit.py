@@ -341,3 +341,30 @@ def test_submit_wait_reports_failed_job(cluster, tmp_path, tiny_config):
     assert proc.returncode == 1
     assert "ended FAILED" in proc.stderr.splitlines()[-1]
 
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_serve_deploys_an_app_that_answers_on_the_cluster(cluster, tmp_path):
+    """`submit serve --wait`: the job (`stylegen serve --detach`) ends SUCCEEDED and leaves the Serve app on
+    the cluster; POST /stylize to the node answers a PNG, with the bearer token whose hash alone went into the
+    job. The module cluster's teardown stops the app with it."""
+    from test_serve import CONTENT, STYLE, decode_png, post
+
+    port = raycluster.free_port()
+    token_file = tmp_path / "serve-token"
+    token_file.write_text("s3cret-serve-token-for-the-test\n")
+    token_file.chmod(0o600)
+    env = clean_env(tmp_path, RAY_AUTH_TOKEN_PATH=cluster.token_path)
+    proc = run_cli(["submit", "serve", "--address", cluster.dashboard_url, "--http-port", str(port),
+                    "--serve-token-file", str(token_file), "--wait"], env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sid = proc.stdout.splitlines()[0]
+    assert sid.startswith("stylegen-serve-")
+    [info] = [j for j in job_infos(cluster) if j["submission_id"] == sid]
+    assert info["status"] == "SUCCEEDED" and "s3cret" not in json.dumps(info)
+    base = f"http://127.0.0.1:{port}"
+    assert post(base, {"content": CONTENT, "style": STYLE}, token=None).status_code == 401
+    r = post(base, {"content": CONTENT, "style": STYLE}, token="s3cret-serve-token-for-the-test")
+    assert r.status_code == 200, r.text
+    assert decode_png(r.content).shape == (64, 64, 3)
