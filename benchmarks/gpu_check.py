@@ -261,16 +261,20 @@ def measure(ck: Check, pool, device, batch: int, *, amp: bool = True, compile_wh
 
     from stylegen.features import build_features
     from stylegen.flops import count_flops, default_peak_flops, mfu
-    from stylegen.train.step import build_state, train_step
+    from stylegen.train.step import build_state, compiled, train_step
 
     args = ck.args
-    cfg = recipe([f"data.batch_size={batch}", f"train.amp={str(amp).lower()}"])
-    state = build_state(cfg, device)
-    vgg = build_features(cfg.features).to(device)
-    if vgg_channels_last:
-        vgg = vgg.to(memory_format=torch.channels_last)
+    # generator+vgg with inductor is the production path (train.compile); other backends (the dry run's
+    # "eager") and the VGG-alone fallback are compiled here
+    whole = compile_what == "generator+vgg" and args.compile_backend == "inductor"
+    cfg = recipe([f"data.batch_size={batch}", f"train.amp={str(amp).lower()}", f"train.compile={str(whole).lower()}"])
     if compile_what:
         torch._dynamo.reset()
+    state = build_state(cfg, device)
+    vgg = compiled(build_features(cfg.features).to(device), cfg.train)
+    if vgg_channels_last:
+        vgg = vgg.to(memory_format=torch.channels_last)
+    if compile_what and not whole:
         kw = {"dynamic": False, "backend": args.compile_backend}
         vgg = torch.compile(vgg, **kw)
         if compile_what == "generator+vgg":

@@ -94,3 +94,25 @@ def test_cpu_bf16_step_runs_under_autocast_and_keeps_the_losses_float32(monkeypa
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert losses.gram_matrix(x).dtype == torch.float32
         assert losses.content_loss(x, x + 1).dtype == torch.float32
+
+
+def test_compiled_generator_checkpoints_and_restores_like_the_bare_one():
+    """train.compile wraps the generator (torch.compile compiles lazily: nothing runs here); the checkpoint's
+    state dict has the bare module's keys, and a compiled state restores a bare one's checkpoint."""
+    from stylegen.models import unwrap
+    from stylegen.train.step import checkpoint_state, restore_state
+
+    tiny = ["model.channels=4", "model.res_blocks=1", "features.weights=random"]
+    cfg = load_config(None, [*tiny, "train.compile=true"])
+    state = build_state(cfg, torch.device("cpu"))
+    assert type(state.generator).__name__ == "OptimizedModule"
+    assert unwrap(state.generator) is state.generator._orig_mod
+    saved = checkpoint_state(state, {}, {})["generator"]
+    bare = build_state(load_config(None, tiny), torch.device("cpu"))
+    assert sorted(saved) == sorted(bare.generator.state_dict())  # no "_orig_mod." prefix
+    with torch.no_grad():
+        for p in bare.generator.parameters():
+            p.add_(1.0)
+    restore_state(state, checkpoint_state(bare, {}, {}))
+    assert all(torch.equal(a, b) for a, b in zip(unwrap(state.generator).state_dict().values(),
+                                                 bare.generator.state_dict().values(), strict=True))

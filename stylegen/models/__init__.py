@@ -11,8 +11,10 @@ if TYPE_CHECKING:
 
 
 def unwrap(module: nn.Module | None) -> nn.Module | None:
-    """The bare module inside a DDP wrapper (state dicts and no-sync forwards use it)."""
-    return getattr(module, "module", module)
+    """The bare module inside a DDP wrapper and/or torch.compile's wrapper (state dicts, no-sync forwards,
+    attribute reads use it; a compiled module's state dict keys carry an ``_orig_mod.`` prefix)."""
+    module = getattr(module, "module", module)   # DDP
+    return getattr(module, "_orig_mod", module)  # torch.compile
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from stylegen.grids import save_grid
 from stylegen.metrics import TrainMetrics
 from stylegen.storage import ENDPOINT_ENV, ray_storage
 from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
-from stylegen.train.step import build_state, checkpoint_state, restore_state
+from stylegen.train.step import build_state, checkpoint_state, compiled, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
     state.generator = ray.train.torch.prepare_model(state.generator)
     if state.discriminator is not None:
         state.discriminator = ray.train.torch.prepare_model(state.discriminator)
-    vgg = build_features(cfg.features).to(device)
+    vgg = compiled(build_features(cfg.features).to(device), cfg.train)
     metrics = TrainMetrics.create("ray" if cfg.metrics.enabled else "none", run=config["run"], rank=rank,
                                   trial=config.get("trial", ""))
     if restarted:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stylegen.config import Config, LossConfig, OptimConfig
+from stylegen.config import Config, LossConfig, OptimConfig, TrainConfig
 from stylegen.losses import d_loss, loss_terms, pixel_l1, target_features, weighted_total
+from stylegen.models import unwrap
 
 
 @dataclass
@@ -31,11 +32,6 @@ class TrainState:
     # step as it was before them; build_state turns them on from the config.
     channels_last: bool = False  # NHWC batches, generator and VGG (oneDNN's and cuDNN's native layout)
     batched_vgg: bool = False    # one no-grad VGG pass over content | style for the loss's targets
-
-
-def unwrap(module: nn.Module | None) -> nn.Module | None:
-    """The bare module inside a DDP wrapper (state dicts and no-sync forwards use it)."""
-    return getattr(module, "module", module)
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,16 +52,25 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.train.seed)
     g = build_generator(cfg).to(device)
     d = Discriminator().to(device) if cfg.loss.adversarial > 0 else None
-    channels_last = (device.type == "cuda" and cfg.train.amp) or (device.type == "cpu" and cfg.train.cpu_channels_last)
+    # Not on CUDA: on an H200 the bf16 step ran 1.20x faster without (reflection padding and the
+    # NHWC<->NCHW copies around it cost more than cuDNN gains; benchmarks/gpu_check.py, docs/quality.md).
+    channels_last = device.type == "cpu" and cfg.train.cpu_channels_last
     if channels_last:
         g = g.to(memory_format=torch.channels_last)
     if hasattr(g, "batch_encoder"):
         g.batch_encoder = True  # one encoder pass over content | style (models/generator.py)
+    g = compiled(g, cfg.train)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = torch.optim.Adam([p for p in g.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=betas)
     # The discriminator's Adam follows DCGAN's betas (0.5, 0.999): it must track a moving target.
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.optim.d_lr, betas=(0.5, 0.999)) if d is not None else None
     return TrainState(g, d, opt_g, opt_d, 0, channels_last=channels_last, batched_vgg=True)
+
+
+def compiled(module: nn.Module, train: TrainConfig) -> nn.Module:
+    """``torch.compile(module)`` when ``train.compile`` (the generator before DDP wraps it, the loss VGG);
+    ``models.unwrap`` reaches the module inside for state dicts."""
+    return torch.compile(module, dynamic=False) if train.compile else module
 
 
 def lr_factor(step: int, total_steps: int, optim: OptimConfig) -> float:
