@@ -21,6 +21,7 @@ from pathlib import Path
 
 from stylegen import storage
 from stylegen.checkpoint import list_checkpoints, load_checkpoint_bytes, resolve_checkpoint_path
+from stylegen.config import from_dict, to_toml
 from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -390,8 +391,6 @@ def export(best: TrialRow, out: str | Path) -> str:
     Each file is written atomically (a private temp file renamed into place, file and directory
     fsync'd: :func:`storage.write_bytes`); best.json first, so that a directory holding a
     checkpoint.pt without it was not written here (see :func:`check_export_target`)."""
-    from stylegen.config import from_dict, to_toml
-
     out = str(out)
     check_export_target(out)
     src = storage.join(best.checkpoint, "checkpoint.pt")

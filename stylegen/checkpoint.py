@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stylegen import storage
+from stylegen.config import ConfigError, from_dict
 from stylegen.errors import UserError
 
 FORMAT = "stylegen-checkpoint-v1"
@@ -117,8 +118,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 def generator_from_state(state: dict, name: str):
     """A loaded checkpoint dict -> (Generator on CPU in eval mode, its Config); ``name`` is for errors."""
-    from stylegen.config import ConfigError, from_dict
-    from stylegen.models.generator import build_generator  # torch: kept out of `best`'s imports
+    from stylegen.models.generator import build_generator  # lazy: torch; not for `stylegen best`
 
     p = name
     if not isinstance(state.get("config"), dict) or not isinstance(state.get("generator"), dict):

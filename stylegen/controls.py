@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from stylegen.errors import UserError
+from stylegen.models.generator import VGG_LAYER, symlog
 from stylegen.stats import calc_mean_std
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site -> (mean, std), each (B, C, 1, 1) or (B, C, h, w)
@@ -194,8 +195,6 @@ def _stat_maps(gen, x: torch.Tensor) -> dict[str, torch.Tensor]:
     else:
         maps["code"] = gen.style_encoder(x)[2]
     if gen.vgg is not None:
-        from stylegen.models.generator import VGG_LAYER
-
         maps["vgg"] = gen.vgg(x, [VGG_LAYER])[VGG_LAYER]
     return maps
 
@@ -238,8 +237,6 @@ def fuse_and_decode(gen, maps: dict[str, torch.Tensor], c_stats: Stats, target: 
         skips = [None, None]
     h = gen.fuse(h)                                                               # (B, 4C, H/4, W/4)
     if gen.vgg is not None:
-        from stylegen.models.generator import symlog
-
         v = F.interpolate(gen.vgg_in(symlog(ada("vgg"))), size=h.shape[-2:], mode="nearest")
         h = gen.vgg_mix(torch.cat([h, v], dim=1))
     h = gen.res(h)

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 from stylegen.cli import main as cli
+from stylegen.data.embedded import ensure_embedded, skimage_data_dir
+from stylegen.images import cover_crop, load_rgb, save_png, to_uint8_tensor
+from stylegen.metrics import ray_node_metrics_url
 
 log = logging.getLogger("stylegen.demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     verbose = ["-v"] if args.verbose else []
-
-    from stylegen.data.embedded import ensure_embedded
 
     print("=== embedded data -> WebDataset shards", flush=True)
     shards = ensure_embedded()
@@ -132,8 +133,6 @@ def print_metrics_help() -> None:
 
     import ray
 
-    from stylegen.metrics import ray_node_metrics_url
-
     url = ray_node_metrics_url() if ray.is_initialized() else ""
     print("\n=== metrics")
     print(f"Ray workers' stylegen_* metrics (prefixed ray_ until Prometheus relabels them): {url or 'Ray not running'}")
@@ -149,9 +148,6 @@ def print_metrics_help() -> None:
 
 def example_images(out: Path, content: str = "chelsea.png", style: str = "gravel.png") -> tuple[Path, Path]:
     """A content photo and a style texture from the embedded image files, as 128x128 PNGs."""
-    from stylegen.data.embedded import skimage_data_dir
-    from stylegen.images import cover_crop, load_rgb, save_png, to_uint8_tensor
-
     paths = []
     for name in (content, style):
         target = out / f"example_{Path(name).stem}.png"

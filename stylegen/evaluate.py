@@ -43,9 +43,12 @@ import time
 from pathlib import Path
 
 from stylegen import storage
-from stylegen.config import CONTENT_LAYER, STYLE_LAYERS
+from stylegen.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint_path
+from stylegen.config import CONTENT_LAYER, STYLE_LAYERS, DataConfig
+from stylegen.data.embedded import ensure_embedded
 from stylegen.errors import UserError
-from stylegen.images import to_float
+from stylegen.grids import grid_array, to_hwc_uint8
+from stylegen.images import save_png, to_float
 
 log = logging.getLogger(__name__)
 FORMAT = "stylegen-eval-v1"
@@ -89,8 +92,8 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
     ``keep_outputs``: a dict the caller passes to receive every row's float outputs (N,3,H,W)."""
     import torch
 
-    from stylegen.gatys import gatys_stylize
-    from stylegen.objective import generate, psnr, score
+    from stylegen.gatys import gatys_stylize  # lazy: torch; not for `stylegen --help`
+    from stylegen.objective import generate, psnr, score  # lazy: torch; not for `stylegen --help`
 
     generator.eval()
     c, s = to_float(content_u8, device), to_float(style_u8, device)
@@ -154,9 +157,6 @@ def save_grid(path: str, content, style, outputs: dict, keys: list[str]) -> None
     """The first GRID_PAIRS pairs, one per line: content | style | outputs[k] for k in keys."""
     import torch
 
-    from stylegen.grids import grid_array, to_hwc_uint8
-    from stylegen.images import save_png
-
     cols = [to_hwc_uint8(t[:GRID_PAIRS]) for t in (content, style, *(outputs[k] for k in keys))]
     save_png(path, torch.from_numpy(grid_array(cols)).permute(2, 0, 1))
 
@@ -206,13 +206,10 @@ def load_eval_pairs(args: argparse.Namespace, image_size: int):
     another seed (the loader's rule). The shards go into data.content/data.style, not data.val_*:
     the loader takes val_* shards whole, and a training dir passed here must still give its
     held-out rows only."""
-    from stylegen.config import DataConfig
-    from stylegen.data.loader import load_pairs
+    from stylegen.data.loader import load_pairs  # lazy: torch; not for `stylegen --help`
 
     content, style = list(args.content_shards), list(args.style_shards)
     if not content:
-        from stylegen.data.embedded import ensure_embedded
-
         emb = ensure_embedded()
         content = [str(emb.eval_content_dir)]
         style = style or [str(emb.eval_style_dir)]
@@ -232,8 +229,7 @@ def check_json_target(path: Path, flag: str = "--json", example: str = "eval.jso
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from stylegen.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint_path
-    from stylegen.features import VGGFeatures
+    from stylegen.features import VGGFeatures  # lazy: torch; not for `stylegen --help`
 
     if not 1 <= args.pairs <= MAX_PAIRS:
         raise UserError(f"--pairs {args.pairs}: must be between 1 and {MAX_PAIRS:,}")
@@ -255,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     gen = gen.to(args.device)
     step = state.get("step")
     vgg = VGGFeatures(args.features).to(args.device)
-    from stylegen.references import load_references
+    from stylegen.references import load_references  # lazy: torch; not for `stylegen --help`
 
     references = load_references(args.reference, args.features, args.device)  # a missing package fails here
     content_u8, style_u8 = load_eval_pairs(args, cfg.data.image_size)

@@ -29,7 +29,9 @@ import io
 import logging
 import warnings
 
+from stylegen import storage
 from stylegen.errors import UserError
+from stylegen.loading import load_generator
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -40,8 +42,8 @@ def onnx_module(gen):
     """``gen`` wrapped as ``forward(content, style, alpha_tensor) -> output`` for export."""
     from torch import nn
 
-    from stylegen.controls import _content_maps, _stat_maps, fuse_and_decode
-    from stylegen.stats import calc_mean_std
+    from stylegen.controls import _content_maps, _stat_maps, fuse_and_decode  # lazy: torch; not for `stylegen --help`
+    from stylegen.stats import calc_mean_std  # lazy: torch; not for `stylegen --help`
 
     class OnnxStylizer(nn.Module):
         def __init__(self, g) -> None:
@@ -96,9 +98,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stylegen import storage
-    from stylegen.loading import load_generator
-
     if not str(args.onnx).endswith(".onnx"):
         raise UserError(f"--onnx {args.onnx!r}: name the file *.onnx")
     storage.check_output_file(args.onnx, "--onnx")  # before the (slow) export, not after

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stylegen.images import save_png
+
 
 def grid_array(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
     """columns: each (N, H, W, 3) uint8 -> one (N*(H+pad)+pad, K*(W+pad)+pad, 3) uint8 image."""
@@ -35,8 +37,6 @@ def to_hwc_uint8(t) -> np.ndarray:
 def save_grid(path: str | Path, content, style, output) -> Path:
     """content/style/output: (N, 3, H, W) tensors -> PNG rows of content | style | output."""
     import torch
-
-    from stylegen.images import save_png
 
     canvas = grid_array([to_hwc_uint8(content), to_hwc_uint8(style), to_hwc_uint8(output)])
     return save_png(path, torch.from_numpy(canvas).permute(2, 0, 1))

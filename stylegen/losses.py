@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from stylegen.features import LAYERS
 from stylegen.stats import calc_mean_std, gram_matrix
 
 # Names of the terms and the LossConfig field holding each weight (same name).
@@ -68,8 +69,6 @@ def g_adv_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 def feature_layers(cfg) -> tuple[str, ...]:
     """The VGG layers ``loss_terms`` needs (cfg: LossConfig), shallow to deep, no duplicates."""
-    from stylegen.features import LAYERS
-
     wanted = set(cfg.style_layers) | {cfg.content_layer}
     return tuple(n for n in LAYERS if n in wanted)
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from stylegen import storage
-from stylegen.config import Config
+from stylegen.config import Config, from_dict, load_config, to_dict
 from stylegen.errors import UserError
 
 RESULT_PREFIX = "stylegen-preflight: "
@@ -67,8 +67,6 @@ def check_here(items: list[tuple[str, str]], cfg: Config) -> list[str]:
 def _node_task(items: list[tuple[str, str]], cfg_dict: dict) -> tuple[str, list[str]]:
     import ray
 
-    from stylegen.config import from_dict
-
     return ray.get_runtime_context().get_node_id(), check_here(items, from_dict(cfg_dict))
 
 
@@ -76,8 +74,6 @@ def run_on_cluster(cfg: Config, storage_url: str | None = None) -> dict:
     """Run the checks on every alive node (this process is a driver on the cluster)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from stylegen.config import to_dict
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="ERROR")
     try:
@@ -98,8 +94,6 @@ def run_on_cluster(cfg: Config, storage_url: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stylegen.config import load_config
-
     p = argparse.ArgumentParser(prog="python -m stylegen.preflight")
     p.add_argument("--config", required=True)
     p.add_argument("--storage", default=None)

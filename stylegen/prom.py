@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stylegen.errors import UserError
+from stylegen.storage import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,12 @@ def write_config(cfg: dict[str, Any], path: Path) -> Path:
     """Write ``cfg`` as YAML atomically (a private temp file + rename: storage.write_bytes)."""
     import yaml
 
-    from stylegen.storage import write_bytes
-
     write_bytes(path, yaml.safe_dump(cfg, sort_keys=False).encode())
     return path
 
 
 def write_targets_file(path: Path, targets: list[str], labels: dict[str, str] | None = None) -> Path:
     """A file_sd targets file (JSON), written atomically so Prometheus never reads half of it."""
-    from stylegen.storage import write_bytes
-
     write_bytes(path, json.dumps([{"targets": targets, "labels": labels or {}}]).encode(), fsync=False)
     return path
 

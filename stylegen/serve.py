@@ -47,7 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stylegen import storage
+from stylegen.best import resolve_model as resolve_model_path
+from stylegen.checkpoint import FILENAME
 from stylegen.errors import UserError
+from stylegen.images import cover_crop, encode_png, to_rgb, to_uint8_tensor
+from stylegen.loading import load_generator
+from stylegen.metrics import ServeMetrics, _is_loopback
+from stylegen.raycluster import LOOPBACK_ENV, check_token_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +108,6 @@ def check_auth(header: str | None, digest: str | None) -> None:
 def decode_image(data: bytes, field_name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Upload bytes -> RGB ``PIL.Image``; the size is checked on the header before decoding."""
     from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from stylegen.images import to_rgb
 
     if not data:
         raise BadRequest(400, "missing_field", f"'{field_name}' is empty: upload an image file")
@@ -204,8 +209,6 @@ def parse_request(files: dict[str, bytes], form: dict[str, str], max_pixels: int
 
 def to_tensors(req: Request) -> dict[str, Any]:
     """Crop/resize every image to (size, size): uint8 (3, S, S) tensors; the mask as float (S, S) in [0, 1]."""
-    from stylegen.images import cover_crop, to_uint8_tensor
-
     s = (req.size, req.size)
     out = {"content": to_uint8_tensor(cover_crop(req.content, s)), "style": to_uint8_tensor(cover_crop(req.style, s))}
     if req.style2 is not None:
@@ -230,10 +233,6 @@ def resolve_model(spec: str | None) -> ModelRef:
     """``--checkpoint`` as ``stylegen stylize`` reads it: a checkpoint file, a dir holding ``checkpoint.pt``, a run
     dir (its newest) or a Tune sweep dir (its best checkpoint by val_score, as ``stylegen best``), local or
     ``s3://...``; None = the shipped model. The labels: the run (or sweep) name and the trial."""
-    from stylegen import storage
-    from stylegen.best import resolve_model as resolve_model_path
-    from stylegen.checkpoint import FILENAME
-
     if spec is None:
         return ModelRef(None)
     base = spec.rstrip("/")
@@ -248,7 +247,7 @@ def run_model(gen, items: list[dict[str, Any]]) -> list[Any]:
     """Stylize a batch of requests (``to_tensors`` dicts plus their ``Request`` under "req"): one
     ``controls.stylize_batch`` call per group of equal controls (it batches equal sizes in one model
     call). Returns uint8 (3, S, S) tensors in the order of ``items``."""
-    from stylegen.controls import Controls, stylize_batch
+    from stylegen.controls import Controls, stylize_batch  # lazy: torch; not for `stylegen --help`
 
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
@@ -296,9 +295,6 @@ class StylizeServer:
     def __init__(self, opts: ServerOptions):
         import torch
         from ray import serve
-
-        from stylegen.metrics import ServeMetrics
-        from stylegen.loading import load_generator
 
         torch.set_num_threads(max(1, opts.torch_threads))
         self.opts = opts
@@ -348,8 +344,6 @@ class StylizeServer:
 
     async def _stylize(self, request) -> tuple[bytes, int]:
         """PNG bytes and the size of the batch the request was stylized in."""
-        from stylegen.images import encode_png
-
         check_auth(request.headers.get("authorization"), self.opts.token_sha256)
         files, form = await self._read_form(request)
         req = parse_request(files, form, self.opts.max_pixels)
@@ -432,8 +426,6 @@ def build_app(opts: ServerOptions, *, replicas: int = 1, num_cpus: float = 1.0):
 
 def find_serve_token(args_token: str | None, token_file: str | None, env: dict[str, str] | None = None) -> str | None:
     """--token-file (mode 0600), else --token, else $STYLEGEN_SERVE_TOKEN; None when none is given."""
-    from stylegen.raycluster import check_token_file_mode
-
     env = os.environ if env is None else env
     token, where = None, ""
     if token_file:
@@ -458,8 +450,6 @@ def find_serve_token(args_token: str | None, token_file: str | None, env: dict[s
 
 def check_bind(host: str, token: str | None) -> None:
     """Refuse a non-loopback bind without a token."""
-    from stylegen.metrics import _is_loopback
-
     loopback = host == "localhost" or _is_loopback(host)
     if not loopback and token is None:
         raise UserError(f"--host {host} is reachable from other machines and no token is set: pass --token-file F "
@@ -507,8 +497,6 @@ def options_from_args(args: argparse.Namespace) -> tuple[ServerOptions, str | No
     check_bind(args.host, token or args.token_sha256)
     model = resolve_model(args.checkpoint)
     if model.checkpoint is not None or args.checkpoint is None:  # loads here first: a bad file is one line now
-        from stylegen.loading import load_generator
-
         load_generator(model.checkpoint)
     opts = ServerOptions(model=model, token_sha256=digest, max_batch_size=args.max_batch_size,
                          batch_wait_s=args.batch_wait_ms / 1000.0, max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -604,8 +592,6 @@ def run(args: argparse.Namespace) -> int:
     if not remote:
         _check_port_free(args.host, args.port)
         if "ray" not in sys.modules:  # read at `import ray`: keeps every listener of the local Ray on 127.0.0.1
-            from stylegen.raycluster import LOOPBACK_ENV
-
             os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
     from ray import serve

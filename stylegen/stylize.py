@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stylegen.errors import UserError
+from stylegen.images import cover_crop, crop_to_multiple, load_rgb, save_png, to_uint8_tensor
 from stylegen.loading import load_generator
+from stylegen.metrics import CommandMetrics
+from stylegen.storage import check_output_file, describe_write_error
 
 if TYPE_CHECKING:
     import torch
@@ -88,8 +91,6 @@ def prepare(content_paths: list[str], style_paths: list[str], size: int | None, 
     """Load and size all inputs: [(content u8 (3,H,W), [style u8 (3,H,W), ...], mask float (H,W) | None)],
     each style brought to each content's size, the mask resized to the content and cropped as it is."""
     import torch
-
-    from stylegen.images import cover_crop, crop_to_multiple, load_rgb, to_uint8_tensor
 
     style_imgs = []
     for sp in style_paths:
@@ -165,7 +166,7 @@ def parse_tile(text: str) -> int:
 
 def controls_from_args(args: argparse.Namespace):
     """``Controls`` of the flags, checked against the number of styles and the mask (UserError)."""
-    from stylegen.controls import Controls, check
+    from stylegen.controls import Controls, check  # lazy: torch; not for `stylegen --help`
 
     c = Controls(alpha=args.alpha, preserve_color=args.preserve_color,
                  weights=tuple(args.weights) if args.weights else None, tile=args.tile,
@@ -219,8 +220,6 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
     if args.metrics_textfile:  # a side output: refuse it now, not after the images are written
-        from stylegen.storage import check_output_file
-
         check_output_file(args.metrics_textfile, "--metrics-textfile")
     controls = controls_from_args(args)
     outs = output_paths(args.content, args.out)
@@ -230,8 +229,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"output {str(clash[0])!r} would overwrite an input image; pass another --out")
     gen, _ = load_generator(args.checkpoint, args.device)
     items = prepare(args.content, args.style, args.size, args.mask)
-    from stylegen.controls import stylize as stylize_one
-    from stylegen.images import save_png
+    from stylegen.controls import stylize as stylize_one  # lazy: torch; not for `stylegen --help`
 
     make_output_dirs(outs)
     for (c, styles, mask), path in zip(items, outs, strict=True):
@@ -243,10 +241,6 @@ def run(args: argparse.Namespace) -> int:
                             "pass a writable --out") from None
         print(path)
     if args.metrics_textfile:
-        from stylegen.metrics import CommandMetrics
-
-        from stylegen.storage import describe_write_error
-
         m = CommandMetrics()
         m.stylized(len(outs))
         try:

@@ -41,8 +41,12 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from stylegen.config import check_name, load_config, to_toml
 from stylegen.config_cli import add_config_arguments
 from stylegen.errors import UserError
+from stylegen.preflight import parse_result
+from stylegen.raycluster import auth_headers, find_token, resolve_job_address
+from stylegen.serve import check_bind, find_serve_token, token_digest
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def reach_job_server(args: argparse.Namespace) -> tuple[str, dict]:
     """The job server's address and auth headers (the cluster's Ray token unless --no-token), checked
     to answer before anything is uploaded."""
-    from stylegen.raycluster import auth_headers, find_token, resolve_job_address
-
     address = resolve_job_address(args.address)
     token = None
     if not args.no_token:
@@ -149,9 +151,6 @@ def run(args: argparse.Namespace) -> int:
 def serve_entrypoint(args: argparse.Namespace, job_args: list[str]) -> tuple[str, str]:
     """(entrypoint, name) of a ``submit serve`` job, checked locally first: the bind needs a token off loopback,
     and only the token's SHA-256 goes into the command line."""
-    from stylegen.config import check_name
-    from stylegen.serve import check_bind, find_serve_token, token_digest
-
     name = check_name(args.name or "serve", "run name")
     if not 1 <= args.http_port <= 65535 or args.replicas < 1:
         raise UserError("--http-port must be in 1-65535 and --replicas >= 1")
@@ -196,8 +195,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def resolve_job_config(config: str | None, overrides: list[str], name: str | None) -> tuple[str, str]:
     """Validate the config locally and return (resolved TOML with ray.name set, run name)."""
-    from stylegen.config import check_name, load_config, to_toml
-
     if not config:
         raise UserError("--config is required: the TOML the job trains with (e.g. jobs/configs/demo.toml)")
     cfg = load_config(config, overrides)
@@ -331,8 +328,6 @@ def preflight(client, working_dir: Path, python: str, storage: str | None, name:
     """Run ``stylegen.preflight`` as a job on the cluster (one tiny task per node); raise UserError
     naming the first problem when a node cannot reach the storage or the shards."""
     import time
-
-    from stylegen.preflight import parse_result
 
     argv = [python, "-m", "stylegen.preflight", "--config", CONFIG_IN_JOB]
     if storage:

@@ -17,8 +17,9 @@ import os
 import shlex
 from pathlib import Path
 
+from stylegen.best import print_best, write_sweep_report
 from stylegen.storage import absolute, check_access, is_remote, join, local_path, ray_storage, read_bytes, write_bytes
-from stylegen.config import Config, check_name, from_dict, to_dict, validate_space, with_overrides
+from stylegen.config import Config, check_name, from_dict, load_config, to_dict, validate_space, with_overrides
 from stylegen.config_cli import add_config_arguments, flag_overrides
 from stylegen.errors import UserError
 
@@ -88,7 +89,7 @@ def fit_trial(base: dict, params: dict, train_storage: str, trial_id: str, callb
     """Build and fit the trial's TorchTrainer; None, or the failure as one line (the worker's own exception)."""
     import ray.train
 
-    from stylegen.train.ray_worker import build_trainer  # torch: not for `stylegen tune --help`
+    from stylegen.train.ray_worker import build_trainer  # lazy: torch; not for `stylegen --help`
 
     cfg = trial_config(base, params)
     trainer = build_trainer(cfg, name=f"trial-{trial_id}", storage=train_storage, trial=trial_id, callbacks=[callback],
@@ -102,7 +103,7 @@ def fit_trial(base: dict, params: dict, train_storage: str, trial_id: str, callb
 
 def named_reason(error: BaseException) -> str:
     """'FloatingPointError: non-finite ...': the failed worker's exception type in front of its message."""
-    from stylegen.train.ray_worker import failed_exception, failure_reason
+    from stylegen.train.ray_worker import failed_exception, failure_reason  # lazy: torch; not for `stylegen --help`
 
     reason, inner = failure_reason(error), failed_exception(error)
     name = type(getattr(inner, "cause", None) or inner).__name__  # RayTaskError keeps the user's error as .cause
@@ -334,8 +335,7 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
 
 def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: bool = False):
     """Run (or resume) the sweep; returns the ResultGrid. Writes the sweep report into the sweep dir."""
-    from stylegen.best import write_sweep_report
-    from stylegen.train.ray_worker import ensure_ray
+    from stylegen.train.ray_worker import ensure_ray  # lazy: torch; not for `stylegen --help`
 
     storage = absolute(cfg.ray.storage)
     if is_remote(storage):
@@ -348,9 +348,6 @@ def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: b
 
 
 def run(args: argparse.Namespace) -> int:
-    from stylegen.config import load_config
-    from stylegen.best import print_best
-
     cfg = load_config(args.config, [*args.overrides, *tune_overrides(args)])
     sweep = check_name(args.name or f"{cfg.ray.name}-sweep", "sweep name (--name)")
     results = run_sweep(cfg, sweep=sweep, resume=args.resume, trust_storage=args.trust_storage)

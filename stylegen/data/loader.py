@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from stylegen import storage
 from stylegen.config import StorageConfig
 from stylegen.data import shardio
+from stylegen.data.embedded import ensure_embedded
 from stylegen.errors import UserError
 
 if TYPE_CHECKING:
@@ -135,8 +136,6 @@ def stream_urls(data_cfg: DataConfig, split: str = "train",
     c_explicit = val and bool(data_cfg.val_content)
     s_explicit = val and bool(data_cfg.val_style)
     if not content or not style and not data_cfg.content:
-        from stylegen.data.embedded import ensure_embedded
-
         emb = ensure_embedded()
         if not content:
             content, c_explicit = [str(emb.content_dir)], False

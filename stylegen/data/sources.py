@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from stylegen.errors import UserError
+from stylegen.images import to_rgb  # one converter for shard and stylize
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 NPZ_NAME = re.compile(r"^(train_data_batch_\d+|val_data)(\.npz)?$")
@@ -227,13 +228,6 @@ def open_rgb(path: Path, *, max_pixels: int, draft: int | None = None):
         raise SkipInput(f"corrupt or truncated image ({type(e).__name__}: {str(e)[:120]})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
-
-
-def to_rgb(im):
-    """Any Pillow mode -> 8-bit RGB (one converter for shard and stylize: ``stylegen.images``)."""
-    from stylegen.images import to_rgb as convert
-
-    return convert(im)
 
 
 def crop_box(w: int, h: int, size: int, rng: np.random.Generator | None) -> tuple[int, int, int, int]:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stylegen.features import build_features
 from stylegen.stats import adain, calc_mean_std
 
 
@@ -233,7 +234,5 @@ def build_generator(cfg) -> Generator:
     ``features.weights`` when ``model.vgg_adain``)."""
     vgg = None
     if cfg.model.vgg_adain:
-        from stylegen.features import build_features
-
         vgg = build_features(cfg.features)
     return Generator(cfg.model, vgg=vgg)

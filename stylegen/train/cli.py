@@ -9,7 +9,9 @@ import threading
 from pathlib import Path
 
 from stylegen import storage
+from stylegen.config import load_config
 from stylegen.config_cli import add_config_arguments, flag_overrides
+from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
 # A run stopped by SIGTERM (preemption, `ray job stop`) has checkpointed but not finished: it exits as a
@@ -39,13 +41,9 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stylegen.config import load_config
-
     cfg = load_config(args.config, [*args.overrides, *train_overrides(args)])
     if args.local:
-        from stylegen.train.loop import run_local
-
-        from stylegen.errors import UserError
+        from stylegen.train.loop import run_local  # lazy: torch; not for `stylegen --help`
 
         out = Path(cfg.train.out)
         stop = threading.Event()
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_STOPPED
         return 0
 
-    from stylegen.train.ray_worker import fit
+    from stylegen.train.ray_worker import fit  # lazy: torch; not for `stylegen --help`
 
     result, stopped = fit(cfg, name=cfg.ray.name, storage=cfg.ray.storage, address=cfg.ray.address,
                           progress=not args.no_progress)  # failures raise UserError

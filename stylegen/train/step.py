@@ -15,9 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stylegen.checkpoint import state_dict_mismatch
 from stylegen.config import Config, LossConfig, OptimConfig, TrainConfig
+from stylegen.errors import UserError
 from stylegen.losses import d_loss, loss_terms, pixel_l1, target_features, weighted_total
 from stylegen.models import unwrap
+from stylegen.models.discriminator import Discriminator
+from stylegen.models.generator import VGG_LAYER, build_generator
+from stylegen.objective import score_generator
 
 
 @dataclass
@@ -38,17 +43,12 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from stylegen.errors import UserError
-
         raise UserError("train.device = 'cuda' but no CUDA device is visible; use train.device = 'auto' or 'cpu'")
     return torch.device(name)
 
 
 def build_state(cfg: Config, device: torch.device) -> TrainState:
     """Generator (+ discriminator when loss.adversarial > 0) and their Adam optimisers."""
-    from stylegen.models.discriminator import Discriminator
-    from stylegen.models.generator import build_generator
-
     torch.manual_seed(cfg.train.seed)
     g = build_generator(cfg).to(device)
     d = Discriminator().to(device) if cfg.loss.adversarial > 0 else None
@@ -182,8 +182,6 @@ def identity_samples(batch: int, fraction: float) -> int:
 def _pair_features(content_feats: dict, style_feats: dict, k: int) -> tuple[dict, dict] | None:
     """The generator's VGG layer for the identity-batched inputs (content | content[:k], style |
     content[:k]); None when a feature dict lacks it or a style of another size makes it uncatable."""
-    from stylegen.models.generator import VGG_LAYER
-
     c, s = content_feats.get(VGG_LAYER), style_feats.get(VGG_LAYER)
     if c is None or s is None or c.shape[1:] != s.shape[1:]:
         return None
@@ -199,8 +197,6 @@ def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, sty
     val_score = content_n + style_n (both trivial answers score 1.0; lower is better).
     Same code as ``stylegen eval`` (``stylegen.objective``).
     """
-    from stylegen.objective import score_generator
-
     row = score_generator(generator, vgg, content_u8, style_u8, device, batch=batch, cache=cache)
     return {"val_content": row["content"], "val_style": row["style"], "val_content_n": row["content_n"],
             "val_style_n": row["style_n"], "val_score": row["objective_n"]}
@@ -223,9 +219,6 @@ def checkpoint_state(state: TrainState, cfg_dict: dict, metrics: dict[str, float
 
 def restore_state(state: TrainState, ckpt: dict) -> None:
     """Load a checkpoint dict into state (models may be DDP-wrapped); another model's checkpoint is a UserError."""
-    from stylegen.errors import UserError
-    from stylegen.checkpoint import state_dict_mismatch
-
     g = unwrap(state.generator)
     problem = state_dict_mismatch(g.state_dict(), ckpt["generator"])
     if problem:
