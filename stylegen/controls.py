@@ -239,14 +239,7 @@ def fuse_and_decode(gen, maps: dict[str, torch.Tensor], c_stats: Stats, target: 
     if gen.vgg is not None:
         v = F.interpolate(gen.vgg_in(symlog(ada("vgg"))), size=h.shape[-2:], mode="nearest")
         h = gen.vgg_mix(torch.cat([h, v], dim=1))
-    h = gen.res(h)
-    h = gen.up2(F.interpolate(h, scale_factor=2.0, mode="nearest"))               # (B, 2C, H/2, W/2)
-    if skips[1] is not None:
-        h = gen.mix2(torch.cat([h, skips[1]], dim=1))
-    h = gen.up1(F.interpolate(h, scale_factor=2.0, mode="nearest"))               # (B, C, H, W)
-    if skips[0] is not None:
-        h = gen.mix1(torch.cat([h, skips[0]], dim=1))
-    return (gen.to_rgb(h) + 0.5).clamp(0.0, 1.0)  # forward of the generator's bounded_clamp
+    return gen.decode(h, skips).clamp(0.0, 1.0)  # forward of the generator's bounded_clamp
 
 
 def image_stats(gen, x: torch.Tensor, tile: int, overlap: int) -> Stats:

@@ -218,6 +218,10 @@ class Generator(nn.Module):
             t = t if alpha == 1.0 else alpha * t + (1.0 - alpha) * fc4
             v = F.interpolate(self.vgg_in(symlog(t)), size=h.shape[-2:], mode="nearest")
             h = self.vgg_mix(torch.cat([h, v], dim=1))
+        return bounded_clamp(self.decode(h, skips))
+
+    def decode(self, h: torch.Tensor, skips: list[torch.Tensor | None]) -> torch.Tensor:
+        """Fused (B, 4C, H/4, W/4) features -> unclamped RGB (B, 3, H, W); also ``stylegen.controls``'s tail."""
         h = self.res(h)
         h = self.up2(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, 2C, H/2, W/2)
         if skips[1] is not None:
@@ -225,8 +229,7 @@ class Generator(nn.Module):
         h = self.up1(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C, H, W)
         if skips[0] is not None:
             h = self.mix1(torch.cat([h, skips[0]], dim=1))
-        x = self.to_rgb(h) + 0.5                                          # (B, 3, H, W), grey at init
-        return bounded_clamp(x)
+        return self.to_rgb(h) + 0.5                                       # (B, 3, H, W), grey at init
 
 
 def build_generator(cfg) -> Generator:
