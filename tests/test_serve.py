@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -209,24 +210,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``stylegen serve`` with a token (on loopback too, to test it) and a 1 MiB upload cap, in a subprocess
-    that dies with pytest; metrics flushed every second. Yields (base_url, ray temp dir, log path)."""
+@contextmanager
+def running_server(d: Path, name: str, extra: list[str], env_extra: dict[str, str] | None = None):
+    """``stylegen serve`` with the TOKEN (on loopback too, to test it) in a subprocess that dies with pytest;
+    stopped (exit 0 asserted) on leaving. Yields (base_url, ray temp dir, log path)."""
     from s3server import die_with_parent
 
-    d = tmp_path_factory.mktemp("serve")
     tok = d / "token"
     tok.write_text(TOKEN)
     tok.chmod(0o600)
-    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgserve{os.getpid()}"  # short: Ray's socket paths
+    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}{os.getpid()}"  # short: Ray's socket paths
     port = _free_port()
-    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000", "RAY_USAGE_STATS_ENABLED": "0",
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop(serve.TOKEN_ENV, None)
     log = d / "serve.log"
-    proc = serve.launch(["--port", str(port), "--token-file", str(tok), "--temp-dir", str(ray_tmp),
-                         "--max-upload-mb", str(UPLOAD_CAP_MB), "--batch-wait-ms", "50"],
+    proc = serve.launch(["--port", str(port), "--token-file", str(tok), "--temp-dir", str(ray_tmp), *extra],
                         env=env, log_path=log, preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -238,6 +236,15 @@ def server(tmp_path_factory):
     finally:
         rc = serve.stop(proc)
         assert rc == 0, f"stylegen serve exited {rc}:\n{log.read_text()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The live server of this module: a 1 MiB upload cap, metrics flushed every second."""
+    with running_server(tmp_path_factory.mktemp("serve"), "sgserve",
+                        ["--max-upload-mb", str(UPLOAD_CAP_MB), "--batch-wait-ms", "50"],
+                        {"RAY_metrics_report_interval_ms": "1000"}) as got:
+        yield got
 
 
 def post(base: str, files: dict[str, bytes] | None = None, data: dict[str, str] | None = None, *,

@@ -22,18 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stylegen import serve
+from test_serve import TOKEN, running_server
 
-TOKEN = "browser-test-token-0123456789abcdef"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_browser() -> str:
@@ -89,28 +80,8 @@ STATUS = "document.getElementById('status').textContent"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from s3server import die_with_parent
-
-    d = tmp_path_factory.mktemp("serve-page")
-    tok = d / "token"
-    tok.write_text(TOKEN)
-    tok.chmod(0o600)
-    port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgpage{os.getpid()}"
-    log = d / "serve.log"
-    proc = serve.launch(["--port", str(port), "--token-file", str(tok), "--temp-dir", str(ray_tmp)],
-                        env=env, log_path=log, preexec_fn=die_with_parent)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        serve.wait_ready(base, proc, timeout=300)
+    with running_server(tmp_path_factory.mktemp("serve-page"), "sgpage", []) as (base, _, _):
         yield base
-    except Exception:
-        print(log.read_text()[-4000:], file=sys.stderr)
-        raise
-    finally:
-        rc = serve.stop(proc)
-        assert rc == 0, f"stylegen serve exited {rc}:\n{log.read_text()[-3000:]}"
 
 
 @pytest.fixture
