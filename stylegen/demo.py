@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     phases.run("stylize an example with the best checkpoint",
                [*verbose, "stylize", "--checkpoint", str(export), "--content", str(content), "--style", str(style),
                 "--out", str(example)])
-    pairs = str(json.loads((ROOT / SHIPPED_EVAL).read_text())["pairs"])
+    pairs = str((shipped_eval() or {}).get("pairs", 16))
     phases.run("eval on the held-out pairs: the sweep's best vs identity / style copy",
                [*verbose, "eval", "--checkpoint", str(export), "--pairs", pairs, "--gatys-steps", "0",
                 "--json", str(out / "eval.json")])
@@ -98,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def shipped_eval() -> dict | None:
+    """The shipped model's eval JSON (docs/; absent outside a checkout of the repository)."""
+    path = ROOT / SHIPPED_EVAL
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def summary(out: Path, storage: str, export: Path, example: Path, content: Path, style: Path, seconds: float) -> str:
     """Where every result is, and the eval table: the demo's best trial beside the shipped model and Gatys
     on the same held-out pairs (docs/pretrained-eval-heldout.json)."""
     rows = json.loads((out / "eval.json").read_text())["rows"]
     table = {"demo's best trial (minutes of training)": rows["model"]}
-    shipped = ROOT / SHIPPED_EVAL
-    if shipped.is_file():
-        ref = json.loads(shipped.read_text())["rows"]
+    shipped = shipped_eval()
+    if shipped is not None:
+        ref = shipped["rows"]
         table["shipped model (1 h of training)"] = ref["model"]
         if "gatys" in ref:
             table[f"{ref['gatys']['label']}, per image"] = ref["gatys"]
