@@ -65,6 +65,14 @@ class DataConfig:
                        "'epoch': every content sample once per epoch across all ranks (remainder dropped)",
                        choices=("resampled", "epoch"))
     hflip: bool = _f(True, "random horizontal flip of content and style")
+    procedural_styles: float = _f(0.0, "fraction of training style samples replaced by procedural textures "
+                                  "(stylegen/data/procedural.py: noise, brush strokes, mosaics, stripes/checks, dots; "
+                                  "a fresh seed each, so no two repeat); 0 = off; never on val/eval pairs",
+                                  lo=0.0, hi=1.0)
+    style_jitter: float = _f(0.0, "colour augmentation of training styles (stylegen/data/augment.py), 0 = off, "
+                             "1 = widest: hue rotation up to +-180 deg x value, saturation x or / 2**value, contrast "
+                             "x or / 1.5**value, brightness, channel permutation; never on val/eval pairs",
+                             lo=0.0, hi=1.0)
     steps_per_epoch: int = _f(100, "batches every rank yields per epoch (equal on all ranks so DDP never hangs); "
                               "data.sampling='epoch' derives it from the manifests", lo=1, hi=10_000_000)
     image_size: int = _f(64, "training image side in pixels", lo=16, hi=1024)

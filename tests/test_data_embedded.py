@@ -1,9 +1,11 @@
-"""Embedded default data: built once from the images inside the scikit-image wheel, reused, repaired,
-and split by source image (train / val / eval never share an image)."""
+"""Embedded default data: built once from the images inside the scikit-image and matplotlib wheels, reused,
+repaired, and split by source image (train / val / eval never share an image; v3's additions are train only
+and left the val and eval pairs byte-for-byte as they were)."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,16 +16,16 @@ import torch
 
 from stylegen.config import DataConfig
 from stylegen.data import shardio
-from stylegen.data.embedded import CONTENT_SPLITS, STYLE_SPLITS, VERSION, ensure_embedded
+from stylegen.data.embedded import CONTENT_ADDED, CONTENT_SPLITS, STYLE_ADDED, STYLE_SPLITS, VERSION, ensure_embedded
 from stylegen.data.loader import build_loader, load_pairs, stream_urls
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    # in a fresh interpreter, to check that skimage itself is never imported
+    # in a fresh interpreter, to check that skimage and matplotlib themselves are never imported
     code = ("import sys; from stylegen.data.embedded import ensure_embedded; "
-            f"ensure_embedded({str(root / VERSION)!r}); print('skimage' in sys.modules)")
+            f"ensure_embedded({str(root / VERSION)!r}); print('skimage' in sys.modules or 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -56,25 +58,56 @@ def by_split(d: Path) -> dict[str, list[tuple[str, bytes]]]:
     return got
 
 
+# The v2 val and eval shards' pixels, sample by sample in shard order (what load_pairs reads): v3 added
+# train images only, so val_score's pairs, `stylegen eval`'s pairs and every eval figure in docs/ stay.
+V2_HELD_OUT = {
+    "content": "8f3a6c8ab2b1c36d2a36e2a7e4750af4aa160b81402bcd44b314ac50457a6115",
+    "style": "39f31e7061366975ca894bd9fb9372dc4eb7d7f2b221ba7153cf6033b1cca91b",
+    "eval/content": "6cd441d75f05fb8e347d39755d3c0b9cd81bb6f30aeb3d4b439d2c457a817fe9",
+    "eval/style": "7e5ae7a113a026b968d4a8ab657a9c925221a7573156061a1435ddfd0cab0af0",
+}
+V2_LISTS = {  # the v2 val and eval images, which v3 must not change
+    "val": {"rocket.jpg", "coins.png", "grass.png", "retina.jpg"},
+    "eval": {"chelsea.png", "camera.png", "gravel.png", "ihc.png"},
+}
+
+
+def held_out_pixels(d: Path) -> str:
+    rows, _ = shardio.read_manifest(d)
+    h = hashlib.sha256()
+    for r in rows:
+        if r["split"] == "val":
+            for _, px in samples(d / r["file"]):
+                h.update(px)
+    return h.hexdigest()
+
+
 def test_sizes_and_splits(cache):
     shards = ensure_embedded(cache / VERSION)
     c, meta = counts(shards.content_dir)
     s, _ = counts(shards.style_dir)
     assert meta["complete"]
-    assert c == {"train": 280 * len(CONTENT_SPLITS["train"]), "val": 280 * len(CONTENT_SPLITS["val"])}
-    assert c["train"] >= 2500 and s["train"] >= 300
-    assert s == {"train": 50 * len(STYLE_SPLITS["train"]), "val": 50 * len(STYLE_SPLITS["val"])}
+    n_c, n_s = len(CONTENT_SPLITS["train"]) - len(CONTENT_ADDED), len(STYLE_SPLITS["train"]) - len(STYLE_ADDED)
+    assert c == {"train": 280 * n_c, "val": 280 * len(CONTENT_SPLITS["val"])}
+    assert s == {"train": 50 * n_s, "val": 50 * len(STYLE_SPLITS["val"])}
+    assert counts(shards.extra_content_dir)[0] == {"train": 280 * len(CONTENT_ADDED)}
+    assert counts(shards.extra_style_dir)[0] == {"train": 50 * len(STYLE_ADDED)}
+    assert c["train"] + 280 * len(CONTENT_ADDED) >= 3500 and s["train"] + 50 * len(STYLE_ADDED) >= 400
     assert counts(shards.eval_content_dir)[0] == {"val": 280 * len(CONTENT_SPLITS["eval"])}
     assert counts(shards.eval_style_dir)[0] == {"val": 50 * len(STYLE_SPLITS["eval"])}
 
 
 def test_no_val_or_eval_image_in_training_shards(cache):
-    """The split is by source image: the training shards' sources (their per-sample .json) hold no
-    val or eval image, val and eval share none either, and each set is exactly the documented list."""
+    """The split is by source image: the training shards' sources (their per-sample .json, in every dir
+    training reads by default) hold no val or eval image, val and eval share none either, each set is
+    exactly the documented list, v3's added images are in training only, and the v2 val/eval pixels stay."""
     shards = ensure_embedded(cache / VERSION)
     content, style = by_split(shards.content_dir), by_split(shards.style_dir)
+    extra = by_split(shards.extra_content_dir), by_split(shards.extra_style_dir)
+    assert set(extra[0]) == set(extra[1]) == {"train"}  # the added images have no val split at all
+    train = content["train"] + style["train"] + extra[0]["train"] + extra[1]["train"]
     found = {
-        "train": {n for n, _ in content["train"] + style["train"]},
+        "train": {n for n, _ in train},
         "val": {n for n, _ in content["val"] + style["val"]},
         "eval": {n for n, _ in by_split(shards.eval_content_dir)["val"] + by_split(shards.eval_style_dir)["val"]},
     }
@@ -83,11 +116,24 @@ def test_no_val_or_eval_image_in_training_shards(cache):
     assert not found["val"] & found["eval"]
     for name in ("train", "val", "eval"):
         assert found[name] == set(CONTENT_SPLITS[name]) | set(STYLE_SPLITS[name]), name
+    assert {n for n, _ in extra[0]["train"] + extra[1]["train"]} == set(CONTENT_ADDED) | set(STYLE_ADDED)
+    assert set(CONTENT_ADDED) | set(STYLE_ADDED) <= found["train"]
+    assert found["val"] == V2_LISTS["val"] and found["eval"] == V2_LISTS["eval"]
     # the stereo pair is one scene: both halves on the same side of the split
     assert {"motorcycle_left.png", "motorcycle_right.png"} <= found["train"]
     # and the pixels differ too, not only the names (no crop of a held-out image hides under a train name)
-    train_px = {px for _, px in content["train"]}
-    assert not train_px & {px for _, px in content["val"]}
+    train_px = {px for _, px in train}
+    held_px = {px for _, px in content["val"] + style["val"]}
+    held_px |= {px for _, px in by_split(shards.eval_content_dir)["val"] + by_split(shards.eval_style_dir)["val"]}
+    assert not train_px & held_px
+    # the default training streams read the extra dirs, the val streams do not
+    c_urls, s_urls, _ = stream_urls(DataConfig(content=shards.train_content, style=shards.train_style), "train")
+    assert any(u.startswith(str(shards.extra_content_dir)) for u in c_urls)
+    assert any(u.startswith(str(shards.extra_style_dir)) for u in s_urls)
+    c_urls, s_urls, _ = stream_urls(DataConfig(content=shards.train_content, style=shards.train_style), "val")
+    assert not any("extra" in Path(u).parts for u in c_urls + s_urls)
+    for sub, digest in V2_HELD_OUT.items():
+        assert held_out_pixels(cache / VERSION / sub) == digest, sub
 
 
 def test_val_pairs_and_default_eval_pairs_are_held_out(cache, monkeypatch):
@@ -144,7 +190,7 @@ def test_staged_sources_follow_the_lists(cache, monkeypatch):
     stale.symlink_to(emb.skimage_data_dir() / "camera.png")
     ensure_embedded(root)
     assert not stale.exists() and not stale.is_symlink()
-    assert counts(root / "content")[0]["train"] == 280 * len(CONTENT_SPLITS["train"])
+    assert counts(root / "content")[0]["train"] == 280 * (len(CONTENT_SPLITS["train"]) - len(CONTENT_ADDED))
 
 
 def test_default_config_loads_embedded(cache, monkeypatch):

