@@ -500,6 +500,8 @@ m = importlib.import_module("pickle"); m.Unpickler(fh)
 getattr(p, "loads")(b)
 __import__("dill").load(fh)
 pd.read_pickle(path)
+import cloudpickle as cpk; cpk.load(fh)
+getattr(tune.Tuner, "restore")(path, trainable=fn)
 json.loads(text); cp.dumps(obj); T(trainable); tune.Tuner.can_restore(path)  # fine
 r = tune.Tuner.restore(path, trainable=fn)  # audited-unpickle: planted, excused
 """
@@ -516,8 +518,9 @@ def test_deserialiser_check_resolves_aliases():
     assert got == {(7, "pickle.loads"), (9, "pickle.load"), (10, "ray.cloudpickle.loads"),
                    (11, "ray.cloudpickle.loads"), (12, "pickle.loads"), (13, "ray.tune.Tuner.restore"),
                    (14, "ray.tune.Tuner.restore"), (15, "pickle.loads"), (16, "pickle.Unpickler"),
-                   (17, "pickle.loads"), (18, "dill.load"), (19, "pandas.read_pickle")}, sorted(got)
-    assert audited == [("x.py", 21, "ray.tune.Tuner.restore")]
+                   (17, "pickle.loads"), (18, "dill.load"), (19, "pandas.read_pickle"),
+                   (20, "cloudpickle.load"), (21, "ray.tune.Tuner.restore")}, sorted(got)
+    assert audited == [("x.py", 23, "ray.tune.Tuner.restore")]
 
 
 def test_audited_restore_is_gated_by_the_trust_check():
