@@ -8,6 +8,22 @@
     loader_seek: seconds from a saved mid-epoch data position (batch 150 of 200, raw) to the next
         batch, against the naive seek of iterating the 150 batches from the epoch's start; the
         ratio is baseline / ours (how many times faster a resume reaches its data).
+    resume_seek: seconds from ``build_loader(resume=<saved DataState>)`` (the call a resumed run makes)
+        to its first batch, at the middle of an epoch of ImageNet64's 1,281,167 train samples over
+        8 ranks, with jobs/configs/imagenet64-8gpu.toml's data section (batch 128, shuffle_shards 8,
+        1250 batches per rank per epoch; num_workers 0, so the seek is timed in-process), against
+        reading one batch (the same loader's steady-state seconds per batch: the best of 4 chunks of
+        125 batches, i.e. of whole windows, so each holds its share of window reads).
+        The row resumes after batch 625 of 1250 (here a window start); ``#`` lines add 656 (half
+        a window on) and 687 (a window's last batch: the next straddles two windows, so the resume
+        reads both), a fresh epoch start, and the same with data.shuffle_shards=4. Every saved
+        position comes from really iterating the epoch, and the resumed batch is checked equal to
+        the one the uninterrupted iteration yielded there. Goal: ratio < 20.
+        The shards: 1282 raw .rgb8 shards as ``stylegen shard --encoding raw`` writes them (1281 x
+        1000 + 167 samples, 64x64x3 uint8 random pixels, manifest with their counts); to spare
+        17.7 GB of disk only 9 of them are real files (sharded from an ImageNet64-format npz), the
+        other names hard links to those (same bytes; the loader reads every name as its own shard;
+        the reads come from the page cache, for the seek and the baseline alike).
     shard: ``stylegen shard`` img/s (1 worker process) against an encode-only loop
         (open, crop/resize, PNG-encode) over the same images in one process.
     shard_2workers: the same with 2 worker processes (informational).
@@ -50,7 +66,7 @@ from stylegen.data.shard import ShardParams, build_shards
 from stylegen.data.sources import crop_box, open_rgb, render
 
 N_IMAGES = 4000
-LOCAL_ROWS = ("loader_raw", "loader_png", "loader_scaling", "loader_seek", "shard", "shard_2workers")
+LOCAL_ROWS = ("loader_raw", "loader_png", "loader_scaling", "loader_seek", "resume_seek", "shard", "shard_2workers")
 S3_ROWS = ("loader_s3", "loader_s3_scaling")
 BUCKET = "bench-loader"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -119,6 +135,97 @@ def seek_times(shard_dir: Path, at: int, batch: int = 64) -> tuple[float, float]
             next(naive)
         base = min(base, time.perf_counter() - t)
     return ours, base
+
+
+IMAGENET64_TRAIN = 1_281_167  # ImageNet64 train images
+RECIPE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "imagenet64-8gpu.toml"
+
+
+def imagenet64_shards(tmp: Path, distinct: int = 8) -> Path:
+    """The ImageNet64 raw shard layout (see resume_seek in the module doc); returns its directory."""
+    per = 1000  # stylegen shard's default shard size
+    n = distinct * per + IMAGENET64_TRAIN % per
+    (tmp / "npz").mkdir(parents=True)
+    data = np.random.default_rng(0).integers(0, 256, (n, 64 * 64 * 3), dtype=np.uint8)
+    np.savez(tmp / "npz" / "train_data_batch_1.npz", data=data, labels=np.zeros(n, np.int64))
+    del data
+    build_shards([str(tmp / "npz")], tmp / "real", ShardParams(encoding="raw", shard_size=per, val_fraction=0.0),
+                 workers=1, progress=False)
+    real, meta = shardio.read_manifest(tmp / "real")
+    full = [r for r in real if r["samples"] == per]
+    last = next(r for r in real if r["samples"] < per)
+    out = tmp / "imagenet64"
+    out.mkdir()
+    rows = []
+    for i in range(IMAGENET64_TRAIN // per + 1):
+        src = full[i % len(full)] if i < IMAGENET64_TRAIN // per else last
+        name = shardio.shard_name("train", i)
+        os.link(tmp / "real" / src["file"], out / name)
+        rows.append({**src, "file": name})
+    shardio.write_manifest(out, rows, meta)
+    assert sum(r["samples"] for r in rows) == IMAGENET64_TRAIN
+    return out
+
+
+def resume_seek(shard_dir: Path, shuffle_shards: int | None = None, ranks: int = 8, rank: int = 0) -> tuple:
+    """({batch: seek s}, one batch's reading s, fresh start s, batches per epoch, config): see the module doc."""
+    import dataclasses
+    import math
+
+    import torch
+
+    from stylegen.config import load_config
+
+    cfg = dataclasses.replace(load_config(RECIPE).data, content=[str(shard_dir)], style=[], num_workers=0)
+    cfg = dataclasses.replace(cfg, shuffle_shards=shuffle_shards or cfg.shuffle_shards)
+    steps = len(build_loader(cfg, rank=rank, world_size=ranks))
+    per_window = cfg.shuffle_shards * 1000  # samples in a window of shards
+    chunk = per_window // math.gcd(per_window, cfg.batch_size)  # fewest batches that are whole windows
+    chunk *= -(-100 // chunk)  # ... and at least 100 of them
+    # the middle, half a window on, and a window's last batch whose successor straddles two windows
+    at = [steps // 2 + int(k * per_window / cfg.batch_size) for k in (0, 0.5, 1)]
+    # really iterate the epoch: the position after each ``at`` batch and the batch after it; time whole windows
+    loader = build_loader(cfg, rank=rank, world_size=ranks)
+    saved, pending, chunks = {}, None, []
+    t = time.perf_counter()
+    for content, style in loader:
+        b = loader.batch
+        if pending is not None:
+            saved[pending[0]] = (pending[1], (content, style))
+            pending = None
+        if b in at:
+            pending = (b, loader.state())
+        if b % chunk == 0:
+            if b > chunk:  # not the first chunk: it holds the start-up
+                chunks.append((time.perf_counter() - t) / chunk)
+            t = time.perf_counter()
+        if b > at[-1]:
+            break
+    per_batch = min(chunks)
+    fresh = min(_first_batch_s(cfg, rank, ranks) for _ in range(3))
+    seeks = {}
+    for b, (state, want) in saved.items():
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            got = next(iter(build_loader(cfg, rank=rank, world_size=ranks, resume=state)))
+            best = min(best, time.perf_counter() - t0)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), f"the batch resumed after {b} differs"
+        seeks[b] = best
+        print(f"# resume_seek, shuffle_shards {cfg.shuffle_shards}: after batch {b}/{steps} (content window "
+              f"{state.positions[0][0][0]}, offset {state.positions[0][0][1]} of {per_window}) {best:.3f} s = "
+              f"{best / per_batch:.1f} batches' reading", flush=True)
+    print(f"# resume_seek, shuffle_shards {cfg.shuffle_shards}: a fresh epoch start to its first batch {fresh:.3f} s "
+          f"= {fresh / per_batch:.1f} batches' reading; one batch's reading {per_batch * 1000:.1f} ms (best of "
+          f"{len(chunks)} chunks of {chunk} batches = whole windows)", flush=True)
+    return seeks, per_batch, fresh, steps, cfg
+
+
+def _first_batch_s(cfg, rank: int, ranks: int) -> float:
+    """Seconds from build_loader (a fresh epoch, no saved position) to its first batch."""
+    t = time.perf_counter()
+    next(iter(build_loader(cfg, rank=rank, world_size=ranks)))
+    return time.perf_counter() - t
 
 
 def encode_only(paths: list[Path]) -> float:
@@ -349,6 +456,21 @@ def local_rows(tmp: Path, paths: list[Path], want: set[str]) -> None:
         print(f"loader_seek: ours={ours:.3f}s baseline={base:.3f}s ratio={base / ours:.1f}  (seconds to the batch "
               "after a saved position at batch 150 of 200, raw, batch 64; baseline: iterate the 150 batches from the "
               "epoch's start; ratio = baseline / ours)", flush=True)
+    if "resume_seek" in want:
+        shards = imagenet64_shards(tmp / "resume_seek")
+        seeks, base, fresh, steps, cfg = resume_seek(shards)
+        (mid, ours), *others = seeks.items()
+        print(f"resume_seek: ours={ours:.3f}s baseline={base:.4f}s ratio={ours / base:.1f} goal<20 "
+              f"{'met' if ours / base < 20 else 'NOT MET'}  (seconds from build_loader(resume=saved position) to the "
+              f"first batch after batch {mid} of {steps}, rank 0 of 8, {IMAGENET64_TRAIN} raw 64x64 samples, batch "
+              f"{cfg.batch_size}, shuffle_shards {cfg.shuffle_shards}; baseline: one batch's steady-state reading by "
+              f"the same loader; ratio = ours / baseline; half a window on and at a window's last batch: "
+              f"{', '.join(f'{s / base:.1f}' for _, s in others)}; a fresh epoch start: {fresh / base:.1f})",
+              flush=True)
+        seeks4, base4, fresh4, *_ = resume_seek(shards, shuffle_shards=4)
+        print(f"# resume_seek with data.shuffle_shards=4 (half the window): ratio="
+              f"{', '.join(f'{s / base4:.1f}' for s in seeks4.values())} at the same three kinds of position, "
+              f"a fresh start {fresh4 / base4:.1f}", flush=True)
     if "shard" in want:
         line("shard", shard1, enc, "encode-only loop (open, crop/resize, PNG), 1 process; ours: --workers 1")
     if "shard_2workers" in want:
@@ -367,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
           "(other jobs share the machine; ratios are interleaved best-of-n)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = make_images(tmp / "images", N_IMAGES)
+        paths = make_images(tmp / "images", N_IMAGES) if want - {"resume_seek"} else []
         if want & set(LOCAL_ROWS):
             local_rows(tmp, paths, want)
         if want & set(S3_ROWS):

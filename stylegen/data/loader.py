@@ -274,7 +274,10 @@ def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, st
         flips = rng.getrandbits(len(items)) if items and data_cfg.hflip else 0
         for k in range(start.offset if window == start.window else 0, len(perm)):
             ext, data, off, size = items[perm[k]]
-            yield ext, data[off:off + size], bool(flips >> perm[k] & 1), StreamPos(window, k + 1)
+            # after a window's last sample the position is the next window's start: a resume there
+            # reads only that window, not this one too
+            after = StreamPos(window, k + 1) if k + 1 < len(perm) else StreamPos(window + 1, 0)
+            yield ext, data[off:off + size], bool(flips >> perm[k] & 1), after
         window += 1
 
 
