@@ -3,6 +3,9 @@
 - local ``/metrics`` endpoints, ``stylegen prometheus`` and a local Ray bind 127.0.0.1 by default, and a
   new local Ray has token auth on;
 - a local ``/metrics`` bound beyond loopback logs one warning that it is unauthenticated;
+- the Ray that ``stylegen train``/``tune`` start without ``--address`` listens where README's
+  in-process table says, port by port (``ray``; the loopback cluster of ``local-up.sh``:
+  tests/test_local_listeners.py);
 - checkpoints load with ``weights_only=True``: a pickle payload is refused and never runs; every
   deserialiser in ``stylegen/`` is a safe one (static check, import aliases resolved), except the one
   audited ``Tuner.restore`` of ``tune --resume``, which runs only on a sweep dir that only you can
@@ -196,6 +199,121 @@ def test_local_ray_requires_the_token(tmp_path):
             find_token({}, home)
     token_file.chmod(0o600)
     assert find_token({}, home)[1] == str(token_file)
+
+
+IN_PROCESS_RAY_PROBE = """
+import json, os, sys, threading, time, urllib.request
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import ray, ray.train
+from ray.train.torch import TorchTrainer
+from stylegen.train.ray_worker import ensure_ray
+from test_local_listeners import listeners
+
+flags, other = Path(sys.argv[1]), sys.argv[3]
+
+def loop(cfg):
+    import torch, torch.distributed as dist
+    dist.all_reduce(torch.ones(1))  # the process group is up: TCPStore and gloo listen now
+    Path(cfg["flags"], f"rank{ray.train.get_context().get_world_rank()}").write_text("up")
+    deadline = time.monotonic() + 120
+    while not Path(cfg["flags"], "stop").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+found = set()
+def look():
+    deadline = time.monotonic() + 200
+    while not all((flags / f"rank{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    for _ in range(4):  # a few looks: idle workers and Train's actors come and go
+        found.update(listeners([os.getpid()]))
+        time.sleep(0.5)
+    (flags / "stop").touch()
+
+ensure_ray("", num_cpus=2)  # what stylegen train/tune do without --address
+dashboard = ray._private.worker.get_dashboard_url()
+threading.Thread(target=look, daemon=True).start()
+TorchTrainer(loop, train_loop_config={"flags": str(flags)},
+             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+             run_config=ray.train.RunConfig(name="listeners", storage_path=str(flags / "runs"))).fit()
+(flags / "stop").touch()
+rows = []
+for l in sorted(found, key=lambda x: (x.process, x.port)):
+    status = None
+    if other and not l.loopback and l.process in ("dashboard.py", "monitor.py", "ray::DashboardAgent"):
+        try:  # from the machine's other address, no token
+            with urllib.request.urlopen(f"http://{other}:{l.port}/metrics", timeout=3) as r:
+                status = r.status
+        except Exception as e:
+            status = getattr(e, "code", None)
+    rows.append([l.address, l.port, l.pid, l.process, status])
+print(json.dumps({"dashboard": dashboard, "listeners": rows}))
+ray.shutdown()
+"""
+IN_PROCESS_HEADING = "#### Without `--address`"
+
+
+def in_process_rows(text: str):
+    """The table under README's IN_PROCESS_HEADING, as tests/test_local_listeners.py's Rows."""
+    import re
+
+    from test_local_listeners import Row
+
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(IN_PROCESS_HEADING))
+    rows = []
+    for ln in lines[start + 1:]:
+        if not ln.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if cells[0] != "Listener" and set("".join(cells)) - set("-: "):
+            assert len(cells) == 5, ln
+            rows.append(Row(cells[0], tuple(re.findall(r"`([^`]+)`", cells[2])), cells[3].startswith("127.0.0.1"),
+                            cells[4]))
+    return rows
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
+def test_in_process_ray_listeners_match_readme(tmp_path):
+    """The Ray that ``stylegen train``/``tune`` start without ``--address`` (``ensure_ray("")``), with a
+    2-rank DDP run: its job API listens on loopback only, every listener off loopback has a README row
+    with its reason, every such row is still observed, and the unauthenticated ``/metrics`` endpoints
+    README names answer without a token from the machine's other address (when it has one)."""
+    import json
+
+    from test_local_listeners import Listener, matching, unexplained
+
+    rows = in_process_rows((ROOT / "README.md").read_text())
+    assert len(rows) >= 8 and all(len(r.reason) > 40 for r in rows if not r.loopback)
+    home, flags = tmp_path / "home", tmp_path / "flags"
+    home.mkdir()
+    flags.mkdir()
+    other = _other_address() or ""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", IN_PROCESS_RAY_PROBE, str(flags), str(ROOT / "tests"), other],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=330)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    found = {Listener(a, port, pid, name) for a, port, pid, name, _ in seen["listeners"]}
+    table = "\n".join(f"  {a:>17} {port:5d} {name} {status}" for a, port, _, name, status in seen["listeners"])
+    job_port = int(seen["dashboard"].rsplit(":", 1)[1].strip("/"))
+    assert {lst.address for lst in found if lst.port == job_port} == {"127.0.0.1"}, table
+    assert any(lst.process.startswith("ray::RayTrainWorker") for lst in found), table
+    assert unexplained(found, rows) == [], f"listeners README's in-process table does not name:\n{table}"
+    exposed = [lst for lst in found if not lst.loopback]
+    for row in (r for r in rows if not r.loopback):
+        assert any(matching(row, lst) for lst in exposed), f"README row {row.listener!r} was not observed:\n{table}"
+    if other:
+        open_metrics = {name for a, _, _, name, status in seen["listeners"] if status == 200}
+        assert open_metrics == {"dashboard.py", "monitor.py", "ray::DashboardAgent"}, table
 
 
 # ----------------------------------------------------------------------------- checkpoints
