@@ -63,6 +63,9 @@ def resolve_checkpoint_path(path: str | Path) -> str:
         steps = sorted([*p.glob(f"checkpoints/step_*/{FILENAME}"), *p.glob(f"step_*/{FILENAME}")],
                        key=lambda f: f.parent.name)
         p = steps[-1] if not (p / FILENAME).exists() and steps else p / FILENAME
+    if p.exists() and not p.is_file():  # a FIFO would block the read, a device never ends
+        raise UserError(f"checkpoint {str(p)!r} is not a regular file (a FIFO, device, socket or dir); "
+                        "pass a checkpoint.pt file or a directory holding one")
     if not p.is_file():
         raise UserError(f"checkpoint {str(path)!r} not found; pass a checkpoint.pt file or a directory holding one")
     return str(p)

@@ -375,6 +375,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if p.is_dir():
             raise ConfigError(f"config {str(p)!r} is a directory; pass a TOML file (e.g. jobs/configs/demo.toml)")
+        if p.exists() and not p.is_file():  # a FIFO would block the read, a device never ends
+            raise ConfigError(f"config {str(p)!r} is not a regular file (a FIFO, device or socket); pass a TOML file")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; pass an existing TOML file (e.g. jobs/configs/demo.toml)")
         try:

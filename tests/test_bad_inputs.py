@@ -132,6 +132,7 @@ def inp(tmp_path_factory) -> Path:
     raw[len(raw) // 3] ^= 0xFF  # inside data.npy's body: the headers stay fine
     (d / "crc.npz").write_bytes(bytes(raw))
     os.mkfifo(d / "fifo.png")
+    (d / "sweep_[o]k").mkdir()  # empty; as a glob pattern it would match sweep_ok
     (d / "foreign").mkdir()
     (d / "foreign" / "notes.txt").write_text("somebody else's directory\n")
     _fake_sweep(d / "sweep_ok", checkpoint=True)
@@ -386,6 +387,11 @@ CASES: dict[str, Case] = {
     "shard: a character device": Case(lambda i, w, u: ["shard", "/dev/null", "--out", str(w / "out"), "--workers", "1"],
                                       "1 not a regular file",
                                       allow_new=("out/manifest.parquet", "out/skipped.parquet")),
+    "stylize: a FIFO as content": Case(_stylize(content="fifo.png"), "is not a file"),
+    "stylize: a character device as style": Case(_stylize(style="/dev/zero"), "is not a file"),
+    "stylize: a FIFO as checkpoint": Case(_stylize(ckpt="fifo.png"), "is not a regular file"),
+    "eval: a character device as checkpoint": Case(_eval(ckpt="/dev/zero"), "is not a regular file"),
+    "config: a FIFO as --config": Case(_config("--config", "{i}/fifo.png"), "is not a regular file"),
     "shard: --out a foreign non-empty dir": Case(_shard("content.png", out="{i}/foreign"),
                                                  "holds no manifest.parquet"),
     # --- sweeps read by `best`: malformed or half-written Tune/Train files; exports onto what is not ours
@@ -404,6 +410,8 @@ CASES: dict[str, Case] = {
                                             "has a checkpoint with 'val_score'"),
     "best: trial runtime not an object": Case(lambda i, w, u: ["best", str(i / "sweep_runtime_list")],
                                               "a trial entry is not a Tune trial"),
+    "best: sweep path with glob characters": Case(lambda i, w, u: ["best", str(i / "sweep_[o]k")],
+                                                  "holds no Tune sweep"),
     "best: --export onto a file": Case(lambda i, w, u: ["best", str(i / "sweep_ok"), "--export", str(i / "a_file")],
                                        "is a file; pass a new or empty directory"),
     "best: --export under a file": Case(
