@@ -3,7 +3,8 @@
 Per stream (content, style) and per DataLoader worker, a small pipeline:
 
     shard URLs --split_by_node--> rank's URLs --[worker]--> seeded shard order
-      -> windows of data.shuffle_shards shards (read one shard ahead; hand-rolled tar walk)
+      -> windows of data.shuffle_shards shards (remote: the next window is read while this one
+         decodes; hand-rolled tar walk)
       -> the window's samples in a seeded permutation, a seeded flip bit each
       -> decode into a preallocated (B, H, W, 3) array -> exactly n batches
 
@@ -26,6 +27,7 @@ is skipped and counted in ``PairLoader.skipped``; it never stops training.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import io
@@ -38,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -165,11 +167,11 @@ def _rank_share(urls: list[str], rank: int | None, world: int | None) -> tuple[l
 
 # ----------------------------------------------------------------------------- pipeline stages
 
-@dataclass(frozen=True)
-class StreamPos:
+class StreamPos(NamedTuple):
     """Where one sample stream stands: ``window`` windows of ``data.shuffle_shards`` shards are done
     and ``offset`` samples (corrupt ones included) of the next were consumed. Seeking to it reads
-    only that window's shards: the earlier windows' shards are drawn from the seeded order, not read."""
+    only that window's shards: the earlier windows' shards are drawn from the seeded order, not read.
+    (A NamedTuple: one is made per sample, 4x cheaper than a frozen dataclass.)"""
 
     window: int = 0
     offset: int = 0
@@ -212,10 +214,12 @@ def _read_in_thread(url: str, storage_cfg: StorageConfig | None) -> Future:
     return fut
 
 
-def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, Future]]:
-    """``(url, future of its bytes)``: remote shards are read one ahead in a thread (the read releases
-    the GIL), so the download of shard k+1 overlaps the decoding of shard k; local files are read inline."""
-    pending: tuple[str, Future] | None = None
+def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None,
+               ahead: int = 1) -> Iterator[tuple[str, Future]]:
+    """``(url, future of its bytes)``: remote shards are read ``ahead`` shards ahead, each in a thread
+    (the read releases the GIL), so the downloads of the next window overlap the decoding of this one;
+    local files are read inline. Memory: ``ahead`` shards beyond the ones being decoded."""
+    pending: collections.deque[tuple[str, Future]] = collections.deque()
     for url in urls:
         if storage.is_remote(url):
             fut = _read_in_thread(url, storage_cfg)
@@ -225,26 +229,26 @@ def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None) ->
                 fut.set_result(read_url(url, storage_cfg))
             except OSError as e:
                 fut.set_exception(e)
-        if pending is not None:
-            yield pending
-        pending = (url, fut)
-    if pending is not None:
-        yield pending
+        pending.append((url, fut))
+        if len(pending) > ahead:
+            yield pending.popleft()
+    yield from pending
 
 
-def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, bytes, int, int]]:
+def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, memoryview, int, int]]:
     """``(ext, shard bytes, offset, size)`` of every sample with an image in a window's shards;
     unreadable shards (after the storage layer's retries) and samples without image are counted."""
     items = []
     for url, fut in group:
         try:
             data = fut.result()
+            view = memoryview(data)  # samples are slices of it, not copies
             for _, parts in shardio.iter_samples(data):
                 ext = "rgb8" if "rgb8" in parts else "png" if "png" in parts else None
                 if ext is None:
                     _count(counter)
                     continue
-                items.append((ext, data, *parts[ext]))
+                items.append((ext, view, *parts[ext]))
         except (OSError, shardio.CorruptShard) as e:
             log.warning("skipping rest of shard %s: %s", url, e)
             _count(counter)
@@ -252,7 +256,7 @@ def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, b
 
 
 def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, start: StreamPos = StreamPos(),
-                   storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, bytes, bool, StreamPos]]:
+                   storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, memoryview, bool, StreamPos]]:
     """``(ext, payload, flip, position after it)``: the samples of each window of ``data.shuffle_shards``
     shards in a seeded permutation, with a seeded flip bit each. Everything is a function of (seed,
     window index), so a stream restarted at ``start`` continues exactly where one stopped."""
@@ -260,7 +264,7 @@ def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, st
     order = shard_order(urls, seed, data_cfg.sampling)
     for _ in range(start.window * per):  # earlier windows: drawn, never read
         next(order)
-    reads = prefetched(order, storage_cfg)
+    reads = prefetched(order, storage_cfg, ahead=per)  # the next window downloads while this one decodes
     window, empty = start.window, 0
     while True:
         items = _window_items(list(itertools.islice(reads, per)), counter)
@@ -281,7 +285,7 @@ def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, st
         window += 1
 
 
-def decode_into(out: np.ndarray, ext: str, payload: bytes, flip: bool) -> bool:
+def decode_into(out: np.ndarray, ext: str, payload: bytes | memoryview, flip: bool) -> bool:
     """Decode one sample into ``out`` (H, W, 3) uint8; False when it is corrupt."""
     h, w, _ = out.shape
     if ext == "rgb8":
@@ -307,11 +311,15 @@ def decode_into(out: np.ndarray, ext: str, payload: bytes, flip: bool) -> bool:
         if im.size != (w, h):
             im = im.resize((w, h), Image.BICUBIC)
         arr = np.asarray(im)
-    out[...] = arr[:, ::-1] if flip else arr
+    if flip:  # one plane at a time: ~3x faster than a (H, W, 3) copy reversed along W (3-byte strides)
+        for c in range(3):
+            out[:, :, c] = arr[:, ::-1, c]
+    else:
+        out[...] = arr
     return True
 
 
-def batches(src: Iterator[tuple[str, bytes, bool, StreamPos]], batch_size: int, size: int,
+def batches(src: Iterator[tuple[str, memoryview, bool, StreamPos]], batch_size: int, size: int,
             counter) -> Iterator[tuple[np.ndarray, StreamPos]]:
     """Samples -> ``((B, size, size, 3) uint8, stream position after the batch)``; corrupt samples
     are counted and replaced by the next."""
