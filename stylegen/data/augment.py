@@ -9,6 +9,8 @@ offset, applied in a single batched product (well under a millisecond per 16x64x
 - hue rotation by up to +-180 deg x strength: a rotation of the chroma plane (I, Q) in YIQ space
 - saturation x 2**u, u in +-strength: a scale of that plane
 - contrast x 1.5**u about the image's mean colour, and a brightness shift of up to +-0.1 x strength
+- a tint: a shift in the chroma plane of up to 0.12 x strength (of the 0-255 range), so that grey
+  styles (brick, gravel, the relief), which hue and saturation leave grey, change colour too
 
 ``jitter_colors(batch, rng, strength)`` returns a new batch; the input is not modified. The loader
 seeds ``rng`` by the style stream's position, so it is deterministic and a resumed run repeats it
@@ -29,12 +31,14 @@ PERMUTATIONS = np.array([np.eye(3)[list(p)] for p in itertools.permutations(rang
 
 
 def color_maps(rng: np.random.Generator, n: int, strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` random colour maps: ``(M (n, 3, 3), contrast (n,), shift (n,))`` with
+    """``n`` random colour maps: ``(M (n, 3, 3), contrast (n,), shift (n, 3))`` with
     ``y = contrast * (M x - mean(M x)) + mean(M x) + shift`` (x, y in 0-255 RGB)."""
     theta = rng.uniform(-np.pi, np.pi, n) * strength
     sat = 2.0 ** (rng.uniform(-1.0, 1.0, n) * strength)
     contrast = 1.5 ** (rng.uniform(-1.0, 1.0, n) * strength)
-    shift = rng.uniform(-0.1, 0.1, n) * strength * 255.0
+    brightness = rng.uniform(-0.1, 0.1, n) * strength * 255.0
+    tint, phi = rng.uniform(0.0, 0.12, n) * strength * 255.0, rng.uniform(0.0, 2 * np.pi, n)
+    shift = np.stack([brightness, tint * np.cos(phi), tint * np.sin(phi)], -1) @ YIQ_TO_RGB.T  # (n, 3) RGB
     perm = np.where(rng.random(n) < strength / 2, rng.integers(0, 6, n), 0)  # 0 = identity
     c, s = np.cos(theta) * sat, np.sin(theta) * sat
     chroma = np.zeros((n, 3, 3))
@@ -54,6 +58,6 @@ def jitter_colors(batch: np.ndarray, rng: np.random.Generator, strength: float) 
     x = batch.reshape(b, -1, 3).astype(np.float32)                      # (B, HW, 3)
     # contrast about the mapped mean folds into the map: y = (c M) x + ((1 - c) M mean(x) + shift)
     gain = (m * contrast[:, None, None]).astype(np.float32)             # (B, 3, 3)
-    bias = (1.0 - contrast)[:, None] * np.einsum("bij,bj->bi", m, x.mean(axis=1)) + shift[:, None] + 0.5
+    bias = (1.0 - contrast)[:, None] * np.einsum("bij,bj->bi", m, x.mean(axis=1)) + shift + 0.5
     y = np.matmul(x, gain.transpose(0, 2, 1)) + bias[:, None, :].astype(np.float32)  # (B, HW, 3)
     return np.clip(y, 0, 255).astype(np.uint8).reshape(batch.shape)
