@@ -1,9 +1,10 @@
 """An HTTP proxy in front of the S3 server that injects the faults object storage really shows:
 ``503 SlowDown`` (throttling), ``500 InternalError`` and connections reset mid-request.
 
-    python tests/faultproxy.py UPSTREAM_PORT LISTEN_PORT EVERY COUNTER_FILE
+    python tests/faultproxy.py UPSTREAM_PORT LISTEN_PORT EVERY COUNTER_FILE [ALWAYS]
 
 Every EVERY-th request gets a fault (cycling 503, 500, reset); the rest are forwarded unchanged.
+A request whose path contains ALWAYS gets 503 every time (an object that keeps failing).
 The number of injected faults is written to COUNTER_FILE after each one.
 """
 
@@ -24,6 +25,7 @@ INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</
 
 def main() -> None:
     upstream, listen, every, counter = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    always = sys.argv[5] if len(sys.argv) > 5 else None
     seq, lock = itertools.count(1), threading.Lock()
     faults = itertools.cycle(["503", "500", "reset"])
     injected = [0]
@@ -52,7 +54,7 @@ def main() -> None:
             body = self._body()
             with lock:
                 n = next(seq)
-                fault = next(faults) if n % every == 0 else None
+                fault = "503" if always and always in self.path else next(faults) if n % every == 0 else None
                 if fault:
                     injected[0] += 1
                     with open(counter, "w") as f:

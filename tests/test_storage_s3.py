@@ -3,8 +3,12 @@ sweeps and every bad-input path, without Ray. The Ray chain is in test_s3_ray.py
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,27 @@ def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.Com
 
     return subprocess.run([sys.executable, "-m", "stylegen", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})}, timeout=300)
+
+
+@contextlib.contextmanager
+def fault_proxy(s3: S3, counter: Path, every: int, always: str | None = None):
+    """tests/faultproxy.py in front of the S3 server; yields its endpoint URL."""
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("faultproxy.py")),
+                              s3.endpoint.rsplit(":", 1)[1], str(port), str(every), str(counter),
+                              *([always] if always else [])], preexec_fn=die_with_parent)
+    try:
+        for _ in range(100):  # wait for it to listen
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
 
 
 # ----------------------------------------------------------------------------- storage layer
@@ -206,6 +231,10 @@ def test_checkpoint_on_s3_loads_safely_and_stylize_reads_it(tmp_path, s3):
             "--style", str(tmp_path / "in" / "img001.png"), "--out", str(tmp_path / "out.png"), env=s3.env)
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "out.png").size[0] > 0
+    r = cli("eval", "--checkpoint", url, "--features", "random", "--gatys-steps", "0", "--pairs", "1",
+            "--json", str(tmp_path / "eval.json"), env=s3.env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "eval.json").stat().st_size > 0
     storage.write_bytes(s3.url("bad", "checkpoint.pt"), b"\x80\x04not a zip")
     with pytest.raises(UserError, match="corrupt or not a checkpoint"):
         load_checkpoint(s3.url("bad"))
@@ -236,22 +265,9 @@ def test_throttling_5xx_and_resets_are_retried_for_shard_reads_and_checkpoint_wr
     cfg = DataConfig(content=[out], batch_size=4, steps_per_epoch=6, shuffle_shards=2, hflip=False)
     clean = [c.clone() for c, _ in build_loader(cfg, rank=0, world_size=1)]
 
-    port, counter = free_port(), tmp_path / "faults"
-    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("faultproxy.py")),
-                              s3.endpoint.rsplit(":", 1)[1], str(port), "3", str(counter)], preexec_fn=die_with_parent)
-    try:
-        import urllib.request
-
-        for _ in range(100):  # wait for it to listen
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.1)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    counter = tmp_path / "faults"
+    with fault_proxy(s3, counter, every=3) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         loader = build_loader(cfg, rank=0, world_size=1, storage_cfg=StorageConfig(retries=6))
         faulty = [c.clone() for c, _ in loader]
         assert loader.skipped == 0
@@ -260,13 +276,67 @@ def test_throttling_5xx_and_resets_are_retried_for_shard_reads_and_checkpoint_wr
         for i in range(4):
             storage.write_bytes(s3.url("ckpt", f"step_{i}", "checkpoint.pt"), blob, StorageConfig(retries=6))
         faults = int(counter.read_text())
-    finally:
-        proxy.terminate()
-        proxy.wait(timeout=10)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     assert faults >= 5, faults  # faults really happened on reads and writes
     for i in range(4):
         assert storage.read_bytes(s3.url("ckpt", f"step_{i}", "checkpoint.pt")) == blob
+
+
+def test_a_shard_that_keeps_failing_is_skipped_and_counted_and_the_epoch_still_fills(tmp_path, s3, monkeypatch):
+    """One shard object answers 503 to every request: after the retries it is skipped and counted like
+    a corrupt shard, and the epoch still yields all its batches from the others."""
+    src = images(tmp_path / "src", 24)
+    out = s3.url("shards")
+    build_shards([str(src)], out, ShardParams(encoding="raw", shard_size=4, val_fraction=0.0), workers=1,
+                 progress=False)
+    bad = storage.name(storage.list_files(out, "train-*.tar")[2])
+    cfg = DataConfig(content=[out], batch_size=4, sampling="epoch", shuffle_shards=1, hflip=False)  # reads every shard
+    counter = tmp_path / "faults"
+    with fault_proxy(s3, counter, every=10**9, always=bad) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        loader = build_loader(cfg, rank=0, world_size=1, storage_cfg=StorageConfig(retries=2))
+        got = list(loader)
+        faults = int(counter.read_text())
+    assert len(got) == len(loader) == 6
+    assert loader.skipped >= 1 and faults >= 2  # retried, then given up and counted
+
+
+def test_the_storage_endpoint_key_works_without_the_environment_variable(tmp_path, s3, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    cfg = StorageConfig(endpoint=s3.endpoint)
+    url = s3.url("ep", "x.bin")
+    storage.write_bytes(url, b"abc", cfg)
+    assert storage.read_bytes(url, cfg) == b"abc" and storage.list_files(s3.url("ep"), cfg=cfg) == [url]
+    src = images(tmp_path / "src", 8)
+    build_shards([str(src)], tmp_path / "local", RAW, workers=1, progress=False)
+    for f in (tmp_path / "local").iterdir():
+        storage.write_bytes(s3.url("sh", f.name), f.read_bytes(), cfg)
+    data = DataConfig(content=[s3.url("sh")], batch_size=2, steps_per_epoch=2, hflip=False)
+    assert len(list(build_loader(data, rank=0, world_size=1, storage_cfg=cfg))) == 2
+    dead = StorageConfig(endpoint=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match="storage endpoint unreachable.*storage.endpoint"):
+        storage.check_access(s3.url("sh"), dead, what="shards")
+
+
+def test_preflight_on_a_node_names_each_unreachable_target_and_refuses_local_storage_on_many_nodes(tmp_path, s3):
+    """What `stylegen submit`'s preflight task runs on every node (the Ray part is test_s3_ray's)."""
+    from stylegen.config import Config
+    from stylegen.preflight import check_here, shared_storage_problem, targets
+
+    shards = s3.url("shards")
+    build_shards([str(images(tmp_path / "src", 8))], shards, RAW, workers=1, progress=False)
+    cfg = Config()
+    cfg.data.content, cfg.data.style = ["s3://sg-no-such-bucket-zz/shards"], [str(tmp_path / "no-such-dir")]
+    problems = check_here(targets(cfg, s3.url("runs")), cfg)
+    assert len(problems) == 2, problems
+    assert "s3://sg-no-such-bucket-zz/shards" in problems[0] and "bucket does not exist" in problems[0]
+    assert "no-such-dir" in problems[1] and "do not exist" in problems[1]
+    cfg.data.content, cfg.data.style = [shards], [str(tmp_path / "src")]
+    assert check_here(targets(cfg, s3.url("runs")), cfg) == []
+    assert keys(s3, "runs/") == []  # the write probe cleans up after itself
+    assert check_here(targets(cfg, "s3://sg-no-such-bucket-zz/runs"), cfg)[0].startswith("storage ")
+    assert "is a local path but the cluster has 2 nodes" in shared_storage_problem(str(tmp_path / "runs"), 2)
+    assert shared_storage_problem(str(tmp_path / "runs"), 1) is None and shared_storage_problem(s3.url("r"), 3) is None
 
 
 def test_wrong_credentials_are_one_line(tmp_path):
