@@ -110,6 +110,21 @@ def test_non_loopback_metrics_bind_warns_once(caplog, host):
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+@pytest.mark.slow  # a 1-step training run: not in make test-fast
+def test_metrics_host_0000_in_a_local_run_warns(tmp_path, caplog):
+    """The config path: ``stylegen train --local --set metrics.host=0.0.0.0`` serves /metrics off
+    loopback and says so once (the warning above, reached through cfg.metrics.host)."""
+    from stylegen.cli import main
+
+    sets = ["model.channels=8", "model.res_blocks=1", "features.weights=random", "data.batch_size=2",
+            "train.steps=1", "train.val_pairs=2", "train.threads=1", "metrics.host=0.0.0.0", "metrics.port=0"]
+    caplog.set_level(logging.WARNING)
+    assert main(["train", "--local", "--out", str(tmp_path / "run"), "--no-progress",
+                 *[x for s in sets for x in ("--set", s)]]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "stylegen.metrics" and r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "unauthenticated" in lines[0] and "0.0.0.0" in lines[0], lines
+
+
 def test_configs_and_prometheus_bind_loopback():
     from stylegen.prom import prometheus_argv
 
