@@ -5,7 +5,8 @@ A two-node local cluster with token auth: a 0-CPU head and a 2-CPU worker node t
 Train workers. The drain goes through Ray's GCS ``DrainNode`` call with the preemption reason
 (what ``ray drain-node`` sends), from a subprocess so this process never joins that cluster.
 Reports closer than Train's 2 s controller poll block on its 1-slot result queue, so this run
-is short in steps: ~2 s per report here, not per step.
+is short in reports: ~2 s per report here, not per step (40 steps, a report every 4: 10 reports;
+the drain lands at step 8 and the preemption watcher, polling every 5 s, answers within ~3 reports).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from stylegen import raycluster
 from tiny import DEMO, ROOT, TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+STEPS = 40
 
 DRAIN = """
 import sys, time
@@ -47,7 +49,7 @@ def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     env = raycluster.cluster_env(Path(c.token_path), dict(os.environ))
     env.pop("RAY_ADDRESS", None)
-    args = [f"--set={s}" for s in [*TINY, "train.steps=80", "train.report_every=2", "train.checkpoint_every=1000",
+    args = [f"--set={s}" for s in [*TINY, f"train.steps={STEPS}", "train.report_every=4", "train.checkpoint_every=1000",
                                    "train.sample_every=1000", hook_sets(trace=trace)]]
     log_path = tmp_path / "driver.log"
     try:
@@ -56,7 +58,7 @@ def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
                                      "--address", c.gcs_address, "--storage", str(storage), "--name", "reclaim",
                                      "--no-progress"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and not any(r["step"] >= 6 for r in trace_records(trace)):
+        while time.monotonic() < deadline and proc.poll() is None and not any(r["step"] >= 8 for r in trace_records(trace)):
             time.sleep(0.5)
         assert proc.poll() is None, log_path.read_text()[-3000:]
         drained = subprocess.run([sys.executable, "-c", DRAIN, c.gcs_address], env=env, capture_output=True,
@@ -71,10 +73,10 @@ def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
     out = log_path.read_text()
     assert rc == 0, out[-3000:]
     recs = trace_records(trace)
-    jit = [r["step"] for r in recs if r["checkpoint"] and r["step"] < 80]
+    jit = [r["step"] for r in recs if r["checkpoint"] and r["step"] < STEPS]
     # exactly one checkpoint before the final one: the just-in-time one, soon after the drain
-    # (the watcher polls every 5 s; a report every 2 steps), and training went on to the end
+    # (the watcher polls every 5 s; a report every 4 steps), and training went on to the end
     assert len(jit) == 1, jit
-    assert drained_at < jit[0] < 80
-    assert recs[-1]["step"] == 80 and recs[-1]["checkpoint"]
+    assert drained_at < jit[0] < STEPS
+    assert recs[-1]["step"] == STEPS and recs[-1]["checkpoint"]
     assert (storage / "reclaim" / f"step_{jit[0]:08d}" / "checkpoint.pt").is_file()
