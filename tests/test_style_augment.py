@@ -73,9 +73,16 @@ def test_jitter_keeps_shape_and_structure_and_is_deterministic():
     # of the input's channels, so a least-squares fit from input RGB explains it almost exactly
     assert np.abs(a.mean((1, 2)) - batch.mean((1, 2))).max() > 20
     for x, y in zip(batch.reshape(8, -1, 3).astype(np.float64), a.reshape(8, -1, 3).astype(np.float64)):
-        design = np.c_[x, np.ones(len(x))]
-        resid = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
-        assert np.sqrt((resid ** 2).mean()) < 0.1 * y.std() + 2.0  # only clipping and rounding
+        fitted = 0
+        for c in range(3):
+            inside = (y[:, c] > 0) & (y[:, c] < 255)  # pixels the map did not clip in this channel
+            if inside.mean() < 0.3:
+                continue
+            design = np.c_[x, np.ones(len(x))][inside]
+            resid = y[inside, c] - design @ np.linalg.lstsq(design, y[inside, c], rcond=None)[0]
+            assert np.abs(resid).max() < 1.5  # exact up to rounding
+            fitted += 1
+        assert fitted >= 1
     weak = jitter_colors(batch, np.random.default_rng(3), 0.05)
     assert np.abs(weak.astype(int) - batch).mean() < np.abs(a.astype(int) - batch).mean()
 
