@@ -186,7 +186,7 @@ def _render(name: str, out_dir: Path) -> Path:
     if dest.is_file() and dest.read_bytes() == buf.getvalue():
         return dest
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{name}.tmp"
+    tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # per process: _files may run outside the build lock
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, dest)
     return dest
