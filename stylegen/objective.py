@@ -77,22 +77,21 @@ def normalise(losses: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, 
 
 
 @torch.no_grad()
-def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str, torch.Tensor],
-          batch: int = 16, cache: dict | None = None) -> dict[str, dict[str, float]]:
-    """Rows of ROW_KEYS for each named output set, plus the reference rows 'identity' and 'style_copy'.
+def loss_sums(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str, torch.Tensor],
+              batch: int = 16, cache: dict | None = None) -> dict[str, dict[str, float]]:
+    """Per-row sums over the pairs (not means) of every loss term, for 'identity', 'style_copy' and
+    each named output set. Sums, so that shards of the pairs (one per DDP rank) add up exactly to
+    the whole; ``score`` divides by the pair count and normalises. No pairs: every sum is 0.
 
     content, style, outputs[name]: float (N,3,H,W) in [0, 1] on vgg's device (style may
     have another H, W). The targets' VGG features are computed once per batch and shared by
     every row. ``cache`` (a dict the caller keeps) holds those target features across calls
     with the same pairs: training validates the same fixed pairs at every report.
     """
-    n = len(content)
-    if n == 0:
-        raise ValueError("score needs at least one pair")
     names = ["identity", "style_copy", *[k for k in outputs if k not in ("identity", "style_copy")]]
     sums = {k: dict.fromkeys((*LOSS_KEYS, *LAYER_KEYS), 0.0) for k in names}
     layers = list(STYLE_LAYERS)
-    for i in range(0, n, batch):
+    for i in range(0, len(content), batch):
         c, s = content[i:i + batch], style[i:i + batch]
         if cache is not None and i in cache:
             fc, fs = cache[i]
@@ -110,7 +109,17 @@ def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str,
                 fo = vgg(outputs[k][i:i + batch], layers)
             for key, v in _terms(fo, fc, fs).items():
                 sums[k][key] += m * v
-    return normalise({k: {key: v / n for key, v in t.items()} for k, t in sums.items()})
+    return sums
+
+
+def score(vgg, content: torch.Tensor, style: torch.Tensor, outputs: Mapping[str, torch.Tensor],
+          batch: int = 16, cache: dict | None = None) -> dict[str, dict[str, float]]:
+    """Rows of ROW_KEYS for each named output set, plus the reference rows 'identity' and 'style_copy'
+    (arguments as ``loss_sums``)."""
+    n = len(content)
+    if n == 0:
+        raise ValueError("score needs at least one pair")
+    return rows_from_sums(loss_sums(vgg, content, style, outputs, batch=batch, cache=cache), n)
 
 
 @torch.no_grad()
@@ -135,7 +144,22 @@ def score_generator(generator, vgg, content_u8: torch.Tensor, style_u8: torch.Te
 
     The generator is run in eval mode and restored to its previous mode.
     """
+    if len(content_u8) == 0:
+        raise ValueError("score needs at least one pair")
+    return rows_from_sums(generator_loss_sums(generator, vgg, content_u8, style_u8, device, batch, cache),
+                          len(content_u8))["model"]
+
+
+def generator_loss_sums(generator, vgg, content_u8: torch.Tensor, style_u8: torch.Tensor,
+                        device: torch.device | str = "cpu", batch: int = 16,
+                        cache: dict | None = None) -> dict[str, dict[str, float]]:
+    """``loss_sums`` of the generator's outputs (row 'model') on uint8 pairs (none: all sums 0)."""
     with eval_mode(unwrap(generator)) as g:
         c, s = to_float(content_u8, device), to_float(style_u8, device)
-        out = generate(g, c, s, batch=batch)
-        return score(vgg, c, s, {"model": out}, batch=batch, cache=cache)["model"]
+        out = generate(g, c, s, batch=batch) if len(c) else c
+        return loss_sums(vgg, c, s, {"model": out}, batch=batch, cache=cache)
+
+
+def rows_from_sums(sums: Mapping[str, Mapping[str, float]], n: int) -> dict[str, dict[str, float]]:
+    """``loss_sums`` over ``n`` pairs (possibly added up over shards) -> the rows ``score`` returns."""
+    return normalise({k: {key: v / n for key, v in t.items()} for k, t in sums.items()})

@@ -1,6 +1,7 @@
 """The pure training step: identity term, weighting and the non-finite guard."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,59 @@ def test_compiled_generator_checkpoints_and_restores_like_the_bare_one():
     restore_state(state, checkpoint_state(bare, {}, {}))
     assert all(torch.equal(a, b) for a, b in zip(unwrap(state.generator).state_dict().values(),
                                                  bare.generator.state_dict().values(), strict=True))
+
+
+def _validate_in_group(rank: int, world: int, store_path: str, out_path: str) -> None:
+    """One rank of a gloo group (spawned): validate() on 5 and on 1 fixed pairs, results to out_path."""
+    import json
+
+    import torch.distributed as dist
+
+    from stylegen.train.step import validate
+    from tiny import tiny_cfg
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = tiny_cfg()
+        gen, vgg = build_state(cfg, torch.device("cpu")).generator, VGGFeatures("random")
+        g = torch.Generator().manual_seed(1)
+        c, s = (torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g) for _ in range(2))
+        res = {n: validate(gen, vgg, c[:n], s[:n], torch.device("cpu"), batch=2, rank=rank, world_size=world)
+               for n in (5, 1)}
+        Path(out_path).write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validate_shards_pairs_over_ddp_ranks_and_all_reduces_to_the_one_process_figures(tmp_path):
+    """world_size 2: each rank scores half the pairs (5 = 3 + 2; 1 = 1 + 0, an empty shard) and both
+    return the figures one process computes over all of them."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from stylegen.train.step import validate
+    from tiny import tiny_cfg
+
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_validate_in_group, args=(r, 2, str(tmp_path / "store"), str(outs[r])))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    torch.manual_seed(0)
+    gen, vgg = build_state(tiny_cfg(), torch.device("cpu")).generator, VGGFeatures("random")
+    g = torch.Generator().manual_seed(1)
+    c, s = (torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g) for _ in range(2))
+    ranks = [json.loads(o.read_text()) for o in outs]
+    for n in (5, 1):
+        whole = validate(gen, vgg, c[:n], s[:n], torch.device("cpu"), batch=2)
+        for r in ranks:
+            assert r[str(n)] == pytest.approx(whole, rel=1e-6)

@@ -220,7 +220,8 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 ckpt = True
             if report:
                 state.data = gather_data_state(loader.state(), ctx.world_size).to_dict()
-                val = validate(state.generator, vgg, val_c, val_s, ctx.device, cache=val_cache)
+                val = validate(state.generator, vgg, val_c, val_s, ctx.device, cache=val_cache, rank=ctx.rank,
+                               world_size=ctx.world_size)
                 rates = meter.window(ctx.world_size, step_flops, cfg.data.batch_size)
                 last = {**{f"loss_{k}": v for k, v in terms.items()}, **val, "step": step, "epoch": epoch, **rates,
                         "data_skipped": skipped_before + loader.skipped,

@@ -22,7 +22,7 @@ from stylegen.losses import d_loss, loss_terms, pixel_l1, target_features, weigh
 from stylegen.models import unwrap
 from stylegen.models.discriminator import Discriminator
 from stylegen.models.generator import VGG_LAYER, build_generator
-from stylegen.objective import score_generator
+from stylegen.objective import generator_loss_sums, rows_from_sums, score_generator
 
 
 @dataclass
@@ -189,15 +189,30 @@ def _pair_features(content_feats: dict, style_feats: dict, k: int) -> tuple[dict
 
 
 def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, style_u8: torch.Tensor,
-             device: torch.device, batch: int = 16, cache: dict | None = None) -> dict[str, float]:
+             device: torch.device, batch: int = 16, cache: dict | None = None,
+             rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """Trial-independent validation on fixed pairs; no config weights are involved.
 
     content_n = content loss / content loss of copying the style image,
     style_n   = mean/std style loss / style loss of returning the content image,
     val_score = content_n + style_n (both trivial answers score 1.0; lower is better).
     Same code as ``stylegen eval`` (``stylegen.objective``).
+
+    ``world_size`` > 1 (a DDP group; every rank calls this): rank r scores pairs r, r + world_size, ...
+    and the loss sums are all-reduced, so every rank returns the whole set's figures (equal to
+    one process's up to float summation order) at 1/world_size of the work.
     """
-    row = score_generator(generator, vgg, content_u8, style_u8, device, batch=batch, cache=cache)
+    if world_size > 1 and torch.distributed.is_initialized():
+        sums = generator_loss_sums(generator, vgg, content_u8[rank::world_size], style_u8[rank::world_size],
+                                   device, batch=batch, cache=cache)
+        keys = [(row, k) for row in sorted(sums) for k in sorted(sums[row])]
+        flat = torch.tensor([sums[row][k] for row, k in keys], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(flat)
+        for (row, k), v in zip(keys, flat.tolist(), strict=True):
+            sums[row][k] = v
+        row = rows_from_sums(sums, len(content_u8))["model"]
+    else:
+        row = score_generator(generator, vgg, content_u8, style_u8, device, batch=batch, cache=cache)
     return {"val_content": row["content"], "val_style": row["style"], "val_content_n": row["content_n"],
             "val_style_n": row["style_n"], "val_score": row["objective_n"]}
 
