@@ -239,3 +239,14 @@ def test_export_overwrites_only_an_earlier_export_and_ignores_planted_temp_names
     assert third.returncode == 2 and third.stdout == ""
     assert third.stderr.strip().splitlines() == [third.stderr.strip()] and "not an earlier export" in third.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()} == before
+
+
+def test_a_command_imports_only_its_own_module():
+    """`stylegen best` builds only best's arguments: the other commands' modules (shard: numpy, PIL;
+    train, tune, serve ...) stay unimported, so reading a sweep starts in well under a second."""
+    probe = ("import sys; from stylegen.cli import COMMANDS, main\n"
+             "try:\n    main(['best', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "['stylegen.best']"
