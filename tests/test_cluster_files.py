@@ -344,3 +344,26 @@ def test_local_up_down_scripts_start_token_cluster_and_stop_only_it(tmp_path):
     finally:
         os.killpg(decoy.pid, signal.SIGKILL)
         decoy.wait()
+
+
+def test_readme_cluster_runbook_commands_parse_and_their_configs_load():
+    """Every `stylegen ...` line of README's runbook is a valid command line (flags that exist), and
+    each --config with its --set overrides loads: the runbook cannot drift from the CLI."""
+    import shlex
+
+    from stylegen.cli import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Runbook", 1)[1].split("```", 2)[1]
+    lines = block.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(ln.split(" #", 1)[0]) for ln in lines if ln.startswith("stylegen ")]
+    assert {c[1] for c in commands} >= {"shard", "submit", "best", "stylize", "eval"}, commands
+    for argv in commands:
+        try:
+            args = build_parser(argv[1]).parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"README runbook: {shlex.join(argv)} does not parse")
+        if getattr(args, "config", None):
+            cfg = load_config(ROOT / args.config, args.overrides)
+            assert all(u.startswith("s3://BUCKET/") for u in cfg.data.content + cfg.data.style), shlex.join(argv)
+            assert cfg.ray.storage.startswith("s3://BUCKET/"), shlex.join(argv)
