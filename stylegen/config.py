@@ -60,7 +60,9 @@ class DataConfig:
     batch_size: int = _f(16, "per-worker batch size (global batch = batch_size x workers)", lo=1, hi=4096)
     num_workers: int = _f(0, "DataLoader worker processes per training worker", lo=0, hi=64)
     shuffle_shards: int = _f(4, "training shuffles the samples of this many consecutive shards together (a window: "
-                             "the unit a resumed run seeks to without decoding what it skips)", lo=1, hi=4096)
+                             "the unit a resumed run seeks to without decoding what it skips); with remote shards "
+                             "each stream holds two windows in memory (the next downloads while this one decodes)",
+                             lo=1, hi=4096)
     sampling: str = _f("resampled", "'resampled': shards drawn with replacement, an endless stream (fastest); "
                        "'epoch': every content sample once per epoch across all ranks (remainder dropped)",
                        choices=("resampled", "epoch"))
