@@ -303,6 +303,8 @@ def test_in_process_ray_listeners_match_readme(tmp_path):
 
     from test_local_listeners import Listener, matching, unexplained
 
+    from stylegen.raycluster import free_port
+
     rows = in_process_rows((ROOT / "README.md").read_text())
     assert len(rows) >= 8 and all(len(r.reason) > 40 for r in rows if not r.loopback)
     home, flags = tmp_path / "home", tmp_path / "flags"
@@ -312,7 +314,10 @@ def test_in_process_ray_listeners_match_readme(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
     env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               # Ray's fixed defaults (44227, 44217) are taken while another Ray runs here, and then
+               # these endpoints do not start at all: free ports, so that their rows are observed
+               DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, "-c", IN_PROCESS_RAY_PROBE, str(flags), str(ROOT / "tests"), other],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=330)
     assert proc.returncode == 0, proc.stderr[-3000:]
