@@ -2,7 +2,9 @@
 
 A run stopped (SIGTERM, a SIGKILLed Ray worker, a killed driver) and resumed trains on exactly
 the batches an uninterrupted run trains on, step by step (digests of every batch's bytes, recorded
-by the ``trace`` hook of tests/hooks.py), and ends with the same parameters.
+by the ``trace`` hook of tests/hooks.py), and ends with the same parameters. (The Ray killed-worker and
+killed-driver runs are in tests/test_ray_train.py.) A resume with another rank or DataLoader worker count
+keeps the README's guarantee (checked on sample ids); data.sampling='epoch' sees every sample once.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def train_cmd(out: Path, trace: Path, steps: int, *extra: str) -> list[str]:
             *[f"--set={s}" for s in sets], "--out", str(out), "--no-progress"]
 
 
-def run_to_end(cmd: list[str]) -> None:
+def run_to_end(cmd: list[str]) -> str:
+    """Its stderr (the log)."""
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stderr
 
 
 def test_local_run_stopped_by_sigterm_and_resumed_is_the_same_run(tmp_path):
@@ -69,11 +73,13 @@ def test_local_run_stopped_by_sigterm_and_resumed_is_the_same_run(tmp_path):
     stopped = read_trace(trace)[0]
     stop_step = stopped[-1]["step"]
     assert 9 <= stop_step < steps and stopped[-1]["checkpoint"], err[-2000:]
-    run_to_end(train_cmd(tmp_path / "b", trace, steps))
+    log = run_to_end(train_cmd(tmp_path / "b", trace, steps))
     both = read_trace(trace)[0]
     resumed = [r for r in both if r["start_step"] == stop_step]
     assert resumed and resumed[0]["data_resume_batch"] == stop_step % 7  # mid-epoch, where it stopped
     assert resumed[0]["data_resume_epoch"] == stop_step // 7
+    assert 0 < resumed[0]["data_seek_s"] < 60
+    assert f"data stream resumed at epoch {stop_step // 7}, batch {stop_step % 7} (seek " in log
     assert batches_by_step(both) == ref_batches  # the same batch bytes at every step
     assert both[-1]["params_digest"] == ref[-1]["params_digest"]  # bit-identical parameters
 
@@ -187,5 +193,41 @@ def test_a_position_at_a_windows_end_resumes_without_reading_that_window(tmp_pat
     next(iter(build_loader(c, rank=0, world_size=1)))
     fresh = len(reads)
     got = next(iter(build_loader(c, rank=0, world_size=1, resume=saved)))
-    assert len(reads) - fresh == fresh  # one window (+ one shard read ahead) per stream, as a fresh start
+    assert fresh == 2 * 2  # content and style: one window of 2 local shards each, nothing read ahead
+    assert len(reads) - fresh == fresh  # the resume too: not the finished window again
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ----------------------------------------------------------------------------- Ray: another rank count (minutes)
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_reruns_with_another_rank_count_train_the_saved_epoch_again_from_its_first_batch(tmp_path):
+    """2 Ray workers to step 8 (epoch 1 of 6-batch epochs, batch 2), the same name rerun with 1 worker to
+    step 12, then with 2 to step 16: each rerun restarts the saved epoch with the new split (the stated
+    guarantee: none of it skipped, at most the consumed batches x ranks x batch size seen twice)."""
+    import ray
+
+    from stylegen.train.ray_worker import build_trainer, ensure_ray
+    from test_ray_train import RESUME_SETS
+    from tiny import tiny_cfg
+
+    trace, storage = tmp_path / "trace", str(tmp_path / "storage")
+    ensure_ray("", num_cpus=2)
+    try:
+        for workers, steps in ((2, 8), (1, 12), (2, 16)):
+            cfg = tiny_cfg(*RESUME_SETS, f"ray.workers={workers}", f"train.steps={steps}", hook_sets(trace=trace))
+            result = build_trainer(cfg, name="rescaled", storage=storage).fit()
+            assert result.error is None, result.error
+    finally:
+        ray.shutdown()
+    recs = read_trace(trace)
+    last = {(r["start_step"], r["rank"]): r for rank in recs.values() for r in rank}  # each segment's last report
+    assert sorted(last) == [(0, 0), (0, 1), (8, 0), (12, 0), (12, 1)]
+    assert [(last[0, r]["data"]["epoch"], last[0, r]["data"]["batch"]) for r in (0, 1)] == [(1, 2)] * 2
+    one = last[8, 0]  # 1 rank: epoch 1 again, 4 batches of it at step 12 (not batch 2 + 4: it restarted)
+    assert (one["world"], one["data"]["epoch"], one["data"]["batch"]) == (1, 1, 4) and "data_resume_batch" not in one
+    for r in (0, 1):  # 2 ranks again: epoch 1 from its first batch once more, in step on both ranks
+        assert (last[12, r]["world"], last[12, r]["data"]["epoch"], last[12, r]["data"]["batch"]) == (2, 1, 4)
+    assert last[12, 0]["params_digest"] == last[12, 1]["params_digest"]

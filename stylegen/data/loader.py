@@ -218,7 +218,8 @@ def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None,
                ahead: int = 1) -> Iterator[tuple[str, Future]]:
     """``(url, future of its bytes)``: remote shards are read ``ahead`` shards ahead, each in a thread
     (the read releases the GIL), so the downloads of the next window overlap the decoding of this one;
-    local files are read inline. Memory: ``ahead`` shards beyond the ones being decoded."""
+    local files are read inline when needed (nothing ahead: a fresh start or a resume reads one window
+    per stream before its first batch). Memory: ``ahead`` remote shards beyond the ones being decoded."""
     pending: collections.deque[tuple[str, Future]] = collections.deque()
     for url in urls:
         if storage.is_remote(url):
@@ -230,7 +231,7 @@ def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None,
             except OSError as e:
                 fut.set_exception(e)
         pending.append((url, fut))
-        if len(pending) > ahead:
+        if len(pending) > (ahead if storage.is_remote(url) else 0):  # a local read ahead would only delay
             yield pending.popleft()
     yield from pending
 
