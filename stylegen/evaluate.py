@@ -221,6 +221,8 @@ def check_json_target(path: Path, flag: str = "--json", example: str = "eval.jso
     """Refuse an unusable --json (or --grid) before the (minutes-long) evaluation rather than after it."""
     if path.is_dir():
         raise UserError(f"{flag} {str(path)!r} is a directory; pass a file name such as {example}")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {str(path)!r} is not a regular file (a FIFO, device or socket); pass a file name")
     parent = next((a for a in path.absolute().parents if a.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {str(path)!r}: {str(parent)!r} is not a writable directory; pass a writable path")

@@ -265,6 +265,7 @@ WRITE_FIXES = {  # callers add their own "or choose another --out"
     errno.EROFS: "remount it read-write",
     errno.EACCES: "make it writable",
     errno.EPERM: "make it writable",
+    errno.EEXIST: "pass another path",
 }
 
 
@@ -282,6 +283,8 @@ def write_bytes(url: str | Path, data: bytes, cfg: StorageConfig | None = None, 
     url = str(url)
     if not is_remote(url):
         path = local_path(url)
+        if path.exists() and not path.is_file() and not path.is_dir():  # the rename would delete it
+            raise OSError(errno.EEXIST, "a FIFO, device or socket, not a regular file", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -347,6 +350,8 @@ def check_output_file(path: str | Path, flag: str) -> None:
     p = local_path(path).absolute()
     if p.is_dir():
         raise UserError(f"{flag} {str(path)!r} is a directory; pass a file name")
+    if p.exists() and not p.is_file():
+        raise UserError(f"{flag} {str(path)!r} is not a regular file (a FIFO, device or socket); pass a file name")
     parent = next((a for a in p.parents if a.exists()), None)
     if parent is None or not parent.is_dir():
         raise UserError(f"{flag} {str(path)!r} is under a file ({str(parent)!r}); pass a path in a writable directory")

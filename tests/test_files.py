@@ -106,3 +106,18 @@ def test_checkpoint_manifest_and_export_writes_fsync_their_directory(tmp_path, m
     export(TrialRow(trial_id="t", status="TERMINATED", checkpoint=str(tmp_path / "run")), tmp_path / "exp")
     assert synced_dirs[n:] == [str(tmp_path / "exp")] * 3
     assert json.loads((tmp_path / "exp" / "best.json").read_text())["trial_id"] == "t"
+
+
+def test_write_bytes_never_replaces_a_fifo_device_or_socket(tmp_path):
+    """The atomic rename would put a regular file where a FIFO (or, as root, /dev/null) was: refused,
+    EEXIST with the fix "pass another path", and no temp file left beside it."""
+    import errno
+
+    from stylegen import storage
+
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError) as e:
+        storage.write_bytes(fifo, b"PNG")
+    assert e.value.errno == errno.EEXIST and storage.describe_write_error(e.value)[1] == "pass another path"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["out.png"]
