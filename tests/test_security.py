@@ -470,7 +470,8 @@ def _kw(call: ast.Call, name: str):
 
 
 def _sources() -> list[Path]:
-    files = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "jobs").glob("*.py"))
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "jobs").glob("*.py")) \
+        + sorted((ROOT / "benchmarks").rglob("*.py"))  # benchmarks read checkpoints and run subprocesses too
     assert len(files) > 20
     return files
 
