@@ -1,15 +1,14 @@
 """Security checks (issue 8, item 4).
 
-- local ``/metrics`` endpoints, ``stylegen prometheus`` and a local Ray bind 127.0.0.1 by default, and a
-  new local Ray has token auth on;
+- local ``/metrics`` endpoints, ``stylegen prometheus`` and a local Ray's dashboard bind 127.0.0.1 by
+  default, and a new local Ray has token auth on;
 - a local ``/metrics`` bound beyond loopback logs one warning that it is unauthenticated;
 - the Ray that ``stylegen train``/``tune`` start without ``--address`` listens where README's
   in-process table says, port by port (``ray``; the loopback cluster of ``local-up.sh``:
   tests/test_local_listeners.py);
 - checkpoints load with ``weights_only=True``: a pickle payload is refused and never runs; every
   deserialiser in ``stylegen/``, ``jobs/`` and ``benchmarks/`` is a safe one (static check, import
-  aliases resolved), except the one
-  audited ``Tuner.restore`` of ``tune --resume``, which runs only on a sweep dir that only you can
+  aliases resolved), except the one audited ``Tuner.restore`` of ``tune --resume``, which runs only on a sweep dir that only you can
   write (or object storage with ``--trust-storage``): a planted ``tuner.pkl`` never runs otherwise;
 - no shell command is built from user input: no ``shell=True``, ``os.system``, ``os.popen``,
   ``os.exec*``/``os.spawn*``, ``eval``/``exec``, and subprocesses get argument lists (static check);
