@@ -8,8 +8,9 @@
   tests/test_local_listeners.py);
 - checkpoints load with ``weights_only=True``: a pickle payload is refused and never runs; every
   deserialiser in ``stylegen/``, ``jobs/`` and ``benchmarks/`` is a safe one (static check, import
-  aliases resolved), except the one audited ``Tuner.restore`` of ``tune --resume``, which runs only on a sweep dir that only you can
-  write (or object storage with ``--trust-storage``): a planted ``tuner.pkl`` never runs otherwise;
+  aliases resolved), except the one audited ``Tuner.restore`` of ``tune --resume``, which runs only
+  on a sweep dir that only you can write (or object storage with ``--trust-storage``): a planted
+  ``tuner.pkl`` never runs otherwise;
 - no shell command is built from user input: no ``shell=True``, ``os.system``, ``os.popen``,
   ``os.exec*``/``os.spawn*``, ``eval``/``exec``, and subprocesses get argument lists (static check);
 - a token in the environment never reaches a local run's checkpoints, metrics.json, result grids,
