@@ -5,6 +5,12 @@ left in a background thread once held Ray's connect lock, and the next module's 
 for good. Ray tests get pytest-timeout's ``thread`` method (``pytest_collection_modifyitems``): the
 default ``signal`` method fires only when the main thread runs Python bytecode again, not while it
 is blocked inside C/C++ code (Ray's); the thread method dumps every stack and ends the pytest process.
+
+One Ray for the tests that can share it: the ``local_ray`` fixture. Its users run last, one after
+another (``pytest_collection_modifyitems`` moves them, in their order), on one local Ray that the
+first of them starts and that is shut down right after the last (``pytest_runtest_teardown``), so no
+other test ever meets it. Tests that must own a cluster (kill nodes, need other resources or their
+own temp dir) start their own.
 """
 
 from __future__ import annotations
@@ -32,6 +38,43 @@ RAY_DRIVER_THREADS = ("ray_print_logs", "ray_listen_error_messages", "PythonGCTh
 PROCESS_SINGLETON_THREADS = frozenset({"tqdm_monitor"})
 
 
+SHARED_RAY = "local_ray"  # the fixture whose users share one Ray session
+
+
+class LocalRay:
+    """The shared local Ray: what ``stylegen train``/``tune`` start without ``--address`` (``ensure_ray``:
+    2 CPUs, the trial_slot resource, token auth, 127.0.0.1), in this process."""
+
+    def address(self) -> str:
+        """Its GCS address; started if it is not running (first use, or after a test shut Ray down)."""
+        import ray
+
+        from stylegen.train.ray_worker import ensure_ray
+
+        ensure_ray("", num_cpus=2)
+        return ray.get_runtime_context().gcs_address
+
+    def client_env(self) -> dict[str, str]:
+        """The environment of a driver subprocess on it (``stylegen train|tune --address``): token auth as
+        Ray's init set it up here (the token in Ray's default path), and RAY_ADDRESS, which Train's
+        placement-group cleaner needs with several Rays on one machine."""
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": self.address()}
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """The shared local Ray (see the module doc); started now, shut down after its last user."""
+    shared = LocalRay()
+    shared.address()
+    yield shared
+    if _ray_initialized():
+        _shutdown_ray()
+
+
+def _uses_shared_ray(item) -> bool:
+    return item is not None and SHARED_RAY in getattr(item, "fixturenames", ())
+
+
 @pytest.fixture
 def rng():
     import numpy as np
@@ -40,7 +83,11 @@ def rng():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``ray`` keep their timeout (marker, else RAY_TIMEOUT_S) but with the thread method."""
+    """The users of ``local_ray`` run last, in their order, so that they share one Ray session; tests
+    marked ``ray`` keep their timeout (marker, else RAY_TIMEOUT_S) but with the thread method."""
+    shared = [item for item in items if _uses_shared_ray(item)]
+    if shared:
+        items[:] = [item for item in items if not _uses_shared_ray(item)] + shared
     if not config.pluginmanager.hasplugin("timeout"):
         return
     for item in items:
@@ -105,7 +152,7 @@ def _no_leaked_threads_or_ray(request):
     if left:
         problems.append(f"{len(left)} thread(s) started by the test still ran after a {THREAD_JOIN_GRACE_S:.0f} s "
                         f"grace; stop and join them in the test:\n{_describe(left)}")
-    if ray_after and not ray_before:
+    if ray_after and not ray_before and SHARED_RAY not in request.fixturenames:  # local_ray: the hook's to end
         problems.append("Ray is still initialized: shut it down in the test (try/finally), or share one "
                         "session through a module-scoped fixture")
         _shutdown_ray()  # also ends threads waiting in ray.get (they raise SystemExit)
@@ -117,8 +164,14 @@ def _no_leaked_threads_or_ray(request):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After a module's fixtures are torn down (last test of the module), Ray must be down too."""
+    """After a module's fixtures are torn down (last test of the module), Ray must be down too; the
+    shared ``local_ray`` session ends after its last user and lives on only into the next one."""
     result = yield
+    if _uses_shared_ray(item):
+        if _uses_shared_ray(nextitem):
+            return result
+        if _ray_initialized():
+            _shutdown_ray()
     module = item.getparent(pytest.Module)
     if (nextitem is None or nextitem.getparent(pytest.Module) is not module) and _ray_initialized():
         _shutdown_ray()

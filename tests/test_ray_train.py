@@ -1,6 +1,8 @@
 """Ray Train DDP on 2 CPU workers: in-sync ranks, different data per rank, a killed worker, a killed driver.
 
-One local Ray per module. Ranks' own facts (pid, first batch, exact parameter digest,
+The session's shared local Ray (``local_ray``, tests/conftest.py) runs the in-process fits and the
+``stylegen train`` driver subprocesses (``--address``), so a killed or SIGTERMed driver is a client of
+a cluster that outlives it, as with ``ray job submit``/``ray job stop``. Ranks' own facts (pid, first batch, exact parameter digest,
 reported steps) come from the ``trace`` hook (tests/hooks.py, installed with ``train.hooks``),
 because ``ray.train.report`` keeps only rank 0's metrics. Worker death is injected with the
 ``kill_after_step`` hook (SIGKILL after step N, once).
@@ -25,15 +27,11 @@ from tiny import DEMO, ROOT, TINY, tiny_cfg
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from stylegen.train.ray_worker import ensure_ray
-
-    ensure_ray("", num_cpus=2)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def ray_session(local_ray):
+    """The shared local Ray, up (tests/conftest.py ``local_ray``)."""
+    local_ray.address()
+    return local_ray
 
 
 # the killed-worker and killed-driver runs, and the uninterrupted run they must equal: 16 steps over
@@ -43,9 +41,10 @@ RESUME_SETS = ["train.steps=16", "train.report_every=4", "train.checkpoint_every
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_session, tmp_path_factory):
+def uninterrupted(local_ray, tmp_path_factory):
     """Per rank: {step: batch digest} and the final parameters of the run the resumed ones must equal."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
+    local_ray.address()
     result = fit(tiny_cfg(*RESUME_SETS, hook_sets(trace=tmp / "trace")), tmp, "reference")
     assert result.error is None
     ranks = read_trace(tmp / "trace")
@@ -63,15 +62,46 @@ def assert_same_run(ranks: dict[int, list[dict]], uninterrupted) -> None:
         assert recs[-1]["params_digest"] == digest
 
 
-def start_driver(trace: Path, storage: Path, name: str, log_path: Path, sets: list[str]) -> subprocess.Popen:
-    """`stylegen train` (its own local Ray) in a new process group, tracing every rank's reports."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+def start_driver(local_ray, trace: Path, storage: Path, name: str, log_path: Path,
+                 sets: list[str]) -> subprocess.Popen:
+    """`stylegen train --address` (the shared Ray) in a new process group, tracing every rank's reports."""
+    env = local_ray.client_env()
+    address = env["RAY_ADDRESS"]
     with open(log_path, "wb") as log_file:
         return subprocess.Popen([sys.executable, "-m", "stylegen", "train", "--config", str(DEMO),
-                                 *[f"--set={s}" for s in [*TINY, *sets, hook_sets(trace=trace)]], "--storage", str(storage), "--name", name,
-                                 "--no-progress"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                 *[f"--set={s}" for s in [*TINY, *sets, hook_sets(trace=trace)]], "--address", address,
+                                 "--storage", str(storage), "--name", name, "--no-progress"],
+                                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ranks_gone(trace: Path, timeout: float = 60) -> None:
+    """Wait until every worker process that traced a report has exited (Ray ends a dead driver's actors)
+    and the cluster's CPUs are free again (its placement group removed with its job)."""
+    import ray
+
+    pids = {r["pid"] for recs in read_trace(trace).values() for r in recs}
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if _pid_alive(p)]
+        cpus = ray.available_resources().get("CPU", 0)
+        if not alive and cpus >= 2:
+            return
+        assert time.monotonic() < deadline, f"{timeout:.0f} s after their driver died: workers {alive} alive, {cpus} CPUs free"
+        time.sleep(0.25)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its raylet) does not train
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def fit(cfg, tmp_path: Path, name: str):
@@ -84,7 +114,8 @@ def fit(cfg, tmp_path: Path, name: str):
 def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path):
     trace = tmp_path / "trace"
     # content-only objective: its fixed-pair value (val_content) falls reliably within 30 steps
-    cfg = tiny_cfg("loss.style=0", "train.steps=30", "train.report_every=5", "train.checkpoint_every=15",
+    # 3 reports: each is a barrier that waits for Train's 2 s controller poll
+    cfg = tiny_cfg("loss.style=0", "train.steps=30", "train.report_every=10", "train.checkpoint_every=30",
                    "train.sample_every=30", hook_sets(trace=trace))
     from test_train_local import initial_val_content
 
@@ -96,7 +127,7 @@ def test_two_workers_learn_in_sync_on_different_data(ray_session, tmp_path):
     ranks = read_trace(trace)
     assert sorted(ranks) == [0, 1]
     r0, r1 = ranks[0], ranks[1]
-    assert [r["step"] for r in r0] == [r["step"] for r in r1] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in r0] == [r["step"] for r in r1] == [10, 20, 30]
     # parameters bit-identical on both ranks at every report, and they did change during training
     for a, b in zip(r0, r1):
         assert a["params_digest"] == b["params_digest"], f"ranks diverged at step {a['step']}"
@@ -143,7 +174,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, 
 def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_path):
     """SIGKILL the `stylegen train` driver after its first checkpoint; rerunning the name resumes."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
-    proc = start_driver(trace, storage, "again", tmp_path / "driver.log", RESUME_SETS)
+    proc = start_driver(ray_session, trace, storage, "again", tmp_path / "driver.log", RESUME_SETS)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -153,15 +184,15 @@ def test_killed_driver_then_same_name_resumes(ray_session, uninterrupted, tmp_pa
             time.sleep(0.5)
         assert proc.poll() is None, "the driver ended before its first checkpoint"
         assert any(r["checkpoint"] for r in read_trace(trace)[0]), "no checkpoint within 240 s"
-        proc.kill()  # the driver only: its local Ray shares its fate
+        proc.kill()  # the driver only: Ray ends its Train controller and, with it, the workers
         proc.wait(timeout=30)
-        _wait_group_gone(proc.pid, 60)
+        wait_ranks_gone(trace)
     finally:
         if proc.poll() is None:
             proc.kill()
         _kill_group(proc.pid)
 
-    first = read_trace(trace)
+    first = read_trace(trace)  # complete: every rank that wrote it has exited
     last_ckpt = max(r["step"] for r in first[0] if r["checkpoint"])
     killed_at = max(r["step"] for r in first[0])
     assert killed_at < 16
@@ -207,7 +238,7 @@ def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, 
     """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop together."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     log_path = tmp_path / "driver.log"
-    proc = start_driver(trace, storage, "term", log_path, ["train.steps=400", "train.report_every=2",
+    proc = start_driver(ray_session, trace, storage, "term", log_path, ["train.steps=400", "train.report_every=2",
                                                            "train.checkpoint_every=100", "train.sample_every=1000"])
     try:
         deadline = time.monotonic() + 240

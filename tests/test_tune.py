@@ -2,8 +2,11 @@
 (marked ray/slow) real sweeps on this machine's CPUs: ASHA + an errored trial + best/export/stylize,
 and a sweep killed mid-way that finishes with --resume.
 
-The Ray tests run `stylegen tune` as a subprocess (as a user would): its local Ray cluster
-lives and dies with that process group, which the test stops by its own PID group.
+The Ray sweeps run `stylegen tune` as a subprocess (as a user would), pointed with --address at the
+session's shared local Ray (``local_ray``, tests/conftest.py: what `stylegen tune` starts without
+--address): a killed sweep driver is a client whose job Ray cleans up, and its --resume reconnects. `best` and
+`stylize` read the results in this process (``main``: the same code as the CLI, without a Python
+start each). The fallback sweep needs a cluster without trial_slot: it starts its own.
 """
 
 from __future__ import annotations
@@ -32,6 +35,37 @@ TINY = ["--set", "model.channels=8", "--set", "model.res_blocks=1", "--set", "da
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, **kw)
+
+
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """``stylegen ARGS`` through ``stylegen.cli.main`` here: (exit code, stdout, stderr)."""
+    from stylegen.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def sweep_cli(local_ray, *args: str, **kw) -> subprocess.CompletedProcess:
+    """`stylegen ARGS --address` on the shared Ray."""
+    env = local_ray.client_env()
+    return cli(*args, "--address", env["RAY_ADDRESS"], env=env, **kw)
+
+
+def wait_cluster_idle(timeout: float = 60) -> None:
+    """All of the module cluster's CPUs and trial slots free (a killed driver's job cleaned up)."""
+    import ray
+
+    total = ray.cluster_resources()
+    deadline = time.monotonic() + timeout
+    while True:
+        free = ray.available_resources()
+        busy = {k: (free.get(k, 0), total[k]) for k in ("CPU", "trial_slot") if free.get(k, 0) < total[k]}
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"resources still held {timeout:.0f} s after the driver died: {busy}"
+        time.sleep(0.25)
 
 
 # ----------------------------------------------------------------------------- fast
@@ -111,7 +145,7 @@ def sweep_rows(sweep: Path) -> dict[str, dict]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_asha_errored_trial_best_export_stylize(tmp_path):
+def test_sweep_asha_errored_trial_best_export_stylize(local_ray, tmp_path, capsys):
     """6 trials on 2 CPUs (three with an overflowing loss weight -> FloatingPointError): no deadlock,
     ASHA stops the trial that cannot learn early, errored trials are marked with their reason and never
     win, best = lowest val_score in trials.parquet, and the exported checkpoint stylizes an image.
@@ -121,9 +155,9 @@ def test_sweep_asha_errored_trial_best_export_stylize(tmp_path):
     its rung results always meet a learning trial's: ASHA's decision is deterministic, not a race."""
     t0 = time.perf_counter()
     space = '{"optim.lr" = {grid = [3e-3, 1e-3, 1e-12]}, "loss.style" = {grid = [3.0, 1e39]}}'
-    r = cli("tune", "--config", TUNE_TOML, *TINY, "--set", "train.steps=20", "--set", "tune.grace_period=5",
-            "--set", f"tune.space={space}", "--samples", "1",
-            "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "sw", timeout=420)
+    r = sweep_cli(local_ray, "tune", "--config", TUNE_TOML, *TINY, "--set", "train.steps=20",
+                  "--set", "tune.grace_period=5", "--set", f"tune.space={space}", "--samples", "1",
+                  "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "sw", timeout=420)
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = tmp_path / "sw"
     rows = sweep_rows(sweep)
@@ -138,20 +172,23 @@ def test_sweep_asha_errored_trial_best_export_stylize(tmp_path):
     assert healthy[3e-3]["stop_reason"] == "completed" or healthy[1e-3]["stop_reason"] == "completed", rows
     healthy = list(healthy.values())
 
-    best = json.loads(cli("best", str(sweep), "--json", "--top", "5").stdout)
+    rc, out, err = in_process(capsys, "best", str(sweep), "--json", "--top", "5")
+    assert rc == 0, err
+    best = json.loads(out)
     expect = min(healthy, key=lambda row: row["val_score"])
     assert best["best"]["trial_id"] == expect["trial_id"]
     assert not {row["trial_id"] for row in errored} & {t["trial_id"] for t in best["top"]}
 
-    out = tmp_path / "exp"
-    r = cli("best", str(sweep), "--export", str(out))
-    assert r.returncode == 0, r.stderr
+    exported = tmp_path / "exp"
+    rc, _, err = in_process(capsys, "best", str(sweep), "--export", str(exported))
+    assert rc == 0, err
     from stylegen.data.embedded import skimage_data_dir
 
     img = tmp_path / "stylized.png"
-    r = cli("stylize", "--checkpoint", str(out), "--content", str(skimage_data_dir() / "chelsea.png"),
-            "--style", str(skimage_data_dir() / "gravel.png"), "--out", str(img))
-    assert r.returncode == 0, r.stderr
+    rc, _, err = in_process(capsys, "stylize", "--checkpoint", str(exported), "--content",
+                            str(skimage_data_dir() / "chelsea.png"), "--style", str(skimage_data_dir() / "gravel.png"),
+                            "--out", str(img))
+    assert rc == 0, err
     assert img.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (sweep / "sweep.png").is_file()
     print(f"sweep of 5 trials: {time.perf_counter() - t0:.0f} s")
@@ -171,42 +208,44 @@ def trials_done(sweep: Path, steps: int) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_killed_midway_resumes_and_finishes(tmp_path):
-    args = ["tune", "--config", TUNE_TOML, *TINY, "--set", "train.steps=10", "--scheduler", "fifo",
+def test_sweep_killed_midway_resumes_and_finishes(local_ray, tmp_path, capsys):
+    env = local_ray.client_env()
+    # one report (with its checkpoint) per trial: a trial is done when its step-5 checkpoint is
+    args = ["tune", "--config", TUNE_TOML, *TINY, "--set", "train.steps=5", "--scheduler", "fifo",
             "--set", 'tune.space={"loss.style" = {grid = [1.0, 10.0, 100.0]}}', "--samples", "1",
-            "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "sw"]
+            "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "sw", "--address", env["RAY_ADDRESS"]]
     sweep = tmp_path / "sw"
     proc = subprocess.Popen([sys.executable, "-m", "stylegen.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while trials_done(sweep, 10) < 1:
+        while trials_done(sweep, 5) < 1:
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
             assert time.monotonic() < deadline, "no trial finished in 240 s"
             time.sleep(0.5)
-        assert trials_done(sweep, 10) < 3
+        assert trials_done(sweep, 5) < 3
         os.kill(proc.pid, signal.SIGKILL)  # a crash, not a polite Ctrl-C
         proc.wait(timeout=30)
     finally:
-        try:  # the killed driver's local Ray cluster: same process group, started by this test
+        try:  # anything the killed driver started in its own process group
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    time.sleep(2)
-    r = cli("best", str(sweep))  # a killed sweep reads as unfinished
-    assert r.returncode == 0 and "still running or interrupted" in r.stdout.splitlines()[0], (r.stdout, r.stderr)
+    wait_cluster_idle()  # Ray ended the dead driver's trials and their Train runs
+    rc, out, err = in_process(capsys, "best", str(sweep))  # a killed sweep reads as unfinished
+    assert rc == 0 and "still running or interrupted" in out.splitlines()[0], (out, err)
 
-    r = cli(*args, "--resume", timeout=300)
+    r = cli(*args, "--resume", timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = sweep_rows(sweep)
     assert len(rows) == 3  # the same 3 grid points: none resampled, none lost
     assert sorted(row["loss.style"] for row in rows.values()) == [1.0, 10.0, 100.0]
     assert all(row["status"] == "TERMINATED" and row["stop_reason"] == "completed" for row in rows.values()), rows
-    r = cli("best", str(sweep))
-    assert r.returncode == 0 and "still running" not in r.stdout
+    rc, out, _ = in_process(capsys, "best", str(sweep))
+    assert rc == 0 and "still running" not in out
 
     # resuming with another config is refused (its remaining trials would train differently)
-    r = cli(*args, "--set", "train.steps=11", "--resume")
+    r = cli(*args, "--set", "train.steps=6", "--resume", env=env)
     assert r.returncode == 2 and "differs from the config the sweep started with" in r.stderr
 
 
