@@ -22,8 +22,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m stylegen.demo --out $(OUT)
 
+# The full suite (what CI runs); the 20 slowest tests are printed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=20 $(PYTEST_ARGS)
 
 # The developer loop: unit tests of pure code (no Ray, no Prometheus, no training subprocesses).
 # The files are the ones whose tests are pure; slow/ray/prometheus-marked tests in them are left out.
