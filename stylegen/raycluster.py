@@ -169,6 +169,7 @@ class LocalCluster:
     token_path: str
     temp_dir: str
     ports: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> listener -> port we chose
+    worker_temp_dir: str = ""  # the worker node's own scratch dir: no node shares a local dir with another
 
     @property
     def gcs_address(self) -> str:
@@ -338,7 +339,9 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
         if worker_node:
             wlog = state / "worker.log"
             worker_ports = _node_ports()
-            cmd = [sys.executable, "-m", "stylegen.raycluster", "_ray-start", "--block",
+            cluster.worker_temp_dir = tempfile.mkdtemp(prefix="sg-rayw-", dir="/tmp")
+            cmd = [sys.executable, "-m", "stylegen.raycluster", "_ray-start", "--block", "--temp-dir",
+                   cluster.worker_temp_dir,
                    "--address", cluster.gcs_address, "--node-ip-address", LOOPBACK_IP, *_flags(worker_ports),
                    "--num-cpus", str(worker_cpus), "--object-store-memory", str(object_store_mb * 2**20),
                    "--disable-usage-stats"]
@@ -432,7 +435,9 @@ def stop_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, timeout: float
     """Stop the worker node then the head recorded in state_dir; returns the PIDs stopped."""
     c = read_state(state_dir)
     stopped = [pid for pid in (c.worker_pid, c.head_pid) if pid is not None and _stop_group(pid, timeout)]
-    shutil.rmtree(c.temp_dir, ignore_errors=True)
+    for d in (c.temp_dir, c.worker_temp_dir):
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
     for name in (STATE_FILE, "head.pid", "worker.pid"):
         (Path(state_dir) / name).unlink(missing_ok=True)
     return stopped

@@ -338,6 +338,7 @@ def test_local_up_down_scripts_start_token_cluster_and_stop_only_it(tmp_path):
         assert not any(raycluster.group_alive(g) for g in groups), "processes of the cluster survived local-down"
         assert decoy.poll() is None, "local-down stopped a process it did not start"
         assert not (state / "cluster.json").exists() and not Path(c.temp_dir).exists()
+        assert c.worker_temp_dir != c.temp_dir and not Path(c.worker_temp_dir).exists()  # each node's own, removed
         gone = subprocess.run([str(ROOT / "cluster" / "local-down.sh"), "--state-dir", str(state)],
                               capture_output=True, text=True, timeout=60)
         assert gone.returncode == 2 and "no local cluster state" in gone.stderr

@@ -171,6 +171,10 @@ def test_two_node_cluster_trains_with_storage_on_s3(tmp_path, s3):
         assert r.returncode == 0, r.stdout[-3000:]
         keys = objects(s3, "runs/twonode/")
         assert "runs/twonode/step_00000008/checkpoint.pt" in keys, keys
+        # the worker node ran its share in a scratch dir of its own, not the head's
+        assert cluster.worker_temp_dir and Path(cluster.worker_temp_dir) != Path(cluster.temp_dir)
+        assert list(Path(cluster.worker_temp_dir).glob("session_*/logs/python-core-worker-*.log")), \
+            "no task ran on the worker node"
     finally:
         stop_local_cluster(tmp_path / "cluster")
 
