@@ -1,10 +1,12 @@
 """``stylegen serve``: request parsing and limits without Ray, then one live server (Ray Serve in a
 subprocess, shared by the module) for the HTTP contract: PNG answers, controls, batching, every bad
 upload (one JSON line, a 4xx, and the replica still answers the next good request), the token check,
-and the metrics on Ray's export port found through Ray's Prometheus file_sd file."""
+and the metrics on Ray's export port found through Ray's Prometheus file_sd file; last, the page of the
+same server in a headless chromium (tests/browser_page.py; CI installs chromium)."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
 import json
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import browser_page
 from stylegen import serve
 from stylegen.errors import UserError
 from stylegen.metrics import SERVE_SPECS, ServeMetrics, series_names
@@ -470,3 +473,69 @@ def test_resolve_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not found"):  # neither a checkpoint nor a run/sweep with one
         serve.resolve_model(str(tmp_path / "empty"))
+
+
+# ----------------------------------------------------------------------------- the page, in a browser
+
+@pytest.fixture
+def browser(tmp_path):
+    with browser_page.chromium_page(tmp_path) as dev:
+        yield dev
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_page_uploads_two_images_and_shows_the_result(server, browser, tmp_path):
+    """The page in a real headless browser (Debian's chromium): pick a content and a style image through
+    the file inputs, wait for the result, read the result image's bytes back from the page and check them;
+    then the alpha slider and the colour toggle each bring a new, different result. A screenshot goes to
+    the test's tmp dir, and to ``docs/serve-page.png`` with ``STYLEGEN_SCREENSHOT=docs/serve-page.png``."""
+    dev = browser
+    base, _, _ = server
+    content_path, style_path, _ = browser_page.images(tmp_path)
+    dev.call("Page.enable")
+    dev.call("Emulation.setDeviceMetricsOverride", width=880, height=470, deviceScaleFactor=1, mobile=False)
+    dev.call("Page.navigate", url=f"{base}/#token={TOKEN}")  # the fragment never reaches the server
+    dev.wait_for("document.readyState === 'complete' && !!document.getElementById('content')")
+    assert dev.eval("document.getElementById('token').value") == TOKEN
+    dev.eval("document.getElementById('size').value = '128'")
+    root = dev.call("DOM.getDocument")["root"]["nodeId"]
+    for field, path in (("content", content_path), ("style", style_path)):
+        node = dev.call("DOM.querySelector", nodeId=root, selector=f"#{field}")["nodeId"]
+        dev.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])  # fires 'change' like a user's pick
+    url = browser_page.wait_result(dev, None)
+    out = browser_page.result(dev)
+    assert out.shape == (128, 128, 3)
+    # the content as the server crops it (cover 128x128), to compare the result with
+    from stylegen.images import cover_crop
+
+    content = np.asarray(cover_crop(Image.open(content_path).convert("RGB"), (128, 128))).astype(float)
+    assert np.abs(out - content).mean() > 5, "the result is the content: nothing was stylized"
+    assert "error" not in dev.eval("document.getElementById('status').className")
+    shot = base64.b64decode(dev.call("Page.captureScreenshot", format="png")["data"])
+    (tmp_path / "serve-page.png").write_bytes(shot)
+    assert Image.open(io.BytesIO(shot)).size[0] >= 800
+    if os.environ.get("STYLEGEN_SCREENSHOT"):
+        Path(os.environ["STYLEGEN_SCREENSHOT"]).write_bytes(shot)
+
+    # the slider: alpha 0 is (nearly) the content's own style, a different picture
+    dev.eval("(() => { const a = document.getElementById('alpha'); a.value = '0'; "
+             "a.dispatchEvent(new Event('change')); })()")
+    url = browser_page.wait_result(dev, url)
+    weak = browser_page.result(dev)
+    assert np.abs(weak - out).mean() > 5
+    # the colour toggle: luminance-only transfer keeps the content's chroma
+    dev.eval("(() => { const a = document.getElementById('alpha'); a.value = '1'; "
+             "document.getElementById('preserve_color').click(); })()")
+    browser_page.wait_result(dev, url)
+    kept = browser_page.result(dev)
+
+    assert np.abs(chroma(kept) - chroma(content)).max() <= 1.5
+    assert np.abs(chroma(out) - chroma(content)).mean() > 3
+
+    # a refused request shows the server's one-line error on the page
+    dev.eval("document.getElementById('token').value = 'wrong-token-wrong-token'")
+    dev.eval("document.getElementById('preserve_color').click()")
+    dev.wait_for("document.getElementById('result').dataset.state === 'error'")
+    assert "wrong token" in dev.eval(browser_page.STATUS)

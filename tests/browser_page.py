@@ -1,8 +1,6 @@
-"""The page of ``stylegen serve`` in a real headless browser (Debian's chromium, driven over the Chrome
-DevTools protocol with ``websockets``): pick a content and a style image through the file inputs, wait
-for the result, read the result image's bytes back from the page and check them; then the alpha slider
-and the colour toggle each bring a new, different result. A screenshot goes to the test's tmp dir, and to
-``docs/serve-page.png`` with ``STYLEGEN_SCREENSHOT=docs/serve-page.png``. CI installs chromium (.ci/run)."""
+"""Headless chromium driven over the Chrome DevTools protocol (``websockets``), for the page test of
+``stylegen serve`` (tests/test_serve.py, which shares its live server with that test). CI installs
+chromium (.ci/run)."""
 
 from __future__ import annotations
 
@@ -13,16 +11,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-from test_serve import TOKEN, running_server
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -78,14 +73,8 @@ class DevTools:
 STATUS = "document.getElementById('status').textContent"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("serve-page"), "sgpage", []) as (base, _, _):
-        yield base
-
-
-@pytest.fixture
-def browser(tmp_path):
+@contextmanager
+def chromium_page(tmp_path: Path):
     """Headless chromium on a free DevTools port (loopback), its page target's DevTools client; killed after."""
     from s3server import die_with_parent
 
@@ -123,7 +112,7 @@ def browser(tmp_path):
             proc.wait()
 
 
-def _images(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+def images(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
     """Two of scikit-image's bundled photos (a cat, a stained tissue texture), downscaled."""
     from stylegen.data.embedded import skimage_data_dir
 
@@ -142,71 +131,14 @@ READ_RESULT = """(async () => {
 })()"""
 
 
-def _result(dev: DevTools) -> np.ndarray:
+def result(dev: DevTools) -> np.ndarray:
     data = base64.b64decode(dev.eval(READ_RESULT))
     assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:40]
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
 
 
-def _wait_result(dev: DevTools, previous: str | None) -> str:
+def wait_result(dev: DevTools, previous: str | None) -> str:
     """Wait for a finished result newer than ``previous`` (its blob URL); return its URL."""
     cond = ("(() => { const r = document.getElementById('result'); "
             f"return r.dataset.state === 'done' && r.src !== {json.dumps(previous or '')} ? r.src : ''; }})()")
     return dev.wait_for(cond)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_page_uploads_two_images_and_shows_the_result(server, browser, tmp_path):
-    dev = browser
-    content_path, style_path, _ = _images(tmp_path)
-    dev.call("Page.enable")
-    dev.call("Emulation.setDeviceMetricsOverride", width=880, height=470, deviceScaleFactor=1, mobile=False)
-    dev.call("Page.navigate", url=f"{server}/#token={TOKEN}")  # the fragment never reaches the server
-    dev.wait_for("document.readyState === 'complete' && !!document.getElementById('content')")
-    assert dev.eval("document.getElementById('token').value") == TOKEN
-    dev.eval("document.getElementById('size').value = '128'")
-    root = dev.call("DOM.getDocument")["root"]["nodeId"]
-    for field, path in (("content", content_path), ("style", style_path)):
-        node = dev.call("DOM.querySelector", nodeId=root, selector=f"#{field}")["nodeId"]
-        dev.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])  # fires 'change' like a user's pick
-    url = _wait_result(dev, None)
-    out = _result(dev)
-    assert out.shape == (128, 128, 3)
-    # the content as the server crops it (cover 128x128), to compare the result with
-    from stylegen.images import cover_crop
-
-    content = np.asarray(cover_crop(Image.open(content_path).convert("RGB"), (128, 128))).astype(float)
-    assert np.abs(out - content).mean() > 5, "the result is the content: nothing was stylized"
-    assert "error" not in dev.eval("document.getElementById('status').className")
-    shot = base64.b64decode(dev.call("Page.captureScreenshot", format="png")["data"])
-    (tmp_path / "serve-page.png").write_bytes(shot)
-    assert Image.open(io.BytesIO(shot)).size[0] >= 800
-    if os.environ.get("STYLEGEN_SCREENSHOT"):
-        Path(os.environ["STYLEGEN_SCREENSHOT"]).write_bytes(shot)
-
-    # the slider: alpha 0 is (nearly) the content's own style, a different picture
-    dev.eval("(() => { const a = document.getElementById('alpha'); a.value = '0'; "
-             "a.dispatchEvent(new Event('change')); })()")
-    url = _wait_result(dev, url)
-    weak = _result(dev)
-    assert np.abs(weak - out).mean() > 5
-    # the colour toggle: luminance-only transfer keeps the content's chroma
-    dev.eval("(() => { const a = document.getElementById('alpha'); a.value = '1'; "
-             "document.getElementById('preserve_color').click(); })()")
-    _wait_result(dev, url)
-    kept = _result(dev)
-
-    def chroma(a):
-        y = 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]
-        return np.stack([(a[..., 2] - y) / 1.772, (a[..., 0] - y) / 1.402], -1)
-
-    assert np.abs(chroma(kept) - chroma(content)).max() <= 1.5
-    assert np.abs(chroma(out) - chroma(content)).mean() > 3
-
-    # a refused request shows the server's one-line error on the page
-    dev.eval("document.getElementById('token').value = 'wrong-token-wrong-token'")
-    dev.eval("document.getElementById('preserve_color').click()")
-    dev.wait_for("document.getElementById('result').dataset.state === 'error'")
-    assert "wrong token" in dev.eval(STATUS)
