@@ -353,9 +353,9 @@ def baseline_s3(client, keys: list[str], seconds: float, use: ServerUse, batch: 
 
 
 def loader_rate_timed(content: str, seconds: float, workers: int, use: ServerUse, batch: int = 64,
-                      warm: int = 2) -> float:
+                      warm: int = 2, hflip: bool = True) -> float:
     """Like loader_rate, but measured over whole batches until ``seconds`` passed (S3 speed is unknown)."""
-    cfg = DataConfig(content=[content], steps_per_epoch=1_000_000, batch_size=batch, num_workers=workers)
+    cfg = DataConfig(content=[content], steps_per_epoch=1_000_000, batch_size=batch, num_workers=workers, hflip=hflip)
     gen = iter(build_loader(cfg, rank=0, world_size=1))
     try:
         for _ in range(warm):  # worker start-up and shuffle-buffer fill are one-off costs
@@ -392,13 +392,16 @@ def s3_rows(tmp: Path, want: set[str], seconds: float) -> None:
                   if o["Key"].endswith(".tar")) / len(keys) / 2**20
         print(f"# s3: {len(keys)} raw shards of {N_IMAGES // len(keys)} samples ({mib:.1f} MiB each) written to "
               f"{url} on moto {server.endpoint} in {time.perf_counter() - t:.1f} s", flush=True)
-        use = {tag: ServerUse(server) for tag in ("get_object loop", "ours, 0 workers", "ours, 1 worker",
-                                                   "ours, 2 workers")}
+        use = {tag: ServerUse(server) for tag in ("get_object loop", "ours, 0 workers", "ours, 0 workers, no hflip",
+                                                   "ours, 1 worker", "ours, 2 workers")}
         if "loader_s3" in want:
-            base = ours = 0.0
+            base = ours = plain = 0.0
             for _ in range(3):  # interleaved, best of 3 (each loader measurement has its own warm-up)
                 base = max(base, baseline_s3(client, keys, seconds, use["get_object loop"]))
                 ours = max(ours, loader_rate_timed(url, seconds, 0, use["ours, 0 workers"]))
+                plain = max(plain, loader_rate_timed(url, seconds, 0, use["ours, 0 workers, no hflip"], hflip=False))
+            print(f"# loader_s3 with data.hflip off (the baseline flips nothing): ours={plain:.0f} ratio={plain / base:.2f}",
+                  flush=True)
             line("loader_s3", ours, base, "boto3 get_object + iter_samples + np.frombuffer, copied into a batch "
                  "array, 1 process, same moto server and shards; ours: num_workers=0, with what the baseline lacks: "
                  "the seeded window shuffle, hflip of half the images, the stream position per sample")
