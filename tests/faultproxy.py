@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import os
 import socket
 import sys
 import threading
@@ -57,8 +58,9 @@ def main() -> None:
                 fault = "503" if always and always in self.path else next(faults) if n % every == 0 else None
                 if fault:
                     injected[0] += 1
-                    with open(counter, "w") as f:
+                    with open(counter + ".tmp", "w") as f:  # replaced whole: a reader never sees it empty
                         f.write(str(injected[0]))
+                    os.replace(counter + ".tmp", counter)
             if fault == "reset":
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 self.connection.close()
@@ -70,7 +72,8 @@ def main() -> None:
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                if self.command != "HEAD":  # a body after a HEAD reply corrupts the next reply on the connection
+                    self.wfile.write(payload)
                 return
             conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)
             headers = {k: v for k, v in self.headers.items()
