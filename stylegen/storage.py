@@ -212,6 +212,46 @@ def read_bytes(url: str | Path, cfg: StorageConfig | None = None) -> bytes:
     return retry(get_obj, url, cfg.retries)
 
 
+class LocalFile:
+    """A local file opened for positional reads: ``f[a:b]`` is ``os.pread`` of those bytes, so a reader
+    that needs only parts of a large file (a shard's headers, the samples it keeps) reads only those,
+    not the whole file up front. A read shorter than ``chunk`` reads (and keeps) a whole chunk, so
+    walking a tar's headers costs at most one read per header, none for one right after a small member.
+    ``len()`` is the size when opened; a read cut short (the file shrank since) raises OSError, as does
+    any failed read: unlike a memory map, a file cut in place is an error to skip, not a SIGBUS. The
+    file stays open as long as the object lives."""
+
+    def __init__(self, path: str | Path, chunk: int = 4096) -> None:
+        self.path, self.chunk = str(path), chunk
+        self.file = open(path, "rb", buffering=0)  # closed when the object is collected
+        self.size = os.fstat(self.file.fileno()).st_size
+        self.cached, self.cached_at = b"", 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, int):
+            if not 0 <= key < self.size:
+                raise IndexError(f"{self.path}: byte {key} of {self.size}")
+            return self[key:key + 1][0]
+        start, stop, step = key.indices(self.size)
+        if step != 1:
+            raise ValueError("LocalFile slices have no step")
+        n = max(stop - start, 0)
+        lo = start - self.cached_at
+        if 0 <= lo and start + n <= self.cached_at + len(self.cached):
+            return self.cached[lo:lo + n]
+        if n < self.chunk:  # a header: read a chunk, the next small member's header is often in it
+            self.cached, self.cached_at = os.pread(self.file.fileno(), min(self.chunk, self.size - start), start), start
+            got = self.cached[:n]
+        else:
+            got = os.pread(self.file.fileno(), n, start)
+        if len(got) != n:
+            raise OSError(f"{self.path}: {len(got)} of {n} bytes at {start}: the file was cut while open")
+        return got
+
+
 def _info(url: str | Path, cfg: StorageConfig | None, what):
     """``fs.get_file_info(what(path))``, retried on transient faults, failures as OSError."""
     cfg = cfg or StorageConfig()

@@ -4,7 +4,8 @@ Per stream (content, style) and per DataLoader worker, a small pipeline:
 
     shard URLs --split_by_node--> rank's URLs --[worker]--> seeded shard order
       -> windows of data.shuffle_shards shards (remote: the next window is read while this one
-         decodes; hand-rolled tar walk)
+         decodes; local: only the headers are read to index a window, each sample when it is taken;
+         hand-rolled tar walk, checksums checked for all headers at once)
       -> the window's samples in a seeded permutation, a seeded flip bit each
       -> decode into a preallocated (B, H, W, 3) array -> exactly n batches
 
@@ -190,14 +191,18 @@ def shard_order(urls: list[str], seed: int, sampling: str) -> Iterator[str]:
         yield urls[rng.randrange(len(urls))]
 
 
-def read_url(url: str, storage_cfg: StorageConfig | None = None) -> bytes:
-    """A whole shard: ``pipe:CMD`` through webdataset's gopen, everything else through the storage
-    layer (local, s3://, gs://, http(s)://, retried on transient faults)."""
+def read_url(url: str, storage_cfg: StorageConfig | None = None) -> bytes | storage.LocalFile:
+    """A shard: ``pipe:CMD`` through webdataset's gopen, a local file opened for positional reads (a
+    window's index reads only its headers, each sample is read when it is taken: a resume does not read
+    the samples it skips), everything else whole through the storage layer (s3://, gs://, http(s)://,
+    retried on transient faults)."""
     if url.startswith("pipe:"):
         import webdataset as wds
 
         with wds.gopen(url) as f:
             return f.read()
+    if not storage.is_remote(url):
+        return storage.LocalFile(storage.local_path(url))  # read where needed: headers, then kept samples
     return storage.read_bytes(url, storage_cfg)
 
 
@@ -218,8 +223,9 @@ def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None,
                ahead: int = 1) -> Iterator[tuple[str, Future]]:
     """``(url, future of its bytes)``: remote shards are read ``ahead`` shards ahead, each in a thread
     (the read releases the GIL), so the downloads of the next window overlap the decoding of this one;
-    local files are read inline when needed (nothing ahead: a fresh start or a resume reads one window
-    per stream before its first batch). Memory: ``ahead`` remote shards beyond the ones being decoded."""
+    local files are opened inline when needed (nothing ahead: a fresh start or a resume indexes one
+    window per stream before its first batch, reading its headers). Memory: ``ahead`` remote shards
+    beyond the ones being decoded."""
     pending: collections.deque[tuple[str, Future]] = collections.deque()
     for url in urls:
         if storage.is_remote(url):
@@ -243,7 +249,14 @@ def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, m
     for url, fut in group:
         try:
             data = fut.result()
-            view = memoryview(data)  # samples are slices of it, not copies
+            view = data if isinstance(data, storage.LocalFile) else memoryview(data)  # slices: no copies
+            plain = shardio.plain_images(data)  # the whole shard's index at once (None: walk it sample by sample)
+            if plain is not None:
+                images, without = plain
+                items += [(ext, view, off, size) for ext, off, size in images]
+                for _ in range(without):
+                    _count(counter)
+                continue
             for _, parts in shardio.iter_samples(data):
                 ext = "rgb8" if "rgb8" in parts else "png" if "png" in parts else None
                 if ext is None:
@@ -277,18 +290,28 @@ def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, st
         perm = list(range(len(items)))
         rng.shuffle(perm)
         flips = rng.getrandbits(len(items)) if items and data_cfg.hflip else 0
+        unreadable: set[int] = set()  # the window's shards already warned about
         for k in range(start.offset if window == start.window else 0, len(perm)):
             ext, data, off, size = items[perm[k]]
             # after a window's last sample the position is the next window's start: a resume there
             # reads only that window, not this one too
             after = StreamPos(window, k + 1) if k + 1 < len(perm) else StreamPos(window + 1, 0)
-            yield ext, data[off:off + size], bool(flips >> perm[k] & 1), after
+            try:
+                payload = data[off:off + size]
+            except OSError as e:  # a local shard cut or unreadable since its window was indexed
+                if id(data) not in unreadable:
+                    unreadable.add(id(data))
+                    log.warning("skipping unreadable samples of shard %s: %s", getattr(data, "path", "?"), e)
+                payload = b""  # not decodable: counted by batches()
+            yield ext, payload, bool(flips >> perm[k] & 1), after
         window += 1
 
 
 def decode_into(out: np.ndarray, ext: str, payload: bytes | memoryview, flip: bool) -> bool:
     """Decode one sample into ``out`` (H, W, 3) uint8; False when it is corrupt."""
     h, w, _ = out.shape
+    if not len(payload):
+        return False
     if ext == "rgb8":
         if len(payload) != h * w * 3:
             side = int(round((len(payload) / 3) ** 0.5))
