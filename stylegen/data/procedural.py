@@ -118,21 +118,24 @@ def strokes_style(rng: np.random.Generator, size: int) -> np.ndarray:
     y, x = _coords(size)
     flow, spread = rng.uniform(0, np.pi), rng.uniform(0.05, 1.5)
     length, width = rng.uniform(0.08, 0.4), rng.uniform(0.01, 0.06)
-    for _ in range(int(rng.integers(20, 101))):
-        cy, cx = rng.random(2)
-        th = flow + rng.normal(0, spread)
-        half = 0.5 * length * rng.uniform(0.5, 1.5)
-        w = width * rng.uniform(0.6, 1.4)
-        col = np.clip(pal[rng.integers(len(pal))] + rng.normal(0, 0.04, 3), 0.0, 1.0)
-        r = half + w  # the stroke lies within r of its centre: paint only that box
-        y0, y1 = max(int((cy - r) * size), 0), min(int((cy + r) * size) + 2, size)
-        x0, x1 = max(int((cx - r) * size), 0), min(int((cx + r) * size) + 2, size)
-        dy, dx = y[y0:y1, x0:x1] - cy, x[y0:y1, x0:x1] - cx
-        along = dx * np.cos(th) + dy * np.sin(th)
-        across = -dx * np.sin(th) + dy * np.cos(th)
-        d = np.hypot(np.maximum(np.abs(along) - half, 0.0), across)  # distance to the segment
-        a = np.clip((w - d) / (0.35 * w), 0.0, 1.0)[..., None]        # soft edge
-        img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1.0 - a) + col * a
+    k = int(rng.integers(20, 101))
+    # every stroke's parameters in one draw each: (k,) centres, angles, half lengths, widths, colours
+    cy, cx = rng.random(k), rng.random(k)
+    th = flow + rng.normal(0, spread, k)
+    cos, sin = np.cos(th), np.sin(th)
+    half, w = 0.5 * length * rng.uniform(0.5, 1.5, k), width * rng.uniform(0.6, 1.4, k)
+    cols = np.clip(pal[rng.integers(len(pal), size=k)] + rng.normal(0, 0.04, (k, 3)), 0.0, 1.0)
+    r = half + w  # a stroke lies within r of its centre: paint only that box
+    y0, y1 = np.maximum((cy - r) * size, 0).astype(int), np.minimum((cy + r) * size + 2, size).astype(int)
+    x0, x1 = np.maximum((cx - r) * size, 0).astype(int), np.minimum((cx + r) * size + 2, size).astype(int)
+    for j in range(k):
+        dy, dx = y[y0[j]:y1[j], x0[j]:x1[j]] - cy[j], x[y0[j]:y1[j], x0[j]:x1[j]] - cx[j]
+        along = np.abs(dx * cos[j] + dy * sin[j]) - half[j]
+        across = dy * cos[j] - dx * sin[j]
+        d = np.hypot(np.maximum(along, 0.0), across)                  # distance to the segment
+        a = np.clip((w[j] - d) * (1.0 / (0.35 * w[j])), 0.0, 1.0)[..., None]  # soft edge
+        box = img[y0[j]:y1[j], x0[j]:x1[j]]
+        box += (cols[j] - box) * a
     return img
 
 
@@ -141,14 +144,16 @@ def cells_style(rng: np.random.Generator, size: int) -> np.ndarray:
     n = int(rng.integers(6, 80))
     pts = rng.random((n, 2))
     y, x = _coords(size)
-    d = (y[..., None] - pts[:, 0]) ** 2 + (x[..., None] - pts[:, 1]) ** 2  # (size, size, n)
-    part = np.partition(d, 1, axis=-1)
+    d = ((y[..., None] - pts[:, 0]) ** 2 + (x[..., None] - pts[:, 1]) ** 2).astype(np.float32)  # (size, size, n)
     label = np.argmin(d, axis=-1)
+    d1 = np.take_along_axis(d, label[..., None], -1)[..., 0]
+    np.put_along_axis(d, label[..., None], np.inf, -1)
+    d2 = d.min(axis=-1)  # the second-nearest point (cheaper than np.partition)
     pal = palette(rng)
     cols = np.clip(pal[rng.integers(len(pal), size=n)] + rng.normal(0, 0.05, (n, 3)), 0.0, 1.0)
     img = cols[label]
     if rng.random() < 0.6:
-        gap = np.sqrt(part[..., 1]) - np.sqrt(part[..., 0])
+        gap = np.sqrt(d2) - np.sqrt(d1)
         grout = rng.uniform(0.005, 0.03)
         img = np.where((gap < grout)[..., None], pal[0] * rng.uniform(0.0, 0.6), img)
     return img
