@@ -72,6 +72,12 @@ V2_LISTS = {  # the v2 val and eval images, which v3 must not change
 }
 
 
+def test_the_held_out_pixels_are_v2s():
+    from stylegen.data.embedded import SAME_HELD_OUT
+
+    assert SAME_HELD_OUT == ("embedded-v2", VERSION)  # what V2_HELD_OUT's digests vouch for
+
+
 def held_out_pixels(d: Path) -> str:
     rows, _ = shardio.read_manifest(d)
     h = hashlib.sha256()

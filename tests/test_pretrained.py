@@ -28,11 +28,12 @@ def test_shipped_checkpoint_is_small_and_loads_safely():
 @pytest.mark.slow
 def test_shipped_model_objective_within_5_percent_of_record():
     """On the embedded data's val images, which the model never trained on (split by source image)."""
-    from stylegen.data.embedded import CONTENT_SPLITS, STYLE_SPLITS, VERSION
+    from stylegen.data.embedded import CONTENT_SPLITS, SAME_HELD_OUT, STYLE_SPLITS
 
     rec = _record()["regression"]
-    # the record was measured on this version of the embedded data: another split needs a new measurement
-    assert rec["data"] == VERSION and rec["split"] == "val"
+    # the record was measured on a version of the embedded data with today's val pixels: another split
+    # needs a new measurement
+    assert rec["data"] in SAME_HELD_OUT and rec["split"] == "val"
     assert not set(CONTENT_SPLITS["val"] + STYLE_SPLITS["val"]) & set(CONTENT_SPLITS["train"] + STYLE_SPLITS["train"])
     torch.manual_seed(0)
     gen, _ = load_generator(None)

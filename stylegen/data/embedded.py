@@ -69,6 +69,9 @@ from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
 VERSION = "embedded-v3"  # v1 drew val per crop from the training images; v2 splits by image; v3 adds matplotlib's
+# versions whose val and eval shards hold the same pixels in the same order (v3 added train images only;
+# tests/test_data_embedded.py checks v2's digests): a figure measured on one holds for the others
+SAME_HELD_OUT = ("embedded-v2", VERSION)
 CONTENT_SPLITS = {
     "train": ("astronaut.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png", "moon.png",
               "clock_motion.png", "horse.png", "page.png", "text.png", "phantom.png",
