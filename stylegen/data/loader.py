@@ -80,7 +80,7 @@ def resolve_shards(spec: list[str], split: str | None = "train", storage_cfg: St
         elif (p := Path(s).expanduser()).is_dir():
             if (p / shardio.MANIFEST).is_file():
                 rows, _ = shardio.read_manifest(p)
-                urls += [str(p / r["file"]) for r in rows if split is None or r["split"] == split]
+                urls += _children(p, [r["file"] for r in rows if split is None or r["split"] == split])
             else:
                 found = sorted(glob.glob(str(p / (f"{split}-*.tar" if split else "*.tar"))))
                 if not found and not glob.glob(str(p / "*.tar")):
@@ -97,6 +97,13 @@ def resolve_shards(spec: list[str], split: str | None = "train", storage_cfg: St
         else:
             raise UserError(f"shard source {s!r} does not exist; pass a shard dir, a brace pattern, a glob or a .tar")
     return list(dict.fromkeys(urls))
+
+
+def _children(folder: Path, names: list[str]) -> list[str]:
+    """``str(folder / name)`` of each name; a plain file name (most: no '/', not '', '.' or '..') joined
+    as a string to the prefix pathlib gives, ~20x cheaper (a resume builds 1282 ImageNet64 shard paths)."""
+    prefix = str(folder / "x")[:-1]
+    return [prefix + n if n and "/" not in n and n not in (".", "..") else str(folder / n) for n in names]
 
 
 def _remote_dir(prefix: str, split: str | None, storage_cfg: StorageConfig | None) -> list[str]:

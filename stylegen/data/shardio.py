@@ -162,13 +162,17 @@ def plain_images(data: bytes) -> tuple[list[tuple[str, int, int]], int] | None:
     if ((h[:, 257:262] == _USTAR).all(axis=1) & (h[:, 345] != 0)).any():
         return None
     cols = np.arange(name.shape[1])
-    slash = np.where(name == 47, cols, -1).max(axis=1)  # the last '/' (-1: none)
-    dots = (name == 46) & (cols > slash[:, None])
+    dots = name == 46
+    slashes = name == 47
+    if slashes.any():  # only dots after the last '/' count
+        dots &= cols > np.where(slashes, cols, -1).max(axis=1)[:, None]
     has_dot = dots.any(axis=1)
     dot = np.where(has_dot, dots.argmax(axis=1), length)  # key = name[:dot] (split_key), ext after it
-    keys = np.where(cols < dot[:, None], name, 0)
+    # a member starts a new sample unless its key equals its predecessor's: same length, same bytes up to it
+    same = name[1:] == name[:-1]  # (M - 1, width)
+    common = np.where(same.all(axis=1), name.shape[1], same.argmin(axis=1))
     new = np.ones(m, bool)
-    new[1:] = (keys[1:] != keys[:-1]).any(axis=1)
+    new[1:] = (dot[1:] != dot[:-1]) | (common < dot[1:])
     group = np.cumsum(new) - 1  # (M,) sample index of each member
     rows = np.arange(m)
 
@@ -216,15 +220,15 @@ def _walk_file(f: storage.LocalFile, chunk: int = 4096) -> list[bytes] | None:
     per header not in the chunk read last (a small member's successor usually is). OSError when the
     file was cut since it was opened."""
     n, pos, heads = len(f), 0, []
-    fd, buf, at = f.file.fileno(), b"", 0
+    fd, buf, at, end = f.file.fileno(), b"", 0, 0
     try:
         while pos + 512 <= n:
-            i = pos - at
-            if i + 512 > len(buf):  # (pos only grows: i >= 0)
-                buf, at, i = os.pread(fd, chunk, pos), pos, 0
-                if len(buf) < 512:
+            if pos + 512 > end:  # (pos only grows: a header in the chunk read last is at pos - at >= 0)
+                buf, at = os.pread(fd, chunk, pos), pos
+                end = at + len(buf)
+                if end < pos + 512:
                     raise OSError(f"{f.path}: {len(buf)} bytes at {pos}: the file was cut while open")
-            hdr = buf[i:i + 512]
+            hdr = buf[pos - at:pos - at + 512]
             if hdr[0] == 0 and hdr == _ZERO_BLOCK:
                 return heads
             size = int(hdr[124:135], 8)
