@@ -249,18 +249,25 @@ def prefetched(urls: Iterator[str], storage_cfg: StorageConfig | None = None,
     yield from pending
 
 
-def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, memoryview, int, int]]:
-    """``(ext, shard bytes, offset, size)`` of every sample with an image in a window's shards;
-    unreadable shards (after the storage layer's retries) and samples without image are counted."""
-    items = []
+def _window_items(group: list[tuple[str, Future]], counter) -> tuple[list[str], list, list[int], list[int]]:
+    """``(exts, shards, offsets, sizes)``, parallel lists over every sample with an image in a window's
+    shards (``shards[i]``: the bytes, or the ``storage.LocalFile``, its image is sliced from); unreadable
+    shards (after the storage layer's retries) and samples without image are counted."""
+    exts: list[str] = []
+    shards: list = []
+    offsets: list[int] = []
+    sizes: list[int] = []
     for url, fut in group:
         try:
             data = fut.result()
             view = data if isinstance(data, storage.LocalFile) else memoryview(data)  # slices: no copies
             plain = shardio.plain_images(data)  # the whole shard's index at once (None: walk it sample by sample)
             if plain is not None:
-                images, without = plain
-                items += [(ext, view, off, size) for ext, off, size in images]
+                e, o, z, without = plain
+                exts += e
+                offsets += o
+                sizes += z
+                shards += [view] * len(e)
                 for _ in range(without):
                     _count(counter)
                 continue
@@ -269,11 +276,14 @@ def _window_items(group: list[tuple[str, Future]], counter) -> list[tuple[str, m
                 if ext is None:
                     _count(counter)
                     continue
-                items.append((ext, view, *parts[ext]))
+                exts.append(ext)
+                shards.append(view)
+                offsets.append(parts[ext][0])
+                sizes.append(parts[ext][1])
         except (OSError, shardio.CorruptShard) as e:
             log.warning("skipping rest of shard %s: %s", url, e)
             _count(counter)
-    return items
+    return exts, shards, offsets, sizes
 
 
 def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, start: StreamPos = StreamPos(),
@@ -288,18 +298,19 @@ def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, st
     reads = prefetched(order, storage_cfg, ahead=per)  # the next window downloads while this one decodes
     window, empty = start.window, 0
     while True:
-        items = _window_items(list(itertools.islice(reads, per)), counter)
-        empty = 0 if items else empty + per
+        exts, shards, offsets, sizes = _window_items(list(itertools.islice(reads, per)), counter)
+        empty = 0 if exts else empty + per
         if empty >= MAX_EMPTY_SHARDS:
             raise UserError(f"{empty} shards in a row had no readable sample (last window {window} of {urls[0]}...); "
                             "check them with `stylegen shard verify DIR`")
         rng = random.Random(seed * 1_000_003 + window)
-        perm = list(range(len(items)))
+        perm = list(range(len(exts)))
         rng.shuffle(perm)
-        flips = rng.getrandbits(len(items)) if items and data_cfg.hflip else 0
+        flips = rng.getrandbits(len(exts)) if exts and data_cfg.hflip else 0
         unreadable: set[int] = set()  # the window's shards already warned about
         for k in range(start.offset if window == start.window else 0, len(perm)):
-            ext, data, off, size = items[perm[k]]
+            j = perm[k]
+            ext, data, off, size = exts[j], shards[j], offsets[j], sizes[j]
             # after a window's last sample the position is the next window's start: a resume there
             # reads only that window, not this one too
             after = StreamPos(window, k + 1) if k + 1 < len(perm) else StreamPos(window + 1, 0)
@@ -310,7 +321,7 @@ def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, st
                     unreadable.add(id(data))
                     log.warning("skipping unreadable samples of shard %s: %s", getattr(data, "path", "?"), e)
                 payload = b""  # not decodable: counted by batches()
-            yield ext, payload, bool(flips >> perm[k] & 1), after
+            yield ext, payload, bool(flips >> j & 1), after
         window += 1
 
 

@@ -139,18 +139,19 @@ def _plain_headers(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     return h, offsets, sizes
 
 
-def plain_images(data: bytes) -> tuple[list[tuple[str, int, int]], int] | None:
-    """``(ext, offset, size)`` of each sample's image, as ``iter_samples`` groups a plain archive (see
-    ``_plain_headers``) with ASCII names and no name prefixes: its last ``.rgb8`` member, else its last
-    ``.png``; and the number of samples without one. None for any other archive. The loader's hot
-    path: the grouping is done with numpy over all names at once, not per member in Python."""
+def plain_images(data: bytes) -> tuple[list[str], list[int], list[int], int] | None:
+    """``(exts, offsets, sizes, samples without image)``: each sample's image as ``iter_samples`` groups
+    a plain archive (see ``_plain_headers``) with ASCII names and no name prefixes: its last ``.rgb8``
+    member, else its last ``.png``. None for any other archive. The loader's hot path: the grouping is
+    done with numpy over all names at once, not per member in Python; parallel lists, not a tuple per
+    sample (fewer objects for the garbage collector to track)."""
     plain = _plain_headers(data)
     if plain is None:
         return None
     h, offsets, sizes = plain
     m = len(offsets)
     if m == 0:
-        return [], 0
+        return [], [], [], 0
     used = np.flatnonzero((h[:, :100] != 0).any(axis=0))
     width = int(used[-1]) + 2 if used.size else 1  # every name's bytes and at least one NUL after the longest
     name = h[:, :min(width, 100)]  # (M, width): the name fields, all of their non-NUL bytes
@@ -193,7 +194,7 @@ def plain_images(data: bytes) -> tuple[list[tuple[str, int, int]], int] | None:
     chosen = np.where(rgb8 >= 0, rgb8, png)
     keep = chosen >= 0
     exts = np.where(rgb8 >= 0, "rgb8", "png")[keep].tolist()
-    return list(zip(exts, offsets[chosen[keep]].tolist(), sizes[chosen[keep]].tolist())), int((~keep).sum())
+    return exts, offsets[chosen[keep]].tolist(), sizes[chosen[keep]].tolist(), int((~keep).sum())
 
 
 def _walk(data: bytes) -> list[bytes] | None:
@@ -221,20 +222,22 @@ def _walk_file(f: storage.LocalFile, chunk: int = 4096) -> list[bytes] | None:
     file was cut since it was opened."""
     n, pos, heads = len(f), 0, []
     fd, buf, at, end = f.file.fileno(), b"", 0, 0
+    pread, append, zero = os.pread, heads.append, _ZERO_BLOCK  # (locals: this loop runs per member)
     try:
         while pos + 512 <= n:
             if pos + 512 > end:  # (pos only grows: a header in the chunk read last is at pos - at >= 0)
-                buf, at = os.pread(fd, chunk, pos), pos
-                end = at + len(buf)
+                buf = pread(fd, chunk, pos)
+                at, end = pos, pos + len(buf)
                 if end < pos + 512:
                     raise OSError(f"{f.path}: {len(buf)} bytes at {pos}: the file was cut while open")
-            hdr = buf[pos - at:pos - at + 512]
-            if hdr[0] == 0 and hdr == _ZERO_BLOCK:
+            i = pos - at
+            hdr = buf[i:i + 512]
+            if hdr[0] == 0 and hdr == zero:
                 return heads
             size = int(hdr[124:135], 8)
             if size < 0:
                 return None
-            heads.append(hdr)
+            append(hdr)
             pos += 512 + ((size + 511) & ~511)
     except ValueError:
         return None
