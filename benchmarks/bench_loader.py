@@ -21,10 +21,11 @@
         the one the uninterrupted iteration yielded there. Goal: ratio < 20. Measured (2 cores shared
         with other jobs): before the header-only window index, 59.6 at load 8.7 (0.90 s against 15.1 ms
         a batch: each window read whole and its headers parsed one by one in Python; 26.5 at load 18,
-        when the load inflated the baseline); after it, 16.3, 18.7, 24.1, 21.2, 20.9 in five runs at
-        load 11.5, 3.1, 2.7, 5.2, 5.7 (0.078-0.110 s against 4.1-6.4 ms a batch; the steady state got
-        ~3x faster too, so the ratio fell less than the seek); half a window on 19-25, a window's last
-        batch 35-55, a fresh start 18-25; shuffle_shards=4: 9-17 at the middle.
+        when the load inflated the baseline); after it, 19.2, 15.8, 12.1 in three runs at load 2.3-2.4
+        (0.070-0.073 s against 3.8-5.9 ms a batch; the steady state got ~3x faster too, so the ratio fell
+        less than the seek; loader_raw 2.75 -> 4.23 back to back); half a window on 12-21, a window's
+        last batch 23-37, a fresh start 13-19; shuffle_shards=4: 7-11 at the middle. (Intermediate
+        states of the change: 16-24 at load 3-12.)
         The shards: 1282 raw .rgb8 shards as ``stylegen shard --encoding raw`` writes them (1281 x
         1000 + 167 samples, 64x64x3 uint8 random pixels, manifest with their counts); to spare
         17.7 GB of disk only 9 of them are real files (sharded from an ImageNet64-format npz), the
