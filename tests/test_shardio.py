@@ -11,7 +11,7 @@ import pytest
 
 from stylegen import storage
 from stylegen.data import shardio
-from stylegen.data.loader import batches, shuffled_range, window_samples
+from stylegen.data.loader import batches, window_samples
 
 NAMES = ["a.rgb8", "a.json", "b.PNG", "b.rgb8", "b.png", "c.json", "d/e.RGB8", "d/e.json", "d/e.rgb8", "f.x.rgb8",
          "g", "g.png", "h.rgb8", "/h.json", "i.png", "i.png", "j.rgb9", "k.rgb", "m.\x18gb8", "n.Rgb8", "o.rgb8.",
@@ -123,11 +123,3 @@ def test_local_file_reads_slices_and_refuses_a_short_read(tmp_path, chunk):
     assert len(f2) == 5
     with pytest.raises(OSError, match="cut while open"):
         f[8000:9000]  # opened at 10240 bytes, now 5
-
-
-def test_shuffled_range_draws_exactly_what_random_shuffle_draws():
-    for seed in range(40):
-        a, b = random.Random(seed), random.Random(seed)
-        want = list(range(seed * 211))
-        a.shuffle(want)
-        assert shuffled_range(b, seed * 211) == want and a.getrandbits(64) == b.getrandbits(64)

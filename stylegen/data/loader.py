@@ -286,21 +286,6 @@ def _window_items(group: list[tuple[str, Future]], counter) -> tuple[list[str], 
     return exts, shards, offsets, sizes
 
 
-def shuffled_range(rng: random.Random, n: int) -> list[int]:
-    """``list(range(n))`` after ``rng.shuffle``, drawing exactly the same bits (CPython's Fisher-Yates with
-    ``_randbelow_with_getrandbits``, inlined: ~2x faster, 1.5 ms less per window of 8000 samples)."""
-    x = list(range(n))
-    getrandbits = rng.getrandbits
-    for i in reversed(range(1, n)):
-        m = i + 1
-        k = m.bit_length()
-        j = getrandbits(k)
-        while j >= m:
-            j = getrandbits(k)
-        x[i], x[j] = x[j], x[i]
-    return x
-
-
 def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, start: StreamPos = StreamPos(),
                    storage_cfg: StorageConfig | None = None) -> Iterator[tuple[str, memoryview, bool, StreamPos]]:
     """``(ext, payload, flip, position after it)``: the samples of each window of ``data.shuffle_shards``
@@ -319,7 +304,8 @@ def window_samples(urls: list[str], seed: int, data_cfg: DataConfig, counter, st
             raise UserError(f"{empty} shards in a row had no readable sample (last window {window} of {urls[0]}...); "
                             "check them with `stylegen shard verify DIR`")
         rng = random.Random(seed * 1_000_003 + window)
-        perm = shuffled_range(rng, len(exts))
+        perm = list(range(len(exts)))
+        rng.shuffle(perm)
         flips = rng.getrandbits(len(exts)) if exts and data_cfg.hflip else 0
         unreadable: set[int] = set()  # the window's shards already warned about
         for k in range(start.offset if window == start.window else 0, len(perm)):
