@@ -110,7 +110,7 @@ def main() -> int:
                         datefmt="%H:%M:%S")
     import requests
 
-    from stylegen import serve
+    from stylegen import procs, serve
 
     deadline = time.monotonic() + args.max_seconds
     pairs = images(8)
@@ -164,7 +164,7 @@ def main() -> int:
                 sess.close()
             served, base_ips = served_n / served_t, base_n / base_t
         finally:
-            rc = serve.stop(proc)
+            rc = procs.stop(proc, timeout=60)
             if rc != 0:
                 log.warning("stylegen serve exited %s; its log:\n%s", rc, logf.read_text()[-2000:])
     print(f"serve_img_per_s_c8: ours={served:.2f} baseline={base_ips:.2f} ratio={served / base_ips:.2f} "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stylegen.errors import UserError
+from stylegen.procs import stop
 from stylegen.storage import write_bytes
 
 log = logging.getLogger(__name__)
@@ -199,12 +200,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -50,6 +50,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from stylegen.errors import UserError
+from stylegen.procs import pid_alive
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -270,7 +271,7 @@ def _wait_http(url: str, token_path: Path, pid: int, timeout: float, log: Path) 
     req = urllib.request.Request(url, headers=auth_headers(token_path.read_text().strip()))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             raise UserError(f"ray start exited early; see {log}")
         try:
             with urllib.request.urlopen(req, timeout=2) as r:
@@ -307,7 +308,7 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
     state.mkdir(parents=True, exist_ok=True)
     if (state / STATE_FILE).exists():
         old = read_state(state)
-        if _alive(old.head_pid):
+        if pid_alive(old.head_pid):
             raise UserError(f"a cluster from {state} is already running (pid {old.head_pid}, "
                             f"{old.dashboard_url}); stop it with cluster/local-down.sh --state-dir {state}")
     tok = Path(token_path).resolve() if token_path else state / "auth_token"
@@ -374,19 +375,6 @@ def read_state(state_dir: str | Path) -> LocalCluster:
                         f"start one with cluster/local-up.sh") from None
     except (ValueError, TypeError) as e:
         raise UserError(f"{path} is not a cluster state file ({e}); remove it") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _is_our_ray(pid: int) -> bool:
@@ -482,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped {', '.join(map(str, pids)) or 'nothing (processes already gone)'}")
         else:
             c = read_state(args.state_dir)
-            print(json.dumps({**asdict(c), "head_alive": _alive(c.head_pid),
-                              "worker_alive": c.worker_pid is not None and _alive(c.worker_pid)}, indent=2))
+            print(json.dumps({**asdict(c), "head_alive": pid_alive(c.head_pid),
+                              "worker_alive": c.worker_pid is not None and pid_alive(c.worker_pid)}, indent=2))
     except UserError as e:
         print(f"stylegen.raycluster {args.action}: error: {e}", file=sys.stderr)
         return e.exit_code

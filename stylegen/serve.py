@@ -538,7 +538,8 @@ def start_ray(address: str | None, temp_dir: str | None) -> None:
 
 def launch(argv: list[str], *, env: dict[str, str] | None = None, log_path: str | Path | None = None,
            preexec_fn=None):
-    """``stylegen serve ARGV`` in a child process (tests, benchmarks); stop it with :func:`stop`."""
+    """``stylegen serve ARGV`` in a child process (tests, benchmarks); stop it with ``stylegen.procs.stop(proc, 60)``
+    (SIGTERM: the server shuts Serve and its local Ray down)."""
     import subprocess
 
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
@@ -568,20 +569,6 @@ def wait_ready(base_url: str, proc, timeout: float = 240.0) -> float:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"stylegen serve at {base_url} not ready after {timeout:.0f} s")
-
-
-def stop(proc, timeout: float = 60.0) -> int:
-    """SIGTERM (the server shuts Serve and its local Ray down), then SIGKILL after ``timeout``."""
-    import subprocess
-
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stylegen import procs
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -104,12 +106,7 @@ def chromium_page(tmp_path: Path):
     finally:
         if devtools is not None:
             devtools.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        procs.stop(proc, timeout=20)
 
 
 def images(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from stylegen import procs
+
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}
 
@@ -82,12 +84,7 @@ def start_server(port: int | None = None, log_path: str | None = None,
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    procs.stop(proc, timeout=10)
 
 
 @pytest.fixture(scope="session")

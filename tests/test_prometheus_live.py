@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stylegen import prom
+from stylegen import procs, prom
 from stylegen.metrics import TrainMetrics
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,7 @@ def _start_prometheus(tmp: Path, **overrides) -> tuple[object, str]:
 
 
 def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except Exception:
-        proc.kill()
-        proc.wait()
+    procs.stop(proc, timeout=15)
 
 
 def _wait_for_ranks(base: str, promql: str, expected: dict[str, float], timeout: float) -> float:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from hooks import batches_by_step, hook_sets, read_trace
+from stylegen.procs import pid_alive
 from stylegen.raycluster import group_alive
 from stylegen.train.cli import EXIT_STOPPED
 from tiny import DEMO, ROOT, TINY, tiny_cfg
@@ -82,26 +83,12 @@ def wait_ranks_gone(trace: Path, timeout: float = 60) -> None:
     pids = {r["pid"] for recs in read_trace(trace).values() for r in recs}
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in pids if _pid_alive(p)]
+        alive = [p for p in pids if pid_alive(p)]
         cpus = ray.available_resources().get("CPU", 0)
         if not alive and cpus >= 2:
             return
         assert time.monotonic() < deadline, f"{timeout:.0f} s after their driver died: workers {alive} alive, {cpus} CPUs free"
         time.sleep(0.25)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its raylet) does not train
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def fit(cfg, tmp_path: Path, name: str):

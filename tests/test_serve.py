@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 import browser_page
-from stylegen import serve
+from stylegen import procs, serve
 from stylegen.errors import UserError
 from stylegen.metrics import SERVE_SPECS, ServeMetrics, series_names
 
@@ -237,7 +237,7 @@ def running_server(d: Path, name: str, extra: list[str], env_extra: dict[str, st
         print(log.read_text()[-4000:], file=sys.stderr)
         raise
     finally:
-        rc = serve.stop(proc)
+        rc = procs.stop(proc, timeout=60)
         assert rc == 0, f"stylegen serve exited {rc}:\n{log.read_text()[-3000:]}"
 
 
