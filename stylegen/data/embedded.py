@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stylegen import storage
 from stylegen.data import shardio
 from stylegen.data.shard import ShardParams, build_shards, fingerprint, plan_units
 from stylegen.data.sources import discover
@@ -188,10 +189,7 @@ def _render(name: str, out_dir: Path) -> Path:
     dest = out_dir / name
     if dest.is_file() and dest.read_bytes() == buf.getvalue():
         return dest
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # per process: _files may run outside the build lock
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, dest)
+    storage.write_bytes(dest, buf.getvalue())  # a temp file of its own: _files may run outside the build lock
     return dest
 
 
