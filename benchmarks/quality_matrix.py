@@ -26,15 +26,18 @@ CONFIGS = ROOT / "jobs" / "configs" / "quality"
 log = logging.getLogger("quality_matrix")
 
 
-def run_one(name: str, out_root: Path, pairs: int) -> dict:
+def run_one(name: str, out_root: Path, pairs: int, configs: Path = CONFIGS) -> dict:
     """Train (resuming) and evaluate one config; returns its eval.json plus train seconds."""
     out = out_root / name
     result_path = out / "eval.json"
     if not result_path.exists():
-        cfg = CONFIGS / f"{name}.toml"
+        cfg = configs / f"{name}.toml"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stylegen", "train", "--local", "--config", str(cfg),
-                        "--out", str(out), "--no-progress", "--set", "metrics.enabled=false"], check=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train.log", "ab") as logf:
+            subprocess.run([sys.executable, "-m", "stylegen", "train", "--local", "--config", str(cfg),
+                            "--out", str(out), "--no-progress", "--set", "metrics.enabled=false"],
+                           check=True, stdout=logf, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - t0
         subprocess.run([sys.executable, "-m", "stylegen", "eval", "--checkpoint", str(out), "--pairs", str(pairs),
                         "--gatys-steps", "0", "--json", str(result_path)], check=True, stdout=subprocess.DEVNULL)
@@ -42,13 +45,16 @@ def run_one(name: str, out_root: Path, pairs: int) -> dict:
     result = json.loads(result_path.read_text())
     seconds_file = out / "train_seconds.txt"
     result["train_seconds"] = float(seconds_file.read_text()) if seconds_file.exists() else None
+    metrics_file = out / "metrics.json"  # the run's last report: val_score on the val images
+    result["val_score"] = json.loads(metrics_file.read_text()).get("val_score") if metrics_file.exists() else None
     return result
 
 
 def table_row(name: str, r: dict) -> str:
     m = r["rows"]["model"]
     minutes = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-"
-    return (f"| {name} | `jobs/configs/quality/{name}.toml` | {m['objective_n']:.3f} | {m['content_n']:.3f} | "
+    val = f"{r['val_score']:.3f}" if r.get("val_score") is not None else "-"
+    return (f"| {name} | {val} | {m['objective_n']:.3f} | {m['content_n']:.3f} | "
             f"{m['style_n']:.3f} | {m['psnr']:.1f} | {m['img_s']:.0f} | {minutes} |")
 
 
@@ -84,18 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="config names (default: all in jobs/configs/quality)")
     p.add_argument("-j", "--jobs", type=int, default=2, help="configs trained at once (default 2)")
+    p.add_argument("--configs", type=Path, default=CONFIGS, help=f"folder of row configs (default {CONFIGS})")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--montage", type=Path, help="also write content | style | each run's output as one PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    names = args.names or sorted(c.stem for c in CONFIGS.glob("*.toml"))
-    missing = [n for n in names if not (CONFIGS / f"{n}.toml").exists()]
+    names = args.names or sorted(c.stem for c in args.configs.glob("*.toml"))
+    missing = [n for n in names if not (args.configs / f"{n}.toml").exists()]
     if missing:
-        p.error(f"no such config(s) in {CONFIGS}: {', '.join(missing)}")
+        p.error(f"no such config(s) in {args.configs}: {', '.join(missing)}")
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(names, pool.map(lambda n: run_one(n, args.out, args.pairs), names)))
-    print("| run | config | objective_n | content_n | style_n | PSNR dB | img/s | train min |")
+        results = dict(zip(names, pool.map(lambda n: run_one(n, args.out, args.pairs, args.configs), names)))
+    print("| run | val_score | objective_n | content_n | style_n | PSNR dB | img/s | train min |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(table_row(name, r))
