@@ -42,7 +42,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -239,17 +238,6 @@ def load_eval_pairs(args: argparse.Namespace, image_size: int):
     return load_pairs(data, args.pairs, split="val")
 
 
-def check_json_target(path: Path, flag: str = "--json", example: str = "eval.json") -> None:
-    """Refuse an unusable --json (or --grid) before the (minutes-long) evaluation rather than after it."""
-    if path.is_dir():
-        raise UserError(f"{flag} {str(path)!r} is a directory; pass a file name such as {example}")
-    if path.exists() and not path.is_file():
-        raise UserError(f"{flag} {str(path)!r} is not a regular file (a FIFO, device or socket); pass a file name")
-    parent = next((a for a in path.absolute().parents if a.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {str(path)!r}: {str(parent)!r} is not a writable directory; pass a writable path")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -266,9 +254,9 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
     if args.json:
-        check_json_target(Path(args.json))
+        storage.check_output_file(args.json, "--json", "eval.json")
     if args.grid:
-        check_json_target(Path(args.grid), "--grid", "grid.png")
+        storage.check_output_file(args.grid, "--grid", "grid.png")
     path = resolve_checkpoint_path(args.checkpoint)
     state = load_checkpoint(path)
     gen, cfg = generator_from_state(state, str(path))

@@ -381,15 +381,16 @@ def probe_writable(directory: Path) -> None:
         pass
 
 
-def check_output_file(path: str | Path, flag: str) -> None:
+def check_output_file(path: str | Path, flag: str, example: str = "") -> None:
     """Refuse, before any work, a local output file that could not be written at the end: a directory,
     a path under a regular file, or one whose nearest existing directory is not writable (a side output
-    such as a metrics textfile must not fail after the main output was written)."""
+    such as a metrics textfile must not fail after the main output was written). ``example``: a file
+    name the directory message suggests."""
     if is_remote(path):
         return
     p = local_path(path).absolute()
     if p.is_dir():
-        raise UserError(f"{flag} {str(path)!r} is a directory; pass a file name")
+        raise UserError(f"{flag} {str(path)!r} is a directory; pass a file name" + (f" such as {example}" if example else ""))
     if p.exists() and not p.is_file():
         raise UserError(f"{flag} {str(path)!r} is not a regular file (a FIFO, device or socket); pass a file name")
     parent = next((a for a in p.parents if a.exists()), None)

@@ -341,7 +341,7 @@ CASES: dict[str, Case] = {
     "stylize: --out in /proc": Case(_stylize(out="/proc/stylegen-no-such-dir/o.png"),
                                     "cannot create output directory"),
     "eval: --json under a regular file": Case(lambda i, w, u: [*_eval()(i, w, u)[:-1], str(i / "a_file" / "e.json")],
-                                              "not a writable directory"),
+                                              "is under a file"),
     "eval: --json is a directory": Case(lambda i, w, u: [*_eval()(i, w, u)[:-1], str(i / "emptydir")],
                                         "is a directory"),
     "eval: missing shards": Case(_eval("--content-shards", "/no/such/shards"), "does not exist"),
