@@ -28,7 +28,7 @@ def test_shipped_checkpoint_is_small_and_loads_safely():
 @pytest.mark.slow
 def test_shipped_model_objective_within_5_percent_of_record():
     """On the embedded data's val images, which the model never trained on (split by source image)."""
-    from stylegen.data.embedded import CONTENT_SPLITS, SAME_HELD_OUT, STYLE_SPLITS
+    from stylegen.data.embedded import CONTENT_SPLITS, SAME_HELD_OUT, STYLE_SPLITS, VERSION
 
     rec = _record()["regression"]
     # the record was measured on a version of the embedded data with today's val pixels: another split
@@ -36,7 +36,10 @@ def test_shipped_model_objective_within_5_percent_of_record():
     assert rec["data"] in SAME_HELD_OUT and rec["split"] == "val"
     assert not set(CONTENT_SPLITS["val"] + STYLE_SPLITS["val"]) & set(CONTENT_SPLITS["train"] + STYLE_SPLITS["train"])
     torch.manual_seed(0)
-    gen, _ = load_generator(None)
+    gen, cfg = load_generator(None)
+    # honest: the model trained on today's embedded data (whose training shards hold no val or eval image,
+    # tests/test_data_embedded.py), not on files of its own or an older version that drew val per crop
+    assert rec["data"] == VERSION and cfg.data.content == [] and cfg.data.style == []
     c, s = load_pairs(DataConfig(), rec["pairs"], split=rec["split"], seed=rec["seed"])
     row = score_generator(gen, VGGFeatures(rec["features"]), c, s, torch.device("cpu"))
     assert row["objective_n"] == pytest.approx(rec["objective_n"], rel=rec["tolerance"])
@@ -59,8 +62,9 @@ def test_training_recipe_lowers_the_objective(tmp_path):
     """The shipped recipe's config, shortened: val_score (objective_n on fixed pairs) falls."""
     from stylegen.config import load_config
 
-    cfg = load_config("jobs/configs/pretrained.toml", ["train.steps=30", "optim.warmup_steps=3", "train.report_every=10",
-                                                       "train.checkpoint_every=30", "train.sample_every=30",
+    # 60 steps: with style weight 2 and procedural styles the first 30 steps wander (1.47, 1.58, 1.47)
+    cfg = load_config("jobs/configs/pretrained.toml", ["train.steps=60", "optim.warmup_steps=3", "train.report_every=20",
+                                                       "train.checkpoint_every=60", "train.sample_every=60",
                                                        "model.channels=16", "data.batch_size=4",
                                                        "metrics.enabled=false", "train.threads=2"])
     trace = []
