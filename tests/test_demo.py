@@ -29,7 +29,7 @@ def test_summary_prints_paths_and_the_eval_table_with_the_shipped_and_gatys_rows
     assert table[0].split() == list(demo.SUMMARY_COLUMNS)
     by_label = {line[:line.index("  ")]: line.split()[-4:] for line in table[1:]}
     assert by_label["demo's best trial (minutes of training)"][2] == "1.234"
-    assert by_label["shipped model (1 h of training)"][2] == f"{shipped['rows']['model']['objective_n']:.3f}"
+    assert by_label["shipped model (51 min of training)"][2] == f"{shipped['rows']['model']['objective_n']:.3f}"
     gatys = next(v for k, v in by_label.items() if k.startswith("gatys"))
     assert gatys[2] == f"{shipped['rows']['gatys']['objective_n']:.3f}"
     assert by_label["identity (output=content)"] == ["0.000", "1.000", "1.000", "-"]

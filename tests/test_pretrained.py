@@ -46,6 +46,18 @@ def test_shipped_model_objective_within_5_percent_of_record():
     assert row["objective_n"] < 0.9  # clearly better than either trivial answer (1.0)
 
 
+def test_demo_summary_shows_the_shipped_models_record():
+    """The demo prints the shipped model's row from a docs/ eval JSON: it must be this checkpoint's record."""
+    from stylegen.demo import ROOT, SHIPPED_EVAL
+
+    rec = _record()["eval_16_pairs"]
+    rows = json.loads((ROOT / SHIPPED_EVAL).read_text())["rows"]
+    assert SHIPPED_EVAL in rec["command"]
+    for key in ("objective_n", "content_n", "style_n"):
+        assert rows["model"][key] == pytest.approx(rec[key], abs=5e-5), key
+    assert rows["gatys"]["objective_n"] == pytest.approx(rec["gatys_100_steps_objective_n"], abs=5e-5)
+
+
 def test_stylize_works_without_checkpoint(tmp_path):
     from PIL import Image
 
