@@ -146,7 +146,7 @@ def _independent(result: dict[str, dict], c, s, outputs: dict, batch: int, style
     """Each row's ssim (output vs content) and style_sim (output vs style, when ``style_embed``), in place."""
     import torch
 
-    from stylegen.similarity import cosine, ssim
+    from stylegen.similarity import cosine, ssim  # lazy: torch; not for `stylegen --help`
 
     images = {"identity": c, "style_copy": s, **outputs}
     e_s = style_embed(s) if style_embed is not None else None
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     from stylegen.references import load_references  # lazy: torch; not for `stylegen --help`
 
     references = load_references(args.reference, args.features, args.device)  # a missing package fails here
-    from stylegen.similarity import HINT, style_predictor
+    from stylegen.similarity import HINT, style_predictor  # lazy: torch; not for `stylegen --help`
 
     style_embed = style_predictor(torch.get_num_threads())
     if style_embed is None:

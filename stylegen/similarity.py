@@ -27,8 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from stylegen.grids import to_hwc_uint8
 
 WINDOW = 11
 SIGMA = 1.5
@@ -86,9 +89,6 @@ def style_predictor(threads: int | None = None) -> Callable[[torch.Tensor], torc
         st = StyleTransfer(device="cpu", threads=threads)  # imports onnxruntime
     except ImportError:
         return None
-    import numpy as np
-
-    from stylegen.grids import to_hwc_uint8
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         vecs = [st.style_vector(im).reshape(-1) for im in to_hwc_uint8(images)]
