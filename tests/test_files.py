@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from stylegen.cli import main
+from tiny import MODEL
 
-TINY_SETS = ["model.channels=8", "model.res_blocks=1", "data.batch_size=2", "features.weights=random",
-             "train.threads=1", "train.val_pairs=2", "metrics.enabled=false", "train.steps=2"]
+TINY_SETS = [*MODEL, "data.batch_size=2", "train.threads=1", "train.val_pairs=2", "metrics.enabled=false", "train.steps=2"]
 
 
 def _mode(p: Path) -> int:

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stylegen.errors import UserError
 from stylegen.metrics import (COMMAND_SPECS, METRIC_NAMES, SERVE_SPECS, TRAIN_SPECS, CommandMetrics, TrainMetrics,
                               series_names)
+from tiny import MODEL
 
 LOSSES = {"content": 1.25, "style": 3.5, "adv": 0.5, "total": 7.0}
 
@@ -209,8 +210,8 @@ def test_flops_are_counted_by_hand_for_a_conv_and_the_loop_reports_mfu_against_t
     assert flops == 3 * fwd  # forward, grad of the input, grad of the weight
 
     cfg = load_config(None, ["train.steps=4", "train.report_every=2", "train.checkpoint_every=100",
-                             "train.sample_every=100", "train.val_pairs=2", "data.batch_size=2", "model.channels=4",
-                             "model.res_blocks=1", "features.weights=random", "metrics.enabled=false",
+                             "train.sample_every=100", "train.val_pairs=2", "data.batch_size=2", *MODEL,
+                             "model.channels=4", "metrics.enabled=false",
                              "train.peak_flops=1e12"])
     reports = []
 

@@ -19,6 +19,7 @@ import pytest
 
 from stylegen import procs, prom
 from stylegen.metrics import TrainMetrics
+from tiny import MODEL
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,8 +195,8 @@ def test_local_training_run_samples_equal_steps_times_batch(tmp_path):
     from stylegen.train.step import build_state
 
     steps, batch = 5, 3
-    cfg = load_config(None, [f"train.steps={steps}", f"data.batch_size={batch}", "model.channels=4",
-                             "model.res_blocks=1", "features.weights=random", "train.report_every=5",
+    cfg = load_config(None, [f"train.steps={steps}", f"data.batch_size={batch}", *MODEL, "model.channels=4",
+                             "train.report_every=5",
                              "train.checkpoint_every=5", "train.sample_every=5", "train.val_pairs=2"])
     metrics = TrainMetrics.create("prometheus", run="live-local", rank=0, port=0)
     try:
@@ -239,8 +240,8 @@ def test_prometheus_scrapes_a_two_worker_ray_train_run(tmp_path):
     try:
         proc, base = _start_prometheus(tmp_path, local_targets=[], targets_files=[str(tmp_path / "none-*.json")],
                                        ray_discovery_file=str(Path(c.temp_dir) / "prom_metrics_service_discovery.json"))
-        sets = ["train.steps=100000", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
-                "features.weights=random", "train.report_every=1000", "train.checkpoint_every=100000",
+        sets = ["train.steps=100000", "data.batch_size=2", *MODEL, "model.channels=4",
+                "train.report_every=1000", "train.checkpoint_every=100000",
                 "train.sample_every=100000", "train.val_pairs=2", "train.threads=1", "ray.workers=2",
                 "train.max_failures=0"]
         # RAY_ADDRESS too: Train's placement-group cleaner needs it with several Rays on one machine

@@ -43,6 +43,7 @@ import torch
 from stylegen.checkpoint import load_checkpoint
 from stylegen.config import Config, load_config
 from stylegen.errors import UserError
+from tiny import MODEL, cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stylegen"
@@ -117,7 +118,7 @@ def test_metrics_host_0000_in_a_local_run_warns(tmp_path, caplog):
     loopback and says so once (the warning above, reached through cfg.metrics.host)."""
     from stylegen.cli import main
 
-    sets = ["model.channels=8", "model.res_blocks=1", "features.weights=random", "data.batch_size=2",
+    sets = [*MODEL, "data.batch_size=2",
             "train.steps=1", "train.val_pairs=2", "train.threads=1", "metrics.host=0.0.0.0", "metrics.port=0"]
     caplog.set_level(logging.WARNING)
     assert main(["train", "--local", "--out", str(tmp_path / "run"), "--no-progress",
@@ -711,7 +712,7 @@ def test_token_canary_never_in_run_outputs_or_logs(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "stylegen.cli", "-v", "train", "--local", "--out", str(out), "--no-progress",
-         "--set", "model.channels=8", "--set", "model.res_blocks=1", "--set", "features.weights=random",
+         *cli_sets(MODEL),
          "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2",
          "--set", "train.report_every=2", "--set", "data.batch_size=2", "--set", "metrics.port=0"],
         env=env, cwd=tmp_path, capture_output=True, timeout=300)

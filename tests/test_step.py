@@ -9,8 +9,9 @@ import torch
 from stylegen.config import load_config
 from stylegen.features import VGGFeatures
 from stylegen.train.step import build_state, identity_samples, lr_factor, train_step
+from tiny import MODEL, tiny_cfg
 
-TINY = ["model.channels=4", "model.res_blocks=1", "features.weights=random"]
+TINY = [*MODEL, "model.channels=4"]
 
 
 def _step(overrides, *, cpu_bf16: bool = False):
@@ -103,13 +104,12 @@ def test_compiled_generator_checkpoints_and_restores_like_the_bare_one():
     from stylegen.models import unwrap
     from stylegen.train.step import checkpoint_state, restore_state
 
-    tiny = ["model.channels=4", "model.res_blocks=1", "features.weights=random"]
-    cfg = load_config(None, [*tiny, "train.compile=true"])
+    cfg = load_config(None, [*TINY, "train.compile=true"])
     state = build_state(cfg, torch.device("cpu"))
     assert type(state.generator).__name__ == "OptimizedModule"
     assert unwrap(state.generator) is state.generator._orig_mod
     saved = checkpoint_state(state, {}, {})["generator"]
-    bare = build_state(load_config(None, tiny), torch.device("cpu"))
+    bare = build_state(load_config(None, TINY), torch.device("cpu"))
     assert sorted(saved) == sorted(bare.generator.state_dict())  # no "_orig_mod." prefix
     with torch.no_grad():
         for p in bare.generator.parameters():
@@ -126,7 +126,6 @@ def _validate_in_group(rank: int, world: int, store_path: str, out_path: str) ->
     import torch.distributed as dist
 
     from stylegen.train.step import validate
-    from tiny import tiny_cfg
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
@@ -151,7 +150,6 @@ def test_validate_shards_pairs_over_ddp_ranks_and_all_reduces_to_the_one_process
     import torch.multiprocessing as mp
 
     from stylegen.train.step import validate
-    from tiny import tiny_cfg
 
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
     ctx = mp.get_context("spawn")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hooks import Trace, hook_sets, trace_records
-from tiny import DEMO, ROOT, tiny_cfg
+from tiny import DEMO, MODEL, ROOT, tiny_cfg
 
 from stylegen.train.cli import EXIT_STOPPED
 from tiny import TINY_NO_GRIDS as TINY
@@ -172,8 +172,8 @@ def run_polled(tmp_path, steps: int, answers: dict[int, str], report_lines: bool
     from stylegen.train.step import build_state
 
     cfg = load_config(None, [f"train.steps={steps}", "train.report_every=2", "train.checkpoint_every=100",
-                             "train.sample_every=100", "data.batch_size=2", "model.channels=4", "model.res_blocks=1",
-                             "features.weights=random", "train.val_pairs=2", "metrics.enabled=false"])
+                             "train.sample_every=100", "data.batch_size=2", *MODEL, "model.channels=4",
+                             "train.val_pairs=2", "metrics.enabled=false"])
     asked = []
 
     def poll() -> str | None:

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from stylegen.tune import first_difference, max_trials
+from tiny import MODEL, cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_TOML = str(ROOT / "jobs" / "configs" / "tune.toml")
 # tiny and fast: quality does not matter here, only the sweep mechanics
-TINY = ["--set", "model.channels=8", "--set", "model.res_blocks=1", "--set", "data.batch_size=4",
-        "--set", "features.weights=random", "--set", "train.val_pairs=4", "--set", "train.report_every=5",
+TINY = [*cli_sets(MODEL), "--set", "data.batch_size=4", "--set", "train.val_pairs=4", "--set", "train.report_every=5",
         "--set", "train.checkpoint_every=5", "--set", "train.sample_every=20", "--set", "train.max_failures=0"]
 
 
@@ -159,6 +159,11 @@ def test_sweep_asha_errored_trial_best_export_stylize(local_ray, tmp_path, capsy
                   "--set", "tune.grace_period=5", "--set", f"tune.space={space}", "--samples", "1",
                   "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "sw", timeout=420)
     assert r.returncode == 0, r.stderr[-3000:]
+    # a quiet driver (no -v): our trial lines, not Tune's header box nor Ray's own chatter (raylogs.py)
+    assert "trial 00000 started" in r.stderr
+    for noise in ("Configuration for experiment", "View detailed results", "tensorboard --logdir", "PreemptionWatcher",
+                  "PYTHON worker processes have been started", "Cleaning up placement group"):
+        assert noise not in r.stdout + r.stderr, noise
     sweep = tmp_path / "sw"
     rows = sweep_rows(sweep)
     assert len(rows) == 6

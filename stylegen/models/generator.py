@@ -110,7 +110,6 @@ class ResBlock(nn.Module):
 
 
 VGG_LAYER = "relu4_1"
-VGG_WIDTH = 512  # channels of VGG19 relu4_1
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +165,7 @@ class Generator(nn.Module):
             if vgg is None:
                 raise ValueError("model.vgg_adain needs the VGG19 features: build with build_generator(cfg)")
             self.vgg = vgg.requires_grad_(False)
-            self.vgg_in = nn.Sequential(conv(VGG_WIDTH, 4 * c, k=1), act())
+            self.vgg_in = nn.Sequential(conv(vgg.channels(VGG_LAYER), 4 * c, k=1), act())
             self.vgg_mix = nn.Sequential(conv(8 * c, 4 * c), act())
             self._register_state_dict_hook(_drop_vgg_keys)
             self.register_load_state_dict_post_hook(_ignore_missing_vgg)

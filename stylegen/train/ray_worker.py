@@ -25,6 +25,7 @@ from stylegen.errors import UserError
 from stylegen.features import build_features
 from stylegen.grids import save_grid
 from stylegen.metrics import TrainMetrics
+from stylegen.raylogs import drop_ray_chatter
 from stylegen.storage import ENDPOINT_ENV, ray_storage
 from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
 from stylegen.train.step import build_state, checkpoint_state, compiled, restore_state
@@ -257,6 +258,8 @@ def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
     except ConnectionError as e:
         raise UserError(f"cannot reach the Ray cluster at {address!r} ({str(e).splitlines()[0][:120]}); "
                         "check --address / RAY_ADDRESS and that the cluster is up") from None
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v shows Ray's own lines too
+        drop_ray_chatter()
 
 
 def failed_exception(error: BaseException) -> BaseException:

@@ -1,0 +1,56 @@
+"""Ray's own chatter (stylegen/raylogs.py): the three known lines go, everything else stays."""
+
+from stylegen.raylogs import HANDLER, is_ray_chatter, without_chatter
+
+# as Ray 2.60 forwarded them to `make demo`'s driver (tmp/cc-demo.log, session 8)
+CHATTER = [
+    "[2026-11-30 09:06:45,154 E 13215 13345] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
+    "ID: '090f043faaa4753b6384d08601000000' has constructor arguments in the object store and max_restarts > 0",
+    "WARNING: 8 PYTHON worker processes have been started on node: 2a48324b with address: 192.0.2.2, which is 4x "
+    "the maximum expected startup concurrency (2).",
+    "Detected that the Ray Train controller actor (25cd909c20a17c213918ed9201000000) is dead. Cleaning up placement "
+    "group = [PlacementGroupID(91a6802f37d479f6275501c51a6401000000)] created by this run.",
+]
+KEPT = [
+    "rank 0: 6.65e+10 FLOPs per training step (1.66e+10 per sample)",
+    "step 10/40  loss 1.08  val_score 0.9450  5 img/s  eta 0:44",
+    "core_worker.cc:2465: Actor with class name: 'Learner' and ID: 'x' has constructor arguments in the object store",
+    "Traceback (most recent call last):",
+    "WARNING: the worker ran out of memory",
+]
+
+
+def test_the_three_known_lines_are_chatter_and_nothing_else_is():
+    assert all(is_ray_chatter(line) for line in CHATTER)
+    assert not any(is_ray_chatter(line) for line in KEPT)
+
+
+def test_a_batch_keeps_its_other_lines_and_fields_and_an_all_chatter_batch_is_dropped():
+    batch = {"pid": 13484, "actor_name": "RayTrainWorker", "is_err": True, "lines": [CHATTER[0], KEPT[1], CHATTER[2]]}
+    assert without_chatter(batch) == {**batch, "lines": [KEPT[1]]}
+    assert without_chatter({**batch, "lines": CHATTER}) is None
+
+
+def test_the_handler_wrapped_is_the_one_ray_init_installs():
+    import inspect
+
+    import ray._private.worker as ray_worker
+
+    assert f'"{HANDLER}"' in inspect.getsource(ray_worker.connect)  # renamed in a new Ray: filtering would stop
+
+
+def test_drop_ray_chatter_wraps_rays_forwarding_handler_once():
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from stylegen.raylogs import drop_ray_chatter
+
+    printed: list[list[str]] = []
+    dispatcher.add_handler(HANDLER, lambda data: printed.append(data["lines"]))  # what ray.init adds
+    try:
+        assert drop_ray_chatter() and drop_ray_chatter()  # the second call does not wrap twice
+        dispatcher.emit({"pid": 1, "is_err": True, "lines": [CHATTER[1], KEPT[0]]})
+        dispatcher.emit({"pid": 1, "is_err": True, "lines": [CHATTER[0]]})
+        assert printed == [[KEPT[0]]]
+    finally:
+        dispatcher.remove_handler(HANDLER)  # what ray.shutdown does
+    assert not [h for h in dispatcher.handlers if h[0] == HANDLER]
