@@ -24,6 +24,13 @@ import traceback
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Train V2's controller polls its workers every 2 s, and a worker's ray.train.report blocks until the
+# previous report was polled (a 1-slot queue, ray/train/v2/_internal/execution/worker_group/worker.py):
+# the tiny runs here report every ~0.5 s, so the poll paced them. 0.25 s took a 20-step 2-worker fit
+# from 28-31 s to 20-24 s (quiet machine). Ray propagates it from a driver to its controller and workers
+# (ENV_VARS_TO_PROPAGATE); every Ray and driver the tests start inherits it. A test that relies on the
+# 2 s pacing sets it back (tests/test_preemption.py).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 RAY_TIMEOUT_S = 600.0  # ray tests without a timeout marker of their own (the global default is in pyproject)
 THREAD_JOIN_GRACE_S = 3.0  # a thread the test asked to stop may still be finishing its last loop

@@ -49,6 +49,7 @@ def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     env = raycluster.cluster_env(Path(c.token_path), dict(os.environ))
     env.pop("RAY_ADDRESS", None)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "2"  # Train's default: the report pacing above (conftest lowers it)
     args = [f"--set={s}" for s in [*TINY, f"train.steps={STEPS}", "train.report_every=4", "train.checkpoint_every=1000",
                                    "train.sample_every=1000", hook_sets(trace=trace)]]
     log_path = tmp_path / "driver.log"
