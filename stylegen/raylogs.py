@@ -12,14 +12,18 @@ appear in every run and ask nothing of the user (measured on Ray 2.60 in ``make 
 - ``(PlacementGroupCleaner) Detected that the Ray Train controller actor ... is dead. Cleaning up
   placement group``: Train V2 cleaning up after each run, as designed.
 
-``drop_ray_chatter`` wraps Ray's forwarding handler ("ray_print_logs") in this process so that it
-drops exactly these lines and passes everything else (our ranks' progress, any real warning or
-traceback) as Ray prints it. ``ray.shutdown`` removes the handler by that name, as before.
+``drop_ray_chatter`` wraps the two ways those lines reach this process so that exactly these lines
+are dropped and everything else (our ranks' progress, any real warning, error or traceback) is
+printed as Ray prints it: the forwarding handler ``ray.init`` installs ("ray_print_logs", worker
+output; ``ray.shutdown`` removes it by that name, as before) and ``print_to_stdstream``, which the
+driver's error listener calls for the raylet's pushed warnings (``listen_error_messages`` in
+``ray/_private/worker.py`` looks it up in that module at each call).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 RAY_CHATTER = (
     re.compile(r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"),
@@ -27,6 +31,7 @@ RAY_CHATTER = (
     re.compile(r"Detected that the Ray Train controller actor \S+ is dead\. Cleaning up placement group"),
 )
 HANDLER = "ray_print_logs"  # the name ray.init gives its forwarding handler (ray/_private/worker.py)
+FILTERED = "drops_ray_chatter"  # marks a wrapped handler: drop_ray_chatter never wraps twice
 
 
 def is_ray_chatter(line: str) -> bool:
@@ -40,24 +45,31 @@ def without_chatter(data: dict) -> dict | None:
     return {**data, "lines": lines} if lines else None
 
 
+def filtered(forward: Callable[..., None]) -> Callable[..., None]:
+    """``forward(batch, ...)`` that never sees the chatter (the same function if it is already so)."""
+    if getattr(forward, FILTERED, False):
+        return forward
+
+    def handler(data: dict, *args, **kwargs) -> None:
+        kept = without_chatter(data)
+        if kept is not None:
+            forward(kept, *args, **kwargs)
+
+    setattr(handler, FILTERED, True)
+    return handler
+
+
 def drop_ray_chatter() -> bool:
-    """Filter Ray's forwarded worker output in this process (after ``ray.init``); False when Ray's
-    private dispatcher is not as expected (then nothing changes: the output stays complete)."""
+    """Filter what Ray forwards to this driver (after ``ray.init``); False when Ray's private pieces are
+    not as expected (then nothing changes: the output stays complete)."""
     try:
+        import ray._private.worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False
+    if not callable(getattr(ray_worker, "print_to_stdstream", None)):
+        return False
+    ray_worker.print_to_stdstream = filtered(ray_worker.print_to_stdstream)
     with dispatcher._lock:
-        named = [h for h in dispatcher.handlers if h[0] == HANDLER]
-        if len(named) != 1 or getattr(named[0][1], "drops_ray_chatter", False):
-            return bool(named)
-        forward = named[0][1]
-
-        def handler(data: dict) -> None:
-            kept = without_chatter(data)
-            if kept is not None:
-                forward(kept)
-
-        handler.drops_ray_chatter = True
-        dispatcher.handlers = [(HANDLER, handler) if h[0] == HANDLER else h for h in dispatcher.handlers]
-    return True
+        dispatcher.handlers = [(name, filtered(h) if name == HANDLER else h) for name, h in dispatcher.handlers]
+        return any(name == HANDLER for name, _ in dispatcher.handlers)

@@ -229,27 +229,22 @@ def test_file_size_limit_during_local_training_is_one_line_and_leaves_no_partial
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_resume_skips_torn_and_corrupt_checkpoints(tmp_path):
-    import ray
-
-    from stylegen.train.ray_worker import build_trainer, ensure_ray
+def test_ray_resume_skips_torn_and_corrupt_checkpoints(tmp_path, local_ray):
+    from stylegen.train.ray_worker import build_trainer
 
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     sets = ["train.report_every=4", "train.checkpoint_every=4", hook_sets(trace=trace)]
-    ensure_ray("", num_cpus=2)
-    try:
-        first = build_trainer(tiny_cfg("train.steps=8", *sets), name="torn", storage=str(storage)).fit()
-        assert first.error is None and first.metrics["step"] == 8
-        run = storage / "torn"
-        newest = run / "step_00000008" / "checkpoint.pt"
-        newest.write_bytes(newest.read_bytes()[:2000])          # corrupted on disk (Ray's registered latest)
-        (run / "step_00000012").mkdir()
-        (run / "step_00000012" / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # upload cut short
-        (run / "step_00000016").mkdir()                           # crash before any file was copied
-        shutil.rmtree(trace)
-        second = build_trainer(tiny_cfg("train.steps=12", *sets), name="torn", storage=str(storage)).fit()
-    finally:
-        ray.shutdown()
+    local_ray.address()  # the session's shared local Ray (tests/conftest.py)
+    first = build_trainer(tiny_cfg("train.steps=8", *sets), name="torn", storage=str(storage)).fit()
+    assert first.error is None and first.metrics["step"] == 8
+    run = storage / "torn"
+    newest = run / "step_00000008" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:2000])          # corrupted on disk (Ray's registered latest)
+    (run / "step_00000012").mkdir()
+    (run / "step_00000012" / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # upload cut short
+    (run / "step_00000016").mkdir()                           # crash before any file was copied
+    shutil.rmtree(trace)
+    second = build_trainer(tiny_cfg("train.steps=12", *sets), name="torn", storage=str(storage)).fit()
     assert second.error is None, second.error
     assert second.metrics["step"] == 12
     for rank in (0, 1):

@@ -39,11 +39,15 @@ def test_the_handler_wrapped_is_the_one_ray_init_installs():
     assert f'"{HANDLER}"' in inspect.getsource(ray_worker.connect)  # renamed in a new Ray: filtering would stop
 
 
-def test_drop_ray_chatter_wraps_rays_forwarding_handler_once():
+def test_drop_ray_chatter_wraps_both_paths_once(monkeypatch, capsys):
+    """Worker output (the dispatcher's handler) and the raylet's pushed warnings (print_to_stdstream,
+    called by the driver's error listener) both lose the chatter and keep the rest."""
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     from stylegen.raylogs import drop_ray_chatter
 
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
     printed: list[list[str]] = []
     dispatcher.add_handler(HANDLER, lambda data: printed.append(data["lines"]))  # what ray.init adds
     try:
@@ -54,3 +58,9 @@ def test_drop_ray_chatter_wraps_rays_forwarding_handler_once():
     finally:
         dispatcher.remove_handler(HANDLER)  # what ray.shutdown does
     assert not [h for h in dispatcher.handlers if h[0] == HANDLER]
+
+    capsys.readouterr()
+    for line in (CHATTER[1], KEPT[4]):  # as listen_error_messages calls it
+        ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert KEPT[4] in out and "PYTHON worker processes" not in out

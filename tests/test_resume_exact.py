@@ -203,25 +203,20 @@ def test_a_position_at_a_windows_end_resumes_without_reading_that_window(tmp_pat
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ray_reruns_with_another_rank_count_train_the_saved_epoch_again_from_its_first_batch(tmp_path):
+def test_ray_reruns_with_another_rank_count_train_the_saved_epoch_again_from_its_first_batch(tmp_path, local_ray):
     """2 Ray workers to step 8 (epoch 1 of 6-batch epochs, batch 2), the same name rerun with 1 worker to
     step 12, then with 2 to step 16: each rerun restarts the saved epoch with the new split (the stated
     guarantee: none of it skipped, at most the consumed batches x ranks x batch size seen twice)."""
-    import ray
-
-    from stylegen.train.ray_worker import build_trainer, ensure_ray
+    from stylegen.train.ray_worker import build_trainer
     from test_ray_train import RESUME_SETS
     from tiny import tiny_cfg
 
     trace, storage = tmp_path / "trace", str(tmp_path / "storage")
-    ensure_ray("", num_cpus=2)
-    try:
-        for workers, steps in ((2, 8), (1, 12), (2, 16)):
-            cfg = tiny_cfg(*RESUME_SETS, f"ray.workers={workers}", f"train.steps={steps}", hook_sets(trace=trace))
-            result = build_trainer(cfg, name="rescaled", storage=storage).fit()
-            assert result.error is None, result.error
-    finally:
-        ray.shutdown()
+    local_ray.address()  # the session's shared local Ray (tests/conftest.py)
+    for workers, steps in ((2, 8), (1, 12), (2, 16)):
+        cfg = tiny_cfg(*RESUME_SETS, f"ray.workers={workers}", f"train.steps={steps}", hook_sets(trace=trace))
+        result = build_trainer(cfg, name="rescaled", storage=storage).fit()
+        assert result.error is None, result.error
     recs = read_trace(trace)
     last = {(r["start_step"], r["rank"]): r for rank in recs.values() for r in rank}  # each segment's last report
     assert sorted(last) == [(0, 0), (0, 1), (8, 0), (12, 0), (12, 1)]
