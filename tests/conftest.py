@@ -6,10 +6,11 @@ for good. Ray tests get pytest-timeout's ``thread`` method (``pytest_collection_
 default ``signal`` method fires only when the main thread runs Python bytecode again, not while it
 is blocked inside C/C++ code (Ray's); the thread method dumps every stack and ends the pytest process.
 
-One Ray for the tests that can share it: the ``local_ray`` fixture. Its users run last, one after
-another (``pytest_collection_modifyitems`` moves them, in their order), on one local Ray that the
-first of them starts and that is shut down right after the last (``pytest_runtest_teardown``), so no
-other test ever meets it. Tests that must own a cluster (kill nodes, need other resources or their
+One Ray for the tests that can share it: the ``local_ray`` fixture. Its users run one after another
+in one process (``pytest_collection_modifyitems`` moves them, in their order: last in a plain run,
+first as one xdist group under ``make test``'s two workers), on one local Ray that the first of them
+starts and that is shut down right after the last (``pytest_runtest_teardown``), so no other test
+ever meets it. Tests that must own a cluster (kill nodes, need other resources or their
 own temp dir) start their own.
 """
 
@@ -89,12 +90,21 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """The users of ``local_ray`` run last, in their order, so that they share one Ray session; tests
-    marked ``ray`` keep their timeout (marker, else RAY_TIMEOUT_S) but with the thread method."""
+    """The users of ``local_ray`` share one Ray session, one after another in one process: last in a
+    plain run; under ``make test``'s ``-n 2 --dist loadgroup`` (pytest-xdist) they are one group that
+    starts first (the suite's longest chain) while the other worker takes whole test files (a file
+    is a group, so a module fixture, such as a Serve app, starts once). Tests marked ``ray`` keep
+    their timeout (marker, else RAY_TIMEOUT_S) but with the thread method."""
     shared = [item for item in items if _uses_shared_ray(item)]
-    if shared:
-        items[:] = [item for item in items if not _uses_shared_ray(item)] + shared
+    rest = [item for item in items if not _uses_shared_ray(item)]
+    if hasattr(config, "workerinput"):  # an xdist worker
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(SHARED_RAY if item in shared else item.nodeid.split("::")[0]))
+        items[:] = shared + rest
+    elif shared:
+        items[:] = rest + shared
     if not config.pluginmanager.hasplugin("timeout"):
         return
     for item in items:
