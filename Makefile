@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m stylegen.demo --out $(OUT)
 
 # The full suite (what CI runs), on 2 pytest-xdist workers: the Ray tests mostly wait (a serial run used
-# 10.4 of its 50 core-minutes), so two workers take 19 min where one took 25. The tests sharing one
+# 10.4 of its 50 core-minutes), so two workers took 20.6 min from a clean clone where one took 24.9. The tests sharing one
 # local Ray stay one group in one worker (tests/conftest.py). The 20 slowest are printed at the end.
 # PYTEST_ARGS="-n 0" runs it serially.
 test: $(STAMP)

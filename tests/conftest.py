@@ -101,7 +101,7 @@ def pytest_collection_modifyitems(config, items):
     rest = [item for item in items if not _uses_shared_ray(item)]
     if hasattr(config, "workerinput"):  # an xdist worker
         for item in items:
-            item.add_marker(pytest.mark.xdist_group(SHARED_RAY if item in shared else item.nodeid.split("::")[0]))
+            item.add_marker(pytest.mark.xdist_group(SHARED_RAY if _uses_shared_ray(item) else item.nodeid.split("::")[0]))
         items[:] = shared + rest
     elif shared:
         items[:] = rest + shared

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from stylegen.cli import main
-from tiny import MODEL
+from tiny import MODEL, cli_sets
 
 TINY_SETS = [*MODEL, "data.batch_size=2", "train.threads=1", "train.val_pairs=2", "metrics.enabled=false", "train.steps=2"]
 
@@ -54,7 +54,7 @@ def test_every_kind_of_output_follows_the_umask(tmp_path, umask, capsys):
               tmp_path / "shards" / "skipped.parquet"]
     # checkpoints, metrics.json and result grids of a local training run
     run = tmp_path / "run"
-    sets = [x for s in TINY_SETS for x in ("--set", s)]
+    sets = cli_sets(TINY_SETS)
     assert main(["train", "--local", "--out", str(run), *sets, "--no-progress"]) == 0
     files += [*run.glob("checkpoints/step_*/checkpoint.pt"), run / "metrics.json", *run.glob("samples/*.png")]
     # a stylized image and the stylize metrics textfile

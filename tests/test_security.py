@@ -122,7 +122,7 @@ def test_metrics_host_0000_in_a_local_run_warns(tmp_path, caplog):
             "train.steps=1", "train.val_pairs=2", "train.threads=1", "metrics.host=0.0.0.0", "metrics.port=0"]
     caplog.set_level(logging.WARNING)
     assert main(["train", "--local", "--out", str(tmp_path / "run"), "--no-progress",
-                 *[x for s in sets for x in ("--set", s)]]) == 0
+                 *cli_sets(sets)]) == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "stylegen.metrics" and r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "unauthenticated" in lines[0] and "0.0.0.0" in lines[0], lines
 
