@@ -8,6 +8,7 @@ fixtures into a test module: ``from s3server import s3, s3_server  # noqa: F401`
 from __future__ import annotations
 
 import os
+import contextlib
 import socket
 import subprocess
 import sys
@@ -27,6 +28,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def refusing_port():
+    """A loopback port that refuses every connection for as long as the block runs.
+
+    The socket stays bound without listening, so nothing else on the machine can take the
+    port (a bare ``free_port()`` can be handed to another test's server in the meantime: under
+    pytest-xdist one CI run got a 403 from a stranger instead of "unreachable").
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s3server import S3, die_with_parent, free_port, s3, s3_server  # noqa: F401  (fixtures)
+from s3server import S3, die_with_parent, free_port, refusing_port, s3, s3_server  # noqa: F401  (fixtures)
 from stylegen import storage
 from stylegen.checkpoint import load_checkpoint, save_checkpoint
 from stylegen.config import DataConfig, StorageConfig
@@ -178,17 +178,19 @@ def test_unreachable_storage_is_one_line_before_any_work(tmp_path, s3, case):
     if case == "missing_bucket":
         out, expect = "s3://sg-no-such-bucket-zz/shards", "bucket does not exist"
     elif case == "endpoint_down":
-        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
         out, expect = s3.url("shards"), "endpoint unreachable"
     else:
         env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "none.json"), STORAGE_EMULATOR_HOST="")
         out, expect = "gs://sg-bucket/shards", "gs://sg-bucket/shards"
-    for args in (["shard", str(src), "--out", out, "--no-progress"], ["shard", "verify", out],
-                 ["best", out]):
-        r = cli(*args, env=env, cwd=tmp_path)
-        err = r.stderr.strip()
-        assert r.returncode != 0 and "Traceback" not in err, (args, err)
-        assert len(err.splitlines()) == 1 and expect in err, (args, err)
+    with refusing_port() as dead:
+        if case == "endpoint_down":
+            env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{dead}"
+        for args in (["shard", str(src), "--out", out, "--no-progress"], ["shard", "verify", out],
+                     ["best", out]):
+            r = cli(*args, env=env, cwd=tmp_path)
+            err = r.stderr.strip()
+            assert r.returncode != 0 and "Traceback" not in err, (args, err)
+            assert len(err.splitlines()) == 1 and expect in err, (args, err)
     assert not list(tmp_path.glob("s3*")) and not list(tmp_path.glob("gs*"))
 
 
@@ -313,9 +315,8 @@ def test_the_storage_endpoint_key_works_without_the_environment_variable(tmp_pat
         storage.write_bytes(s3.url("sh", f.name), f.read_bytes(), cfg)
     data = DataConfig(content=[s3.url("sh")], batch_size=2, steps_per_epoch=2, hflip=False)
     assert len(list(build_loader(data, rank=0, world_size=1, storage_cfg=cfg))) == 2
-    dead = StorageConfig(endpoint=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(UserError, match="storage endpoint unreachable.*storage.endpoint"):
-        storage.check_access(s3.url("sh"), dead, what="shards")
+    with refusing_port() as port, pytest.raises(UserError, match="storage endpoint unreachable.*storage.endpoint"):
+        storage.check_access(s3.url("sh"), StorageConfig(endpoint=f"http://127.0.0.1:{port}"), what="shards")
 
 
 def test_preflight_on_a_node_names_each_unreachable_target_and_refuses_local_storage_on_many_nodes(tmp_path, s3):

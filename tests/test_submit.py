@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from s3server import refusing_port
 from stylegen import raycluster, submit
 from stylegen.errors import UserError
 
@@ -267,8 +268,9 @@ def test_missing_token_is_refused_before_contacting(tmp_path, tiny_config):
 
 def test_unreachable_address_is_one_line_and_fast(tmp_path, tiny_config):
     t0 = time.monotonic()
-    proc = run_cli(["submit", "train", "--address", f"http://127.0.0.1:{raycluster.free_port()}",
-                    "--config", str(tiny_config), "--timeout", "3"], clean_env(tmp_path, RAY_AUTH_TOKEN="x" * 64))
+    with refusing_port() as port:
+        proc = run_cli(["submit", "train", "--address", f"http://127.0.0.1:{port}", "--config", str(tiny_config),
+                        "--timeout", "3"], clean_env(tmp_path, RAY_AUTH_TOKEN="x" * 64))
     assert proc.returncode == 2 and "cannot reach the Ray job server" in error_line(proc)
     assert time.monotonic() - t0 < 20
     assert "x" * 64 not in proc.stdout + proc.stderr
