@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,6 +91,19 @@ def report_trace(arg: str):
     return hook
 
 
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """{thread id: (name, CPU seconds so far)} of this process's threads (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = ((task / "comm").read_text().strip(), (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    return out
+
+
 class ProfileWindow:
     """The ``profile_window`` hook of one rank (see ``profile_window``)."""
 
@@ -113,27 +127,33 @@ class ProfileWindow:
         if step == self.start:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.prof.start()
-            self.t0 = now
+            self.t0, self.cpu0 = now, thread_cpu()
         elif step == self.stop and self.prof is not None:
             self.prof.stop()
+            self.cpu1 = thread_cpu()
             self.write(event.rank, now - self.t0)
             self.prof = None
 
     def write(self, rank: int, wall: float) -> None:
         """rank<R>.trace.json (chrome://tracing, Perfetto) and rank<R>.summary.json: wall split by where it went."""
         self.prof.export_chrome_trace(str(self.directory / f"rank{rank}.trace.json"))
-        events = self.prof.key_averages()
-        threads = collections.Counter(e.thread for e in self.prof.events())
-        main = threads.most_common(1)[0][0]  # the training thread; gloo's run the collectives
-        ops = sum(e.time_range.elapsed_us() for e in self.prof.events() if e.thread == main and e.cpu_parent is None) / 1e6
-        other = sum(e.time_range.elapsed_us() for e in self.prof.events() if e.thread != main and e.cpu_parent is None) / 1e6
-        # gloo's collectives: the gradient all-reduce DDP's reducer launches during backward (overlapped),
-        # and the report's all_gather_object; the main thread waits for them in the reducer's finalize
-        comm = sum(e.cpu_time_total for e in events if "gloo" in e.key or "all_reduce" in e.key
-                   or "allreduce" in e.key or "all_gather" in e.key) / 1e6
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-        out = {"rank": rank, "steps": self.stop - self.start, "wall_s": wall, **{f"{k}_s": v for k, v in self.parts.items()},
-               "comm_cpu_s": comm, "main_ops_s": ops, "other_threads_cpu_s": other, "top_self_cpu_s": {e.key: e.self_cpu_time_total / 1e6 for e in top}}
+        events = self.prof.events()
+        main = collections.Counter(e.thread for e in events).most_common(1)[0][0]  # the training thread
+        top_level = [e for e in events if e.cpu_parent is None]
+        # wall of the training thread's outermost ops, and of other threads' (gloo's collectives in flight)
+        ops = sum(e.time_range.elapsed_us() for e in top_level if e.thread == main) / 1e6
+        other = sum(e.time_range.elapsed_us() for e in top_level if e.thread != main) / 1e6
+        top = sorted(self.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        me = threading.get_native_id()  # hooks run in the training thread
+        others = collections.Counter()
+        for tid, (name, cpu) in self.cpu1.items():
+            if tid != me:
+                others[name] += cpu - self.cpu0.get(tid, (name, 0.0))[1]
+        main_cpu = self.cpu1[me][1] - self.cpu0[me][1]
+        out = {"rank": rank, "steps": self.stop - self.start, "wall_s": wall,
+               **{f"{k}_s": v for k, v in self.parts.items()}, "main_ops_s": ops, "other_threads_s": other,
+               "main_cpu_s": main_cpu, "others_cpu_s": dict(others.most_common(4)),
+               "top_self_cpu_s": {e.key: e.self_cpu_time_total / 1e6 for e in top}}
         (self.directory / f"rank{rank}.summary.json").write_text(json.dumps(out, indent=1))
 
 
@@ -174,16 +194,16 @@ def profile_breakdown(cfg, args, warm: int) -> int:
             f.result()
     print(f"# {workers} DDP ranks (rank0, rank1) and {workers} lone 1-thread processes at the same time (rankproc*), "
           f"batch {cfg.data.batch_size} each, {args.steps} steps after {warm}; traces in {out}")
-    print("profile (ms/step): wall = main-thread ops + gaps (Python, waits for the all-reduce and data) + reports;"
-          " other threads: their CPU time (gloo's collectives, on the same 2 cores)")
+    print("profile (ms/step): wall = training-thread ops + gaps (Python, waits for the all-reduce and data) + reports;"
+          " CPU per thread from /proc (a training thread with less CPU than wall waited or was descheduled)")
     for f in sorted(out.glob("rank*.summary.json")):
         p = json.loads(f.read_text())
-        ms = {k: 1e3 * p[k] / p["steps"] for k in ("wall_s", "main_ops_s", "report_s", "other_threads_cpu_s",
-                                                   "comm_cpu_s")}
+        ms = {k: 1e3 * p[k] / p["steps"] for k in ("wall_s", "main_ops_s", "report_s", "other_threads_s", "main_cpu_s")}
         gaps = ms["wall_s"] - ms["main_ops_s"] - ms["report_s"]
+        others = ", ".join(f"{name} {1e3 * s / p['steps']:.0f}" for name, s in p["others_cpu_s"].items()) or "none"
         print(f"profile {p['rank']}: wall {ms['wall_s']:.0f} = ops {ms['main_ops_s']:.0f} + gaps {gaps:.0f} + "
-              f"reports {ms['report_s']:.0f}; other threads {ms['other_threads_cpu_s']:.0f} "
-              f"(gloo collectives {ms['comm_cpu_s']:.0f})")
+              f"reports {ms['report_s']:.0f}; the training thread's CPU {ms['main_cpu_s']:.0f}; other threads' CPU: "
+              f"{others}; collectives in flight (wall, other threads) {ms['other_threads_s']:.0f}")
     return 0
 
 
