@@ -63,7 +63,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     while state.step < total and time.perf_counter() < deadline:
         for content, style in build_loader(cfg.data, split="train", rank=0, world_size=1, epoch_seed=epoch):
             terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                               total_steps=total, device=device, amp=False)
+                               total_steps=total, device=device, amp=False, cpu_bf16=cfg.train.cpu_bf16)
             bar.update(1)
             bar.set_postfix(loss=f"{terms['total']:.3g}")
             if minutes and state.step == 20 and not steps:
