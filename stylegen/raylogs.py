@@ -22,8 +22,15 @@ driver's error listener calls for the raylet's pushed warnings (``listen_error_m
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
+
+
+def verbose() -> bool:
+    """``-v`` is on: the CLI set the root logger to DEBUG. Ray's and Tune's own output is shown then."""
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
 
 RAY_CHATTER = (
     re.compile(r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"),

@@ -46,6 +46,7 @@ from stylegen.config_cli import add_config_arguments
 from stylegen.errors import UserError
 from stylegen.preflight import parse_result
 from stylegen.raycluster import auth_headers, find_token, resolve_job_address
+from stylegen.raylogs import verbose
 from stylegen.serve import check_bind, find_serve_token, token_digest
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                 "submitted_by": "stylegen submit"}
     with staged_project(cfg_text) as working_dir:
         client = _client(address, headers)
-        if not log.isEnabledFor(logging.DEBUG):  # Ray's SDK narrates each upload at INFO/WARNING; -v shows it
+        if not verbose():  # Ray's SDK narrates each upload at INFO/WARNING; -v shows it
             # (after the client exists: importing Ray's SDK re-applies Ray's logging config)
             for logger_name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
                 logging.getLogger(logger_name).setLevel(logging.ERROR)

@@ -25,6 +25,7 @@ from stylegen.storage import absolute, check_access, is_remote, join, local_path
 from stylegen.config import Config, check_name, from_dict, load_config, to_dict, validate_space, with_overrides
 from stylegen.config_cli import add_config_arguments, flag_overrides
 from stylegen.errors import UserError
+from stylegen.raylogs import verbose
 
 log = logging.getLogger(__name__)
 TRIAL_RESOURCE = "trial_slot"
@@ -298,7 +299,7 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
     base = to_dict(trial_cfg)
     location = join(storage, sweep)  # not Path(): it would mangle the '//' of s3://b/p
     bundle = trial_bundle()
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    show_ray = verbose()
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, train_storage=join(location, "trial_runs")),
         tune.PlacementGroupFactory([bundle]))
@@ -329,7 +330,7 @@ def build_tuner(cfg: Config, sweep: str, storage: str, resume: bool, trust_stora
                                     search_alg=BasicVariantGenerator(max_concurrent=n, random_state=tc.seed)),
         run_config=tune.RunConfig(name=sweep, storage_path=ray_path, storage_filesystem=fs,
                                   # Tune's status tables with -v; else one line per trial event
-                                  verbose=None if verbose else 0, callbacks=None if verbose else [trial_logger(cfg.train.steps)]),
+                                  verbose=None if show_ray else 0, callbacks=None if show_ray else [trial_logger(cfg.train.steps)]),
     )
 
 
@@ -360,7 +361,7 @@ def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: b
         check_access(storage, cfg.storage, write=True, what="--storage")
     ensure_ray(cfg.ray.address)
     tuner = build_tuner(cfg, sweep, storage, resume, trust_storage)
-    with quiet_tune_header(not logging.getLogger().isEnabledFor(logging.DEBUG)):
+    with quiet_tune_header(not verbose()):
         results = tuner.fit()
     if not is_remote(storage):  # the report (parquet + plot) is for local sweeps; `best` reads both kinds
         write_sweep_report(Path(storage) / sweep, metric=cfg.tune.metric, mode=cfg.tune.mode)

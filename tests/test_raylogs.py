@@ -1,6 +1,8 @@
 """Ray's own chatter (stylegen/raylogs.py): the three known lines go, everything else stays."""
 
-from stylegen.raylogs import HANDLER, is_ray_chatter, without_chatter
+import logging
+
+from stylegen.raylogs import HANDLER, is_ray_chatter, verbose, without_chatter
 
 # as Ray 2.60 forwarded them to `make demo`'s driver (tmp/cc-demo.log, session 8)
 CHATTER = [
@@ -64,3 +66,15 @@ def test_drop_ray_chatter_wraps_both_paths_once(monkeypatch, capsys):
         ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     out = capsys.readouterr().out
     assert KEPT[4] in out and "PYTHON worker processes" not in out
+
+
+def test_verbose_is_the_root_logger_at_debug():
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert not verbose()
+        root.setLevel(logging.DEBUG)  # what `stylegen -v` sets
+        assert verbose()
+    finally:
+        root.setLevel(level)

@@ -25,7 +25,7 @@ from stylegen.errors import UserError
 from stylegen.features import build_features
 from stylegen.grids import save_grid
 from stylegen.metrics import TrainMetrics
-from stylegen.raylogs import drop_ray_chatter
+from stylegen.raylogs import drop_ray_chatter, verbose
 from stylegen.storage import ENDPOINT_ENV, ray_storage
 from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
 from stylegen.train.step import build_state, checkpoint_state, compiled, restore_state
@@ -212,12 +212,12 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
         resources["GPU"] = rc.gpus_per_worker
     storage_path, storage_fs = ray_storage(storage, cfg.storage)
     run_dir = None if storage_fs else str(Path(storage_path) / name)
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    show_ray = verbose()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir,
                            "stop": stop_actor, "progress": progress,
-                           "verbose": verbose},
+                           "verbose": show_ray},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
@@ -229,7 +229,7 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or None,
             # the controller's and workers' ray.train INFO lines (resources, worker group, DDP wrapping): -v
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if show_ray else "WARNING"),
         ),
     )
 
@@ -258,7 +258,7 @@ def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
     except ConnectionError as e:
         raise UserError(f"cannot reach the Ray cluster at {address!r} ({str(e).splitlines()[0][:120]}); "
                         "check --address / RAY_ADDRESS and that the cluster is up") from None
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v shows Ray's own lines too
+    if not verbose():  # -v shows Ray's own lines too
         drop_ray_chatter()
 
 
