@@ -284,6 +284,14 @@ def read_any(path: Path, metric: str, mode: str) -> tuple[list[TrialRow], bool]:
 
 # ----------------------------------------------------------------------------- output
 
+def score_cell(r: TrialRow) -> str:
+    """The table's val_score: the best checkpointed one; a trial stopped before its first checkpoint shows
+    its last reported score instead, marked, since it has nothing to export."""
+    if not math.isnan(r.val_score):
+        return f"{r.val_score:.4f}"
+    return "-" if math.isnan(r.last_val_score) else f"({r.last_val_score:.4f}, no ckpt)"
+
+
 def format_table(rows: list[TrialRow]) -> str:
     keys = sorted({k for r in rows for k in r.params})
     head = ["trial", *keys, "steps", "val_score", "content_n", "style_n", "stop_reason"]
@@ -291,7 +299,8 @@ def format_table(rows: list[TrialRow]) -> str:
     for r in rows:
         lines.append([r.trial_id, *(f"{r.params.get(k, float('nan')):.4g}" if isinstance(r.params.get(k), (int, float))
                                      else str(r.params.get(k, "")) for k in keys),
-                      str(r.steps), f"{r.val_score:.4f}", f"{r.val_content_n:.3f}", f"{r.val_style_n:.3f}", r.stop_reason])
+                      str(r.steps), score_cell(r), *("-" if math.isnan(x) else f"{x:.3f}" for x in (r.val_content_n, r.val_style_n)),
+                      r.stop_reason])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
 

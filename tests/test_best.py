@@ -250,3 +250,17 @@ def test_a_command_imports_only_its_own_module():
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "['stylegen.best']"
+
+
+def test_table_marks_a_trial_stopped_before_its_first_checkpoint():
+    """No checkpoint: nothing to export, so no val_score; the table shows its last reported score, marked."""
+    from stylegen.best import TrialRow, format_table
+
+    done = TrialRow("00000", "TERMINATED", {"loss.style": 1.0}, 20, val_score=0.61, last_val_score=0.6,
+                    val_content_n=0.2, val_style_n=0.4)
+    early = TrialRow("00001", "TERMINATED", {"loss.style": 3.0}, 5, last_val_score=0.93)
+    never = TrialRow("00002", "ERROR", {"loss.style": 9.0}, 0)
+    lines = format_table([done, early, never]).splitlines()
+    assert "0.6100" in lines[1] and "0.200" in lines[1] and "0.400" in lines[1]
+    assert "(0.9300, no ckpt)" in lines[2] and "nan" not in lines[2]
+    assert "nan" not in lines[3] and lines[3].split()[3] == "-"
