@@ -7,15 +7,17 @@ default ``signal`` method fires only when the main thread runs Python bytecode a
 is blocked inside C/C++ code (Ray's); the thread method dumps every stack and ends the pytest process.
 
 One Ray for the tests that can share it: the ``local_ray`` fixture. Its users run one after another
-in one process (``pytest_collection_modifyitems`` moves them, in their order: last in a plain run,
-first as one xdist group under ``make test``'s two workers), on one local Ray that the first of them
-starts and that is shut down right after the last (``pytest_runtest_teardown``), so no other test
-ever meets it. Tests that must own a cluster (kill nodes, need other resources or their
-own temp dir) start their own.
+(``pytest_collection_modifyitems`` moves them, in their order: last in a plain run; first under
+``make test``'s two xdist workers, which take whole files, ``--dist loadfile``, so each worker runs
+its share of those files back to back on its own local Ray). The first of a run of users starts it
+and it is shut down right after the last (``pytest_runtest_teardown``), so no other test ever meets
+it. Tests that must own a cluster (kill nodes, need other resources or their own temp dir) start
+their own.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -79,6 +81,16 @@ def local_ray():
         _shutdown_ray()
 
 
+def _file(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def _heavy_tests(items) -> collections.Counter:
+    """{file: its tests marked ray or slow}: the files that take minutes, handed out first under xdist
+    (longest first, so none of them starts last and alone)."""
+    return collections.Counter(_file(i) for i in items if i.get_closest_marker("ray") or i.get_closest_marker("slow"))
+
+
 def _uses_shared_ray(item) -> bool:
     return item is not None and SHARED_RAY in getattr(item, "fixturenames", ())
 
@@ -90,22 +102,19 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """The users of ``local_ray`` share one Ray session, one after another in one process: last in a
-    plain run; under ``make test``'s ``-n 2 --dist loadgroup`` (pytest-xdist) they are one group that
-    starts first (the suite's longest chain) while the other worker takes whole test files (a file
-    is a group, so a module fixture, such as a Serve app, starts once). Tests marked ``ray`` keep
-    their timeout (marker, else RAY_TIMEOUT_S) but with the thread method."""
-    shared = [item for item in items if _uses_shared_ray(item)]
-    rest = [item for item in items if not _uses_shared_ray(item)]
-    if hasattr(config, "workerinput"):  # an xdist worker
-        for item in items:
-            file = item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(f"{SHARED_RAY}:{file}" if _uses_shared_ray(item) else file))
-        items[:] = shared + rest
-    elif shared:
-        items[:] = rest + shared
+    """The users of ``local_ray`` share one Ray session, one after another: last in a plain run; first
+    under ``make test``'s ``-n 2 --dist loadfile --no-loadscope-reorder`` pytest-xdist hands out whole
+    files (a module fixture, such as a Serve app, is built once; tests/test_xdist.py says why not
+    ``loadgroup``) in this order: the files with the most ``ray``/``slow`` tests first (xdist's own
+    order, most tests first, left the minutes-long Ray files to the end). Tests marked ``ray`` keep their timeout (marker,
+    else RAY_TIMEOUT_S) but with the thread method."""
+    if hasattr(config, "workerinput"):  # an xdist worker: --dist loadfile hands out files in this order
+        heavy = _heavy_tests(items)
+        items.sort(key=lambda item: -heavy[_file(item)])  # stable: each file stays in one piece
+    else:
+        shared = [item for item in items if _uses_shared_ray(item)]
+        items[:] = [item for item in items if not _uses_shared_ray(item)] + shared
     if not config.pluginmanager.hasplugin("timeout"):
         return
     for item in items:
