@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s3server import S3, s3, s3_server  # noqa: F401  (fixtures)
+from s3server import CREDENTIALS, S3, s3, s3_server  # noqa: F401  (fixtures)
 from stylegen import storage
 from stylegen.data.shard import ShardParams, build_shards, verify
 from hooks import hook_sets, read_trace
@@ -152,63 +152,70 @@ def test_s3_chain_train_kill_resume_sweep_best_export_stylize(tmp_path, s3):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+@pytest.fixture(scope="module")
+def two_nodes(s3_server, tmp_path_factory):
+    """Two `ray start` nodes on this machine, each with its own temp dir, shared by the two tests below
+    (one cluster start instead of two). Their processes get the S3 endpoint and credentials in their
+    environment, as a real cluster's nodes get them from their instance role."""
+    from stylegen.raycluster import free_port, start_local_cluster, stop_local_cluster
+
+    state = tmp_path_factory.mktemp("two-nodes")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server}.items():
+            mp.setenv(key, value)
+        cluster = start_local_cluster(state, port=free_port(), dashboard_port=free_port(), worker_node=True,
+                                      num_cpus=1, worker_cpus=1)
+    try:
+        yield cluster
+    finally:
+        stop_local_cluster(state)
+
+
 @pytest.mark.timeout(900, method="thread")
-def test_two_node_cluster_trains_with_storage_on_s3(tmp_path, s3):
-    """Two `ray start` nodes on this machine, each with its own temp dir; the run's storage is s3://,
-    so rank 1's node never shares a disk path with the driver's."""
-    from stylegen.raycluster import cluster_env, free_port, start_local_cluster, stop_local_cluster
+def test_two_node_cluster_trains_with_storage_on_s3(tmp_path, s3, two_nodes):
+    """The run's storage is s3://, so rank 1's node never shares a disk path with the driver's."""
+    from stylegen.raycluster import cluster_env
 
     data = shard_inputs(tmp_path, s3)
-    # the s3 fixture put the endpoint and credentials in os.environ: the cluster's processes inherit them
-    cluster = start_local_cluster(tmp_path / "cluster", port=free_port(), dashboard_port=free_port(),
-                                  worker_node=True, num_cpus=1, worker_cpus=1)
-    try:
-        env = cluster_env(Path(cluster.token_path), {**os.environ, **s3.env})
-        sets = [*TINY, *data, "train.steps=8", "train.report_every=4", "train.checkpoint_every=4",
-                "train.sample_every=100", "train.max_failures=0", "ray.cpus_per_worker=1"]
-        r = run(["train", "--config", str(DEMO), *[f"--set={x}" for x in sets], "--storage", s3.url("runs"),
-                 "--name", "twonode", "--address", cluster.gcs_address, "--no-progress"], env, tmp_path / "train.log", 600)
-        assert r.returncode == 0, r.stdout[-3000:]
-        keys = objects(s3, "runs/twonode/")
-        assert "runs/twonode/step_00000008/checkpoint.pt" in keys, keys
-        # the worker node ran its share in a scratch dir of its own, not the head's
-        assert cluster.worker_temp_dir and Path(cluster.worker_temp_dir) != Path(cluster.temp_dir)
-        assert list(Path(cluster.worker_temp_dir).glob("session_*/logs/python-core-worker-*.log")), \
-            "no task ran on the worker node"
-    finally:
-        stop_local_cluster(tmp_path / "cluster")
+    env = cluster_env(Path(two_nodes.token_path), {**os.environ, **s3.env})
+    sets = [*TINY, *data, "train.steps=8", "train.report_every=4", "train.checkpoint_every=4",
+            "train.sample_every=100", "train.max_failures=0", "ray.cpus_per_worker=1"]
+    r = run(["train", "--config", str(DEMO), *[f"--set={x}" for x in sets], "--storage", s3.url("runs"),
+             "--name", "twonode", "--address", two_nodes.gcs_address, "--no-progress"], env, tmp_path / "train.log", 600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    keys = objects(s3, "runs/twonode/")
+    assert "runs/twonode/step_00000008/checkpoint.pt" in keys, keys
+    # the worker node ran its share in a scratch dir of its own, not the head's
+    assert two_nodes.worker_temp_dir and Path(two_nodes.worker_temp_dir) != Path(two_nodes.temp_dir)
+    assert list(Path(two_nodes.worker_temp_dir).glob("session_*/logs/python-core-worker-*.log")), \
+        "no task ran on the worker node"
 
 
 @pytest.mark.timeout(900, method="thread")
-def test_submit_preflight_checks_every_node(tmp_path, s3):
+def test_submit_preflight_checks_every_node(tmp_path, s3, two_nodes):
     """`stylegen submit` runs a tiny task on each node of a 2-node cluster before the job: a local-path
     storage is refused (more than one node), a missing bucket is named, a reachable s3:// passes."""
-    from stylegen.raycluster import cluster_env, free_port, start_local_cluster, stop_local_cluster
+    from stylegen.raycluster import cluster_env
 
     data = shard_inputs(tmp_path, s3)
-    cluster = start_local_cluster(tmp_path / "cluster", port=free_port(), dashboard_port=free_port(),
-                                  worker_node=True, num_cpus=1, worker_cpus=1)
-    try:
-        env = cluster_env(Path(cluster.token_path), {**os.environ, **s3.env})
-        base = ["submit", "train", "--address", cluster.dashboard_url, "--config", str(DEMO),
-                *[f"--set={x}" for x in [*TINY, *data, "train.steps=2"]], "--name", "pf"]
+    env = cluster_env(Path(two_nodes.token_path), {**os.environ, **s3.env})
+    base = ["submit", "train", "--address", two_nodes.dashboard_url, "--config", str(DEMO),
+            *[f"--set={x}" for x in [*TINY, *data, "train.steps=2"]], "--name", "pf"]
 
-        def submit(*extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "stylegen", *base, *extra], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=300)
+    def submit(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stylegen", *base, *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
 
-        r = submit(f"--set=ray.storage={tmp_path / 'local-storage'}")
-        err = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(err) == 1, r.stderr
-        assert "is a local path but the cluster has 2 nodes" in err[0]
+    r = submit(f"--set=ray.storage={tmp_path / 'local-storage'}")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(err) == 1, r.stderr
+    assert "is a local path but the cluster has 2 nodes" in err[0]
 
-        r = submit("--set=ray.storage=s3://sg-no-such-bucket-zz/runs")
-        err = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(err) == 1, r.stderr
-        assert "s3://sg-no-such-bucket-zz/runs" in err[0] and "bucket does not exist" in err[0]
+    r = submit("--set=ray.storage=s3://sg-no-such-bucket-zz/runs")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(err) == 1, r.stderr
+    assert "s3://sg-no-such-bucket-zz/runs" in err[0] and "bucket does not exist" in err[0]
 
-        r = submit(f"--set=ray.storage={s3.url('runs')}", "--job-args=--local --no-progress", "--wait")
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "SUCCEEDED" in r.stderr
-    finally:
-        stop_local_cluster(tmp_path / "cluster")
+    r = submit(f"--set=ray.storage={s3.url('runs')}", "--job-args=--local --no-progress", "--wait")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SUCCEEDED" in r.stderr
