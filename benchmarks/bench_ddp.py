@@ -111,6 +111,8 @@ class ProfileWindow:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.start, self.stop = directory, start, start + steps
         self.t0 = 0.0
+        self.cpu0: dict[int, tuple[str, float]] = {}  # thread_cpu() at the window's start, and at its end
+        self.cpu1: dict[int, tuple[str, float]] = {}
         self.prof = None
         self.t_last = 0.0
         self.parts = {"step": 0.0, "report": 0.0}  # wall between hook calls: trained step (incl. data wait) | report
@@ -125,12 +127,12 @@ class ProfileWindow:
         if event.phase != "trained":
             return
         if step == self.start:
+            self.t0, self.cpu0 = now, thread_cpu()  # wall and CPU both from here, before the profiler starts
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.prof.start()
-            self.t0, self.cpu0 = now, thread_cpu()
         elif step == self.stop and self.prof is not None:
+            self.cpu1 = thread_cpu()  # before stop(): its event processing is not the window's
             self.prof.stop()
-            self.cpu1 = thread_cpu()
             self.write(event.rank, now - self.t0)
             self.prof = None
 

@@ -7,11 +7,10 @@ default ``signal`` method fires only when the main thread runs Python bytecode a
 is blocked inside C/C++ code (Ray's); the thread method dumps every stack and ends the pytest process.
 
 One Ray for the tests that can share it: the ``local_ray`` fixture. Its users run one after another
-(``pytest_collection_modifyitems`` moves them, in their order: last in a plain run; first under
-``make test``'s two xdist workers, which take whole files, ``--dist loadfile``, so each worker runs
-its share of those files back to back on its own local Ray). The first of a run of users starts it
-and it is shut down right after the last (``pytest_runtest_teardown``), so no other test ever meets
-it. Tests that must own a cluster (kill nodes, need other resources or their own temp dir) start
+(``pytest_collection_modifyitems``: last in a plain run; under ``make test``'s two xdist workers each
+worker takes whole files, ``--dist loadfile``, and runs its share of those files on its own local
+Ray). The first of a run of users starts it and it is shut down right after the last
+(``pytest_runtest_teardown``), so no other test ever meets it. Tests that must own a cluster (kill nodes, need other resources or their own temp dir) start
 their own.
 """
 
@@ -103,12 +102,12 @@ def rng():
 
 
 def pytest_collection_modifyitems(config, items):
-    """The users of ``local_ray`` share one Ray session, one after another: last in a plain run; first
-    under ``make test``'s ``-n 2 --dist loadfile --no-loadscope-reorder`` pytest-xdist hands out whole
-    files (a module fixture, such as a Serve app, is built once; tests/test_xdist.py says why not
+    """A plain run: the users of ``local_ray`` last, one after another on one Ray session. Under
+    ``make test``'s ``-n 2 --dist loadfile --no-loadscope-reorder``, pytest-xdist hands out whole files
+    (a module fixture, such as a Serve app, is built once; tests/test_xdist.py says why not
     ``loadgroup``) in this order: the files with the most ``ray``/``slow`` tests first (xdist's own
-    order, most tests first, left the minutes-long Ray files to the end). Tests marked ``ray`` keep their timeout (marker,
-    else RAY_TIMEOUT_S) but with the thread method."""
+    order, most tests first, left the minutes-long Ray files to the end). Tests marked ``ray`` keep
+    their timeout (marker, else RAY_TIMEOUT_S) but with the thread method."""
     if hasattr(config, "workerinput"):  # an xdist worker: --dist loadfile hands out files in this order
         heavy = _heavy_tests(items)
         items.sort(key=lambda item: -heavy[_file(item)])  # stable: each file stays in one piece
