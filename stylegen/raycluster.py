@@ -283,11 +283,18 @@ def _wait_http(url: str, token_path: Path, pid: int, timeout: float, log: Path) 
     raise UserError(f"Ray did not answer on {url} within {timeout:.0f} s; see {log}")
 
 
-def _wait_nodes(dashboard_url: str, token: str, n: int, timeout: float) -> None:
-    """Wait until n nodes are alive (the job server answers before a worker node joins)."""
+def _wait_nodes(dashboard_url: str, token: str, n: int, timeout: float, pid: int, log: Path) -> None:
+    """Wait until n nodes are alive (the job server answers before a worker node joins).
+
+    pid is the joining node's `ray start --block`: when it exits (for one, Ray's own 30 s limit for a
+    raylet to register with its GCS, hard-coded in ray/_private/node.py, passes on a loaded machine)
+    the node will never join, so this fails then instead of waiting out the timeout.
+    """
     deadline = time.monotonic() + timeout
     req = urllib.request.Request(f"{dashboard_url}/nodes?view=summary", headers=auth_headers(token))
     while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            raise UserError(f"the worker node's ray start exited before it joined; see {log}")
         try:
             with urllib.request.urlopen(req, timeout=2) as r:
                 summary = json.load(r)["data"]["summary"]
@@ -349,7 +356,7 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
             cluster.worker_pid = _spawn(cmd, env, wlog)
             cluster.ports["worker"] = worker_ports
             _write_state(cluster)
-            _wait_nodes(cluster.dashboard_url, tok.read_text().strip(), 2, timeout)
+            _wait_nodes(cluster.dashboard_url, tok.read_text().strip(), 2, timeout, cluster.worker_pid, wlog)
     except BaseException:
         stop_local_cluster(state)
         raise

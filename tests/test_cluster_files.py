@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from s3server import refusing_port
 from stylegen import raycluster
 from stylegen.config import load_config
 
@@ -346,6 +347,17 @@ def test_local_up_down_scripts_start_token_cluster_and_stop_only_it(tmp_path):
         os.killpg(decoy.pid, signal.SIGKILL)
         decoy.wait()
 
+
+def test_waiting_for_a_worker_node_stops_when_its_ray_start_has_exited(tmp_path):
+    """A worker node whose `ray start` died (Ray's 30 s raylet registration limit on a loaded machine)
+    never joins: the wait fails at once, naming its log, instead of waiting out the timeout."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    log = tmp_path / "worker.log"
+    t0 = time.monotonic()
+    with refusing_port() as port, pytest.raises(raycluster.UserError, match=f"exited before it joined; see {log}"):
+        raycluster._wait_nodes(f"http://127.0.0.1:{port}", "token", 2, 60, gone.pid, log)
+    assert time.monotonic() - t0 < 10
 
 def test_readme_cluster_runbook_commands_parse_and_their_configs_load():
     """Every `stylegen ...` line of README's runbook is a valid command line (flags that exist), and
