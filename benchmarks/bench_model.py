@@ -33,6 +33,10 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
   2 torch threads against 1 (steps per minute, not CPU time).
 - mean_std: ``stats.calc_mean_std`` (two-pass mean, then mean of squared deviations) vs
   ``torch.var_mean``, forward + backward over the four style layers' shapes of a batch.
+- adain_affine: ``stats.adain`` (one per-channel affine map, ``renormalize``) vs the four-op formula
+  ``(x - mean_c) / std_c * std_s + mean_s``, forward + backward over the recipe generator's AdaIN sites
+  (48, 96, 192 channels at 64, 32, 16 px; VGG relu4_1 512 at 8 px), bf16 features as under autocast.
+  Not a lever of recipe_step: both of its sides use ``stats.adain``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adain_reference import AdaINReference  # noqa: E402
 
 from stylegen.config import Config, LossConfig  # noqa: E402
-from stylegen.stats import calc_mean_std  # noqa: E402
+from stylegen.stats import adain, calc_mean_std  # noqa: E402
 from stylegen.features import VGGFeatures  # noqa: E402
 from stylegen.models.generator import build_generator  # noqa: E402
 from stylegen.train.step import build_state, train_step  # noqa: E402
@@ -63,6 +67,13 @@ def _rate(fn, n_img: int, iters: int) -> float:
     for _ in range(iters):
         fn()
     return n_img * iters / (time.perf_counter() - t)
+
+
+def _adain_four_ops(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """AdaIN as written before ``stats.renormalize`` (the adain_affine row's baseline)."""
+    cm, cs = calc_mean_std(x)
+    sm, ss = calc_mean_std(y)
+    return (x - cm) / cs * ss + sm
 
 
 def _var_mean_std(f: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +143,15 @@ def main() -> int:
             sum(m.sum() + sd.sum() for m, sd in map(fn, feats)).backward()
         return f
 
+    def adain_sites(fn):
+        # the recipe generator's AdaIN inputs (content | style features, bf16 under autocast) and VGG relu4_1
+        feats = [torch.randn(2 * b, ch, hw, hw).to(torch.bfloat16).requires_grad_()
+                 for ch, hw in ((48, 64), (96, 32), (192, 16), (512, 8))]
+
+        def f():
+            sum(fn(x[:b], x[b:]).sum() for x in feats).backward()
+        return f
+
     def with_identity(fraction: float) -> Config:
         cfg = config(False)
         cfg.loss.identity_fraction = fraction
@@ -144,7 +164,8 @@ def main() -> int:
             ("vgg_adain_train", trainer(config(True)), trainer(config(False)), max(1, args.iters // 2)),
             ("cpu_bf16_train", trainer(default, cpu_bf16=True), trainer(default), max(1, args.iters // 2)),
             ("identity_fraction_train", trainer(with_identity(0.25)), trainer(default), max(1, args.iters // 2)),
-            ("mean_std", mean_std(calc_mean_std), mean_std(_var_mean_std), args.iters)]
+            ("mean_std", mean_std(calc_mean_std), mean_std(_var_mean_std), args.iters),
+            ("adain_affine", adain_sites(adain), adain_sites(_adain_four_ops), args.iters)]
     only = [x for x in args.only.split(",") if x]
     for name, fo, fb, iters in rows:
         if only and not any(name.startswith(x) for x in only):

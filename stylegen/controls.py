@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from stylegen.errors import UserError
 from stylegen.models.generator import VGG_LAYER, symlog
-from stylegen.stats import calc_mean_std
+from stylegen.stats import calc_mean_std, renormalize
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site -> (mean, std), each (B, C, 1, 1) or (B, C, h, w)
 
@@ -223,7 +223,7 @@ def fuse_and_decode(gen, maps: dict[str, torch.Tensor], c_stats: Stats, target: 
 
     def ada(k: str) -> torch.Tensor:
         (cm, cs), (sm, ss) = c_stats[k], target[k]
-        return mix((maps[k] - cm) / cs * ss + sm, maps[k])
+        return mix(renormalize(maps[k], cm, cs, sm, ss), maps[k])
 
     if gen.fusion == "adain":
         fused = {k: ada(k) for k in maps if k.startswith("f")}

@@ -34,6 +34,13 @@ def calc_mean_std(f: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, tor
 def adain(content_feat: torch.Tensor, style_feat: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Adaptive instance norm (Huang & Belongie 2017): content normalised per channel, then
     scaled/shifted to the style's channel std/mean. Sizes of H, W may differ."""
-    c_mean, c_std = calc_mean_std(content_feat, eps)
-    s_mean, s_std = calc_mean_std(style_feat, eps)
-    return (content_feat - c_mean) / c_std * s_std + s_mean
+    return renormalize(content_feat, *calc_mean_std(content_feat, eps), *calc_mean_std(style_feat, eps))
+
+
+def renormalize(x: torch.Tensor, x_mean: torch.Tensor, x_std: torch.Tensor, mean: torch.Tensor,
+                std: torch.Tensor) -> torch.Tensor:
+    """(x - x_mean) / x_std * std + mean, as one affine map: one pass over x (and one backward) instead of
+    four, in float32 as before. Statistics broadcast over x ((B, C, 1, 1), or per pixel); equal
+    statistics give exactly x (scale 1, shift 0)."""
+    scale = std / x_std
+    return torch.addcmul(mean - x_mean * scale, x, scale)

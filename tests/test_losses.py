@@ -68,6 +68,25 @@ def test_adain_carries_style_statistics():
     torch.testing.assert_close(adain(content, content), content, rtol=1e-5, atol=1e-5)
 
 
+
+def test_adain_is_the_textbook_formula_forward_and_backward_and_exact_on_itself():
+    """stats.adain computes one affine map per channel; it must equal (x - mean_c) / std_c * std_s + mean_s,
+    gradients included, and leave a feature map given its own statistics exactly unchanged."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 5, 9, 7, generator=g, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    y = (torch.randn(3, 5, 6, 8, generator=g, dtype=torch.float64) * 0.3 - 1).requires_grad_()
+    w = torch.randn(3, 5, 9, 7, generator=g, dtype=torch.float64)
+    (adain(x, y) * w).sum().backward()
+    fast = adain(x, y).detach(), x.grad.clone(), y.grad.clone()
+    x.grad = y.grad = None
+    cm, cs = calc_mean_std(x)
+    sm, ss = calc_mean_std(y)
+    (((x - cm) / cs * ss + sm) * w).sum().backward()
+    for a, b in zip(fast, (((x - cm) / cs * ss + sm).detach(), x.grad, y.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    f = torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16)
+    assert torch.equal(adain(f, f), f.float())
+
 def test_content_and_style_losses_by_hand():
     a = torch.tensor([[1.0, 3.0]]).view(1, 1, 1, 2)  # mean 2, std ~1
     b = torch.tensor([[0.0, 0.0]]).view(1, 1, 1, 2)  # mean 0, std ~0
