@@ -43,6 +43,11 @@ def refusing_port():
         yield s.getsockname()[1]
 
 
+def client_env(endpoint: str) -> dict[str, str]:
+    """What a client process needs to reach the server at endpoint."""
+    return {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+
+
 @dataclass
 class S3:
     endpoint: str
@@ -51,7 +56,7 @@ class S3:
     @property
     def env(self) -> dict[str, str]:
         """What a client process needs to reach the server."""
-        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
+        return client_env(self.endpoint)
 
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
@@ -111,7 +116,7 @@ def s3_server():
 @pytest.fixture
 def s3(s3_server, monkeypatch) -> S3:
     """A fresh bucket on the shared server; this process's env points S3 clients at it."""
-    for k, v in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server}.items():
+    for k, v in client_env(s3_server).items():
         monkeypatch.setenv(k, v)
     box = S3(endpoint=s3_server, bucket=f"sg-{uuid.uuid4().hex[:12]}")
     box.client().create_bucket(Bucket=box.bucket)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s3server import CREDENTIALS, S3, s3, s3_server  # noqa: F401  (fixtures)
+from s3server import S3, client_env, s3, s3_server  # noqa: F401  (fixtures)
 from stylegen import storage
 from stylegen.data.shard import ShardParams, build_shards, verify
 from hooks import hook_sets, read_trace
@@ -163,7 +163,7 @@ def two_nodes(s3_server, tmp_path_factory):
 
     state = tmp_path_factory.mktemp("two-nodes")
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server}.items():
+        for key, value in client_env(s3_server).items():
             mp.setenv(key, value)
         # Under make test this starts while the other worker starts its own Ray on the same 2 cores; one
         # clean-clone run saw Ray's own 30 s limit for a raylet to register with its GCS pass (ray/_private/

@@ -342,12 +342,12 @@ def test_preflight_on_a_node_names_each_unreachable_target_and_refuses_local_sto
 
 def test_wrong_credentials_are_one_line(tmp_path):
     """A server that checks credentials (moto's IAM auth): the bucket exists, the keys are not valid."""
-    from s3server import CREDENTIALS, start_server, stop_server
+    from s3server import client_env, start_server, stop_server
 
     proc, endpoint = start_server(free_requests=1)
     try:
         S3(endpoint=endpoint, bucket="sg-locked").client().create_bucket(Bucket="sg-locked")  # the one free request
-        env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+        env = client_env(endpoint)
         src = images(tmp_path / "src", 2)
         for args in (["shard", "verify", "s3://sg-locked/shards"], ["best", "s3://sg-locked/sweep"],
                      ["shard", str(src), "--out", "s3://sg-locked/shards", "--no-progress"]):
