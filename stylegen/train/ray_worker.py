@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -25,6 +26,7 @@ from stylegen.errors import UserError
 from stylegen.features import build_features
 from stylegen.grids import save_grid
 from stylegen.metrics import TrainMetrics
+from stylegen.raycluster import LOOPBACK_ENV
 from stylegen.raylogs import drop_ray_chatter, verbose
 from stylegen.storage import ENDPOINT_ENV, ray_storage
 from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
@@ -237,13 +239,18 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
 def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS); else start a local Ray on 127.0.0.1 (token auth on by default).
 
-    A local Ray gets a ``trial_slot`` resource: Tune trial drivers hold one instead of a CPU.
+    A local Ray gets a ``trial_slot`` resource: Tune trial drivers hold one instead of a CPU. When this
+    process has not imported Ray yet (the CLI), that Ray runs with ``LOOPBACK_ENV=0``, which Ray reads
+    at ``import ray``: every listener of it on 127.0.0.1 (stylegen.raycluster's module doc), as
+    ``cluster/local-up.sh`` and ``stylegen serve`` do.
     """
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS", "")
     # workers must import this package the same way the driver does
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                     os.environ.get("PYTHONPATH", "")]))}}
