@@ -324,10 +324,10 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bo
     """
     import uuid
 
+    ensure_ray(address)  # first: it imports Ray (a local Ray's listeners on loopback, see its doc)
     import ray
     import ray.train
 
-    ensure_ray(address)
     stop_name = f"stylegen-stop-{uuid.uuid4().hex[:12]}"
     flag = ray.remote(num_cpus=0)(StopFlag).options(name=stop_name).remote()
     try:
