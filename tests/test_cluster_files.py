@@ -359,6 +359,7 @@ def test_waiting_for_a_worker_node_stops_when_its_ray_start_has_exited(tmp_path)
         raycluster._wait_nodes(f"http://127.0.0.1:{port}", "token", 2, 60, gone.pid, log)
     assert time.monotonic() - t0 < 10
 
+
 def test_readme_cluster_runbook_commands_parse_and_their_configs_load():
     """Every `stylegen ...` line of README's runbook is a valid command line (flags that exist), and
     each --config with its --set overrides loads: the runbook cannot drift from the CLI."""
