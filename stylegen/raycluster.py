@@ -187,6 +187,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_local_ray() -> None:
+    """In a process about to start its own local Ray (``ray.init`` without an address): set
+    ``LOOPBACK_ENV=0`` unless it is set, so every listener of that Ray is on 127.0.0.1 (module doc).
+    Ray reads the variable once, at ``import ray``: where Ray is already imported this changes nothing,
+    and this process's environment is left alone."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
 def cluster_env(token_path: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Ray processes: token auth on, token from our file, venv first on PATH,
     node IP 127.0.0.1.

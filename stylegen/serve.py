@@ -54,7 +54,7 @@ from stylegen.errors import UserError
 from stylegen.images import cover_crop, encode_png, to_rgb, to_uint8_tensor
 from stylegen.loading import load_generator
 from stylegen.metrics import ServeMetrics, _is_loopback
-from stylegen.raycluster import LOOPBACK_ENV, check_token_file_mode
+from stylegen.raycluster import check_token_file_mode, loopback_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -578,8 +578,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--detach leaves the app on a running cluster: pass --address (or set RAY_ADDRESS)")
     if not remote:
         _check_port_free(args.host, args.port)
-        if "ray" not in sys.modules:  # read at `import ray`: keeps every listener of the local Ray on 127.0.0.1
-            os.environ.setdefault(LOOPBACK_ENV, "0")
+        loopback_local_ray()
     import ray
     from ray import serve
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from stylegen.errors import UserError
 from stylegen.features import build_features
 from stylegen.grids import save_grid
 from stylegen.metrics import TrainMetrics
-from stylegen.raycluster import LOOPBACK_ENV
+from stylegen.raycluster import loopback_local_ray
 from stylegen.raylogs import drop_ray_chatter, verbose
 from stylegen.storage import ENDPOINT_ENV, ray_storage
 from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
@@ -240,13 +239,12 @@ def ensure_ray(address: str, *, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS); else start a local Ray on 127.0.0.1 (token auth on by default).
 
     A local Ray gets a ``trial_slot`` resource: Tune trial drivers hold one instead of a CPU. When this
-    process has not imported Ray yet (the CLI), that Ray runs with ``LOOPBACK_ENV=0``, which Ray reads
-    at ``import ray``: every listener of it on 127.0.0.1 (stylegen.raycluster's module doc), as
-    ``cluster/local-up.sh`` and ``stylegen serve`` do.
+    process has not imported Ray yet (the CLI), every listener of that Ray is on 127.0.0.1
+    (``loopback_local_ray``), as with ``cluster/local-up.sh`` and ``stylegen serve``.
     """
     address = address or os.environ.get("RAY_ADDRESS", "")
-    if not address and "ray" not in sys.modules:
-        os.environ.setdefault(LOOPBACK_ENV, "0")
+    if not address:
+        loopback_local_ray()
     import ray
 
     if ray.is_initialized():
