@@ -68,7 +68,6 @@ def test_adain_carries_style_statistics():
     torch.testing.assert_close(adain(content, content), content, rtol=1e-5, atol=1e-5)
 
 
-
 def test_adain_is_the_textbook_formula_forward_and_backward_and_exact_on_itself():
     """stats.adain computes one affine map per channel; it must equal (x - mean_c) / std_c * std_s + mean_s,
     gradients included, and leave a feature map given its own statistics exactly unchanged."""
@@ -86,6 +85,7 @@ def test_adain_is_the_textbook_formula_forward_and_backward_and_exact_on_itself(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     f = torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16)
     assert torch.equal(adain(f, f), f.float())
+
 
 def test_content_and_style_losses_by_hand():
     a = torch.tensor([[1.0, 3.0]]).view(1, 1, 1, 2)  # mean 2, std ~1

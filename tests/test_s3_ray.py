@@ -157,9 +157,8 @@ def two_nodes(s3_server, tmp_path_factory):
     """Two `ray start` nodes on this machine, each with its own temp dir, shared by the two tests below
     (one cluster start instead of two). Their processes get the S3 endpoint and credentials in their
     environment, as a real cluster's nodes get them from their instance role."""
-    from stylegen.raycluster import free_port, start_local_cluster, stop_local_cluster
-
     from stylegen.errors import UserError
+    from stylegen.raycluster import free_port, start_local_cluster, stop_local_cluster
 
     state = tmp_path_factory.mktemp("two-nodes")
     with pytest.MonkeyPatch.context() as mp:
@@ -167,8 +166,9 @@ def two_nodes(s3_server, tmp_path_factory):
             mp.setenv(key, value)
         # Under make test this starts while the other worker starts its own Ray on the same 2 cores; one
         # clean-clone run saw Ray's own 30 s limit for a raylet to register with its GCS pass (ray/_private/
-        # node.py, hard-coded), and the head exit. start_local_cluster stops what it started on failure;
-        # one more start, after the first, is what the two tests' own starts used to give.
+        # node.py, hard-coded), and that node's `ray start` exit (start_local_cluster then fails at once,
+        # stopping what it started). One more start, after the first, is what the two tests' own starts
+        # used to give.
         for attempt in (1, 2):
             try:
                 cluster = start_local_cluster(state, port=free_port(), dashboard_port=free_port(), worker_node=True,
