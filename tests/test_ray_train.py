@@ -238,6 +238,7 @@ def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, 
             time.sleep(0.5)
         assert proc.poll() is None, log_path.read_text()[-2000:]
         signalled_at = max(r["step"] for r in read_trace(trace)[0])
+        signal_time = time.time()
         proc.send_signal(signal.SIGTERM)  # the driver only, as `ray job stop` does
         rc = proc.wait(timeout=180)
     finally:
@@ -251,7 +252,11 @@ def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, 
     recs = read_trace(trace)
     stop = recs[0][-1]
     assert stop["checkpoint"] and stop["step"] % 100 != 0  # the just-in-time checkpoint, not an interval one
-    assert signalled_at < stop["step"] <= signalled_at + 6  # within a few reports of the signal, far before 400
+    # Soon after the signal, far before step 400. The bound is in seconds, not steps: the signal reaches
+    # rank 0 through the driver's handler, a Ray actor call and the next report's poll, and a tiny run
+    # trains several steps in that time (CI once saw 8 steps, 4 reports, on a loaded machine).
+    assert signalled_at < stop["step"] < 200
+    assert stop["time"] - signal_time < 20, (stop, signal_time)
     assert recs[1][-1]["step"] == stop["step"]  # both ranks stopped at the same report
     assert (storage / "term" / f"step_{stop['step']:08d}" / "checkpoint.pt").is_file()
 
