@@ -1,6 +1,5 @@
 """Cluster definitions parse, validate (Ray's `ray up` schema, KubeRay's CRD schemas) and point at
-files that exist; the local cluster scripts start a token-auth cluster on free ports and stop
-exactly the processes they started."""
+files that exist. (What the local cluster scripts start, listen on and stop: tests/test_local_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -276,77 +275,7 @@ def test_dockerfile_is_consistent_with_the_project():
     assert ignore[0] != "!" and "**" in ignore, "context must default to excluded (.venv, runs/ with tokens)"
 
 
-# ----------------------------------------------------------------------------- local scripts
-
-def _get(url: str, token: str | None = None) -> int:
-    req = urllib.request.Request(url, headers=raycluster.auth_headers(token))
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_local_up_down_scripts_start_token_cluster_and_stop_only_it(tmp_path):
-    state = tmp_path / "state"
-    port, dash = raycluster.free_port(), raycluster.free_port()
-    # a bystander that looks like Ray by name: a name-based stop (`ray stop`, pkill) would hit it
-    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "ray", "start", "--head"],
-                             start_new_session=True)
-    up = subprocess.run([str(ROOT / "cluster" / "local-up.sh"), "--state-dir", str(state), "--port", str(port),
-                         "--dashboard-port", str(dash), "--workers-node"],
-                        capture_output=True, text=True, timeout=300)
-    try:
-        assert up.returncode == 0, up.stderr[-3000:]
-        c = raycluster.read_state(state)
-        token = Path(c.token_path).read_text().strip()
-        assert Path(c.token_path).parent == state and stat.S_IMODE(Path(c.token_path).stat().st_mode) == 0o600
-        assert f"http://127.0.0.1:{dash}" in up.stdout and c.token_path in up.stdout
-        assert token not in up.stdout + up.stderr
-        assert int((state / "head.pid").read_text()) == c.head_pid and c.worker_pid is not None
-
-        base = f"http://127.0.0.1:{dash}"
-        with urllib.request.urlopen(f"{base}/api/authentication_mode", timeout=5) as r:
-            assert json.load(r)["authentication_mode"] == "token"
-        assert _get(f"{base}/api/version") == 401
-        assert _get(f"{base}/api/version", "0" * 64) == 403
-        assert _get(f"{base}/api/version", token) == 200
-        from ray._private.services import get_node_ip_address
-
-        ip = get_node_ip_address()  # this process has no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: routable
-        if not ip.startswith("127."):  # job API and GCS are loopback only (all ports: test_local_listeners)
-            for p in (dash, port):
-                with pytest.raises(OSError), socket.create_connection((ip, p), timeout=3):
-                    pass
-
-        again = subprocess.run([str(ROOT / "cluster" / "local-up.sh"), "--state-dir", str(state)],
-                               capture_output=True, text=True, timeout=60)
-        assert again.returncode == 2 and "already running" in again.stderr
-
-        groups = [c.head_pid, c.worker_pid]
-        assert all(raycluster.group_alive(g) for g in groups)
-    finally:
-        down = subprocess.run([str(ROOT / "cluster" / "local-down.sh"), "--state-dir", str(state)],
-                              capture_output=True, text=True, timeout=120)
-    try:
-        assert down.returncode == 0, down.stderr
-        assert f"{c.worker_pid}, {c.head_pid}" in down.stdout
-        deadline = time.monotonic() + 10
-        while any(raycluster.group_alive(g) for g in groups) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(raycluster.group_alive(g) for g in groups), "processes of the cluster survived local-down"
-        assert decoy.poll() is None, "local-down stopped a process it did not start"
-        assert not (state / "cluster.json").exists() and not Path(c.temp_dir).exists()
-        assert c.worker_temp_dir != c.temp_dir and not Path(c.worker_temp_dir).exists()  # each node's own, removed
-        gone = subprocess.run([str(ROOT / "cluster" / "local-down.sh"), "--state-dir", str(state)],
-                              capture_output=True, text=True, timeout=60)
-        assert gone.returncode == 2 and "no local cluster state" in gone.stderr
-    finally:
-        os.killpg(decoy.pid, signal.SIGKILL)
-        decoy.wait()
-
+# ----------------------------------------------------------------------------- local cluster start
 
 def test_waiting_for_a_worker_node_stops_when_its_ray_start_has_exited(tmp_path):
     """A worker node whose `ray start` died (Ray's 30 s raylet registration limit on a loaded machine)

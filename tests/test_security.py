@@ -5,7 +5,7 @@
 - a local ``/metrics`` bound beyond loopback logs one warning that it is unauthenticated;
 - the Ray that ``stylegen train``/``tune`` start without ``--address`` listens where README's
   in-process table says, port by port (``ray``; the loopback cluster of ``local-up.sh``:
-  tests/test_local_listeners.py);
+  tests/test_local_cluster.py);
 - checkpoints load with ``weights_only=True``: a pickle payload is refused and never runs; every
   deserialiser in ``stylegen/``, ``jobs/`` and ``benchmarks/`` is a safe one (static check, import
   aliases resolved), except the one audited ``Tuner.restore`` of ``tune --resume``, which runs only
@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from listeners import Listener, Row, matching, unexplained
 from stylegen.checkpoint import load_checkpoint
 from stylegen.config import Config, load_config
 from stylegen.errors import UserError
@@ -227,7 +228,7 @@ import json, os, socket, sys, threading, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from stylegen.train.ray_worker import ensure_ray
-from test_local_listeners import listeners
+from listeners import listeners
 assert "ray" not in sys.modules  # as in the CLI: ensure_ray imports Ray
 ensure_ray("", num_cpus=2)  # what stylegen train/tune do without --address
 import ray, ray.train
@@ -276,10 +277,8 @@ IN_PROCESS_HEADING = "#### Without `--address`"
 
 
 def in_process_rows(text: str):
-    """The table under README's IN_PROCESS_HEADING, as tests/test_local_listeners.py's Rows."""
+    """The table under README's IN_PROCESS_HEADING, as tests/listeners.py's Rows."""
     import re
-
-    from test_local_listeners import Row
 
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(IN_PROCESS_HEADING))
@@ -307,8 +306,6 @@ def test_in_process_ray_listeners_match_readme(tmp_path):
     reason (only the DDP run's TCPStore), every such row is still observed, and once the run is over no
     listener of that Ray accepts a connection on the machine's other address (when it has one)."""
     import json
-
-    from test_local_listeners import Listener, matching, unexplained
 
     from stylegen.raycluster import free_port
 
