@@ -21,7 +21,7 @@ rewrites a loopback address to the routable one. Ray keeps loopback only where
 the cluster, and every process that connects to its GCS, runs with it (``cluster_env``).
 That variable also makes the ``ray start`` CLI refuse a worker node, so the worker node's
 ``ray start`` runs through ``_ray_start_loopback``. README "Ports and listeners" lists
-what is left (measured by tests/test_local_listeners.py).
+what is left (measured by tests/test_local_cluster.py).
 
 ``python -m stylegen.raycluster up|down|status`` backs ``cluster/local-up.sh`` and
 ``cluster/local-down.sh``.
