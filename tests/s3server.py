@@ -2,23 +2,29 @@
 
 It runs as its own process (``python -m moto.server``), so the test process keeps no server
 thread and Ray workers in other processes reach it over HTTP like any S3 endpoint. Import the
-fixtures into a test module: ``from s3server import s3, s3_server  # noqa: F401``.
+fixtures into a test module: ``from s3server import s3, s3_server  # noqa: F401``. Below them: what
+the Ray tests on s3:// share (shards of generated images on a bucket, a `stylegen` subprocess, a listing).
 """
 
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from stylegen import procs
+from stylegen.data.shard import ShardParams, build_shards, verify
+from tiny import ROOT
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}
@@ -121,3 +127,51 @@ def s3(s3_server, monkeypatch) -> S3:
     box = S3(endpoint=s3_server, bucket=f"sg-{uuid.uuid4().hex[:12]}")
     box.client().create_bucket(Bucket=box.bucket)
     return box
+
+
+# ----------------------------------------------------------------------------- for the Ray tests on s3://
+
+def images(d: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        base = rng.integers(0, 256, 3)
+        yy, xx = np.mgrid[0:72, 0:72]
+        arr = (base + np.stack([xx * (i + 1), yy, xx + yy], -1) + rng.integers(0, 30, (72, 72, 3))) % 256
+        Image.fromarray(arr.astype(np.uint8)).save(d / f"im{i:03d}.png")
+    return d
+
+
+def run(args: list[str], env: dict, log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """A stylegen command in its own process group; the group is killed if it outlives ``timeout``."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stylegen", *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    return subprocess.CompletedProcess(args, rc, log.read_text(errors="replace"), "")
+
+
+def objects(bucket: S3, prefix: str) -> list[str]:
+    out, token = [], None
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        resp = bucket.client().list_objects_v2(Bucket=bucket.bucket, Prefix=prefix, **kw)
+        out += [o["Key"] for o in resp.get("Contents", [])]
+        token = resp.get("NextContinuationToken")
+        if not token:
+            return out
+
+
+def shard_inputs(tmp_path: Path, s3: S3) -> list[str]:
+    params = ShardParams(encoding="raw", shard_size=8, val_fraction=0.25)
+    c, s = s3.url("shards", "content"), s3.url("shards", "style")
+    build_shards([str(images(tmp_path / "content", 24, 0))], c, params, workers=1, progress=False)
+    build_shards([str(images(tmp_path / "style", 16, 1))], s, params, workers=1, progress=False)
+    for url in (c, s):
+        assert verify(url)[2] == []
+    return [f"data.content=['{c}']", f"data.style=['{s}']"]

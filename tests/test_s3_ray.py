@@ -2,8 +2,8 @@
 
 shard to s3:// -> verify -> 2 Ray Train workers reading shards from s3:// with checkpoints on s3:// ->
 a worker SIGKILLed mid-run -> resumed from the object-store checkpoint -> a 2-trial sweep stored on
-s3:// -> `best s3://...` offline (no Ray) -> export -> stylize. And a 2-node local Ray cluster (two
-`ray start` processes, each with its own scratch dir) training with storage on s3://.
+s3:// -> `best s3://...` offline (no Ray) -> export -> stylize. (A 2-node cluster training with its
+storage on s3://, and `stylegen submit`'s per-node preflight: tests/test_local_cluster.py.)
 
 Every `stylegen` command runs as a subprocess, as a user runs it: its local Ray lives and dies
 with that process group. Nothing here relies on a local disk shared with the workers.
@@ -15,67 +15,17 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from s3server import S3, client_env, s3, s3_server  # noqa: F401  (fixtures)
-from stylegen import storage
-from stylegen.data.shard import ShardParams, build_shards, verify
 from hooks import hook_sets, read_trace
+from s3server import objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from tiny import DEMO, ROOT, TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TUNE_TOML = str(ROOT / "jobs" / "configs" / "tune.toml")
 
 
-def images(d: Path, n: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    d.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        base = rng.integers(0, 256, 3)
-        yy, xx = np.mgrid[0:72, 0:72]
-        arr = (base + np.stack([xx * (i + 1), yy, xx + yy], -1) + rng.integers(0, 30, (72, 72, 3))) % 256
-        Image.fromarray(arr.astype(np.uint8)).save(d / f"im{i:03d}.png")
-    return d
-
-
-def run(args: list[str], env: dict, log: Path, timeout: float) -> subprocess.CompletedProcess:
-    """A stylegen command in its own process group; the group is killed if it outlives ``timeout``."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "stylegen", *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-    return subprocess.CompletedProcess(args, rc, log.read_text(errors="replace"), "")
-
-
-def objects(bucket: S3, prefix: str) -> list[str]:
-    out, token = [], None
-    while True:
-        kw = {"ContinuationToken": token} if token else {}
-        resp = bucket.client().list_objects_v2(Bucket=bucket.bucket, Prefix=prefix, **kw)
-        out += [o["Key"] for o in resp.get("Contents", [])]
-        token = resp.get("NextContinuationToken")
-        if not token:
-            return out
-
-
-def shard_inputs(tmp_path: Path, s3: S3) -> list[str]:
-    params = ShardParams(encoding="raw", shard_size=8, val_fraction=0.25)
-    c, s = s3.url("shards", "content"), s3.url("shards", "style")
-    build_shards([str(images(tmp_path / "content", 24, 0))], c, params, workers=1, progress=False)
-    build_shards([str(images(tmp_path / "style", 16, 1))], s, params, workers=1, progress=False)
-    for url in (c, s):
-        assert verify(url)[2] == []
-    return [f"data.content=['{c}']", f"data.style=['{s}']"]
 
 
 @pytest.mark.timeout(1200, method="thread")
@@ -151,84 +101,3 @@ def test_s3_chain_train_kill_resume_sweep_best_export_stylize(tmp_path, s3):
         assert r.returncode == 0, r.stdout
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def two_nodes(s3_server, tmp_path_factory):
-    """Two `ray start` nodes on this machine, each with its own temp dir, shared by the two tests below
-    (one cluster start instead of two). Their processes get the S3 endpoint and credentials in their
-    environment, as a real cluster's nodes get them from their instance role."""
-    from stylegen.errors import UserError
-    from stylegen.raycluster import free_port, start_local_cluster, stop_local_cluster
-
-    state = tmp_path_factory.mktemp("two-nodes")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in client_env(s3_server).items():
-            mp.setenv(key, value)
-        # Under make test this starts while the other worker starts its own Ray on the same 2 cores; one
-        # clean-clone run saw Ray's own 30 s limit for a raylet to register with its GCS pass (ray/_private/
-        # node.py, hard-coded), and that node's `ray start` exit (start_local_cluster then fails at once,
-        # stopping what it started). One more start, after the first, is what the two tests' own starts
-        # used to give.
-        for attempt in (1, 2):
-            try:
-                cluster = start_local_cluster(state, port=free_port(), dashboard_port=free_port(), worker_node=True,
-                                              num_cpus=1, worker_cpus=1, timeout=300)
-                break
-            except UserError:
-                if attempt == 2:
-                    raise
-    try:
-        yield cluster
-    finally:
-        stop_local_cluster(state)
-
-
-@pytest.mark.timeout(900, method="thread")
-def test_two_node_cluster_trains_with_storage_on_s3(tmp_path, s3, two_nodes):
-    """The run's storage is s3://, so rank 1's node never shares a disk path with the driver's."""
-    from stylegen.raycluster import cluster_env
-
-    data = shard_inputs(tmp_path, s3)
-    env = cluster_env(Path(two_nodes.token_path), {**os.environ, **s3.env})
-    sets = [*TINY, *data, "train.steps=8", "train.report_every=4", "train.checkpoint_every=4",
-            "train.sample_every=100", "train.max_failures=0", "ray.cpus_per_worker=1"]
-    r = run(["train", "--config", str(DEMO), *[f"--set={x}" for x in sets], "--storage", s3.url("runs"),
-             "--name", "twonode", "--address", two_nodes.gcs_address, "--no-progress"], env, tmp_path / "train.log", 600)
-    assert r.returncode == 0, r.stdout[-3000:]
-    keys = objects(s3, "runs/twonode/")
-    assert "runs/twonode/step_00000008/checkpoint.pt" in keys, keys
-    # the worker node ran its share in a scratch dir of its own, not the head's
-    assert two_nodes.worker_temp_dir and Path(two_nodes.worker_temp_dir) != Path(two_nodes.temp_dir)
-    assert list(Path(two_nodes.worker_temp_dir).glob("session_*/logs/python-core-worker-*.log")), \
-        "no task ran on the worker node"
-
-
-@pytest.mark.timeout(900, method="thread")
-def test_submit_preflight_checks_every_node(tmp_path, s3, two_nodes):
-    """`stylegen submit` runs a tiny task on each node of a 2-node cluster before the job: a local-path
-    storage is refused (more than one node), a missing bucket is named, a reachable s3:// passes."""
-    from stylegen.raycluster import cluster_env
-
-    data = shard_inputs(tmp_path, s3)
-    env = cluster_env(Path(two_nodes.token_path), {**os.environ, **s3.env})
-    base = ["submit", "train", "--address", two_nodes.dashboard_url, "--config", str(DEMO),
-            *[f"--set={x}" for x in [*TINY, *data, "train.steps=2"]], "--name", "pf"]
-
-    def submit(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stylegen", *base, *extra], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-
-    r = submit(f"--set=ray.storage={tmp_path / 'local-storage'}")
-    err = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(err) == 1, r.stderr
-    assert "is a local path but the cluster has 2 nodes" in err[0]
-
-    r = submit("--set=ray.storage=s3://sg-no-such-bucket-zz/runs")
-    err = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(err) == 1, r.stderr
-    assert "s3://sg-no-such-bucket-zz/runs" in err[0] and "bucket does not exist" in err[0]
-
-    r = submit(f"--set=ray.storage={s3.url('runs')}", "--job-args=--local --no-progress", "--wait")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "SUCCEEDED" in r.stderr
