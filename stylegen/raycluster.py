@@ -33,6 +33,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import secrets
 import shlex
 import shutil
@@ -181,10 +182,52 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
 
-def free_port() -> int:
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# free_port picks from LOW_PORT up to the kernel's ephemeral range: above Ray's own worker-port range
+# (10002-19999, which every Ray on the machine binds explicitly).
+LOW_PORT = 20000
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for port-0 binds and outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = map(int, EPHEMERAL_RANGE_FILE.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(taken: set[int] | None = None) -> int:
+    """A loopback port nothing listens on now, for a listener we hand to Ray: picked at random between
+    Ray's worker ports and the kernel's ephemeral range, where neither a Ray worker nor a port-0 bind or
+    outgoing connection of another process can take it in the seconds before Ray binds it (one clean-clone run lost the head's dashboard-agent
+    port that way: job submission then failed with "No available agent"). Not in ``taken``, and added
+    to it: one cluster's ports are distinct. Falls back to a kernel-chosen port where the range below
+    the ephemeral one is too small."""
+    taken = set() if taken is None else taken
+    low, _ = ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200 if low - LOW_PORT >= 1000 else 0):
+        port = rng.randrange(LOW_PORT, low)
+        if port not in taken and _bindable(port):
+            taken.add(port)
+            return port
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def loopback_local_ray() -> None:
@@ -229,9 +272,9 @@ NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-
                    "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
 
 
-def _node_ports() -> dict[str, int]:
+def _node_ports(taken: set[int]) -> dict[str, int]:
     """Per-node ports Ray would otherwise take from fixed defaults shared by every cluster here."""
-    return {flag: free_port() for flag in NODE_PORT_FLAGS}
+    return {flag: free_port(taken) for flag in NODE_PORT_FLAGS}
 
 
 def _flags(ports: dict[str, int]) -> list[str]:
@@ -334,11 +377,12 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
     # people's ray.init(address="auto") reads, and socket paths must stay < 108 bytes.
     temp_dir = tempfile.mkdtemp(prefix="sg-ray-", dir="/tmp")
     log = state / "head.log"
-    head_ports = {"port": port, "dashboard-port": dashboard_port, "ray-client-server-port": free_port(),
-                  **_node_ports()}
+    taken = {port, dashboard_port}
+    head_ports = {"port": port, "dashboard-port": dashboard_port, "ray-client-server-port": free_port(taken),
+                  **_node_ports(taken)}
     # The head's autoscaler and dashboard serve their own /metrics on fixed ports (44217,
     # 44227) unless told otherwise: a second cluster here would silently lose them.
-    metric_ports = {"AUTOSCALER_METRIC_PORT": free_port(), "DASHBOARD_METRIC_PORT": free_port()}
+    metric_ports = {"AUTOSCALER_METRIC_PORT": free_port(taken), "DASHBOARD_METRIC_PORT": free_port(taken)}
     head = [_ray_bin(), "start", "--head", "--block", "--node-ip-address", LOOPBACK_IP,
             "--dashboard-host", LOOPBACK_IP, "--include-dashboard", "true", *_flags(head_ports),
             "--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", str(object_store_mb * 2**20)]
@@ -355,7 +399,7 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
         _wait_http(f"{cluster.dashboard_url}/api/version", tok, cluster.head_pid, timeout, log)
         if worker_node:
             wlog = state / "worker.log"
-            worker_ports = _node_ports()
+            worker_ports = _node_ports(taken)
             cluster.worker_temp_dir = tempfile.mkdtemp(prefix="sg-rayw-", dir="/tmp")
             cmd = [sys.executable, "-m", "stylegen.raycluster", "_ray-start", "--block", "--temp-dir",
                    cluster.worker_temp_dir,

@@ -277,6 +277,40 @@ def test_dockerfile_is_consistent_with_the_project():
 
 # ----------------------------------------------------------------------------- local cluster start
 
+def test_cluster_ports_are_distinct_and_below_the_kernels_ephemeral_range():
+    """Ports handed to Ray come from below the range where the kernel picks ports for other processes'
+    port-0 binds and outgoing connections (which once took the head's dashboard-agent port between our
+    pick and Ray's bind), and never twice for one cluster."""
+    low, _ = raycluster.ephemeral_range()
+    taken: set[int] = set()
+    ports = [raycluster.free_port(taken) for _ in range(60)]
+    assert len(set(ports)) == 60 and taken == set(ports)
+    assert all(raycluster.LOW_PORT <= p < low for p in ports), ports
+    with socket.socket() as s:  # each was free when picked
+        s.bind(("127.0.0.1", ports[-1]))
+
+
+def test_a_port_in_use_or_already_taken_is_never_picked(monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        in_use = busy.getsockname()[1]
+        draws = iter([in_use, 20001, 20001, 20002])  # in_use: any port; the draw is scripted
+
+        class Scripted:
+            def randrange(self, a, b):
+                return next(draws)
+
+        monkeypatch.setattr(raycluster.random, "SystemRandom", Scripted)
+        monkeypatch.setattr(raycluster, "ephemeral_range", lambda: (60000, 60999))  # in_use counts as below it
+        taken: set[int] = set()
+        assert raycluster.free_port(taken) == 20001  # in_use was drawn first: it is listening
+        assert raycluster.free_port(taken) == 20002  # 20001 again: this cluster already has it
+    # too narrow a range below the ephemeral one: the kernel picks, still never a taken port
+    monkeypatch.setattr(raycluster, "ephemeral_range", lambda: (raycluster.LOW_PORT + 10, 60999))
+    assert raycluster.free_port(taken) not in {20001, 20002}
+
+
 def test_waiting_for_a_worker_node_stops_when_its_ray_start_has_exited(tmp_path):
     """A worker node whose `ray start` died (Ray's 30 s raylet registration limit on a loaded machine)
     never joins: the wait fails at once, naming its log, instead of waiting out the timeout."""

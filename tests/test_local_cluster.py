@@ -142,7 +142,8 @@ def local_up(tmp_path_factory, s3_server):
     # node.py, hard-coded), and that node's `ray start` exit (local-up.sh then fails at once, stopping
     # what it started). So one more start after a failed one.
     for attempt in (1, 2):
-        port, dash = raycluster.free_port(), raycluster.free_port()
+        taken: set[int] = set()
+        port, dash = raycluster.free_port(taken), raycluster.free_port(taken)
         up = _script("local-up.sh", "--state-dir", str(state), "--port", str(port), "--dashboard-port", str(dash),
                      "--workers-node", "--num-cpus", "1", timeout=300, env=env)
         if up.returncode == 0 or attempt == 2:
