@@ -198,12 +198,14 @@ def ephemeral_range() -> tuple[int, int]:
 
 
 def free_port(taken: set[int] | None = None) -> int:
-    """A loopback port nothing listens on now, for a listener we hand to Ray: picked at random between
-    Ray's worker ports and the kernel's ephemeral range, where neither a Ray worker nor a port-0 bind or
-    outgoing connection of another process can take it in the seconds before Ray binds it (one clean-clone run lost the head's dashboard-agent
-    port that way: job submission then failed with "No available agent"). Not in ``taken``, and added
-    to it: one cluster's ports are distinct. Falls back to a kernel-chosen port where the range below
-    the ephemeral one is too small."""
+    """A loopback port nothing listens on now, for a listener we hand to Ray.
+
+    Picked at random between Ray's worker ports and the kernel's ephemeral range: there neither a Ray
+    worker nor another process's port-0 bind or outgoing connection takes it in the seconds before Ray
+    binds it (one clean-clone run lost the head's dashboard-agent port that way; job submission then
+    failed with "No available agent"). Never one in ``taken``, and added to it, so one cluster's ports
+    are distinct. A kernel-chosen port where the range below the ephemeral one is too small.
+    """
     taken = set() if taken is None else taken
     low, _ = ephemeral_range()
     rng = random.SystemRandom()

@@ -305,7 +305,8 @@ def test_two_node_cluster_trains_with_storage_on_s3(tmp_path, s3, local_up):
     assert "runs/twonode/step_00000008/checkpoint.pt" in keys, keys
     # the worker node ran its share in a scratch dir of its own, not the head's
     assert c.worker_temp_dir and Path(c.worker_temp_dir) != Path(c.temp_dir)
-    assert set(worker_logs("session_*/logs/python-core-worker-*.log")) - before, "no task of the run ran on the worker node"
+    after = set(worker_logs("session_*/logs/python-core-worker-*.log"))
+    assert after - before, "no task of the run ran on the worker node"
 
 
 @pytest.mark.ray
