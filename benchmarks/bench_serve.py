@@ -21,7 +21,6 @@ import concurrent.futures
 import io
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -55,12 +54,6 @@ def images(n: int = 8) -> list[tuple[bytes, bytes]]:
                      rng.integers(0, 255, 3), rng.integers(0, 255, 3))
         pairs.append((_png(c), _png(s.astype(float))))
     return pairs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InProcess:
@@ -111,10 +104,11 @@ def main() -> int:
     import requests
 
     from stylegen import procs, serve
+    from stylegen.raycluster import free_port
 
     deadline = time.monotonic() + args.max_seconds
     pairs = images(8)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="sgbench") as tmp:
         logf = Path(tmp) / "serve.log"

@@ -24,16 +24,11 @@ from PIL import Image
 
 from stylegen import procs
 from stylegen.data.shard import ShardParams, build_shards, verify
+from stylegen.raycluster import free_port
 from tiny import ROOT
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ import pytest
 from listeners import README, SECTION, Listener, Row, listeners, matching, readme_rows, unexplained
 from s3server import client_env, objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen import raycluster
-from tiny import DEMO, MODEL, TINY
+from tiny import DEMO, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_TOML = str(ROOT / "jobs" / "configs" / "tune.toml")
@@ -274,10 +274,9 @@ def test_sweep_without_trial_slot_resource_falls_back_and_finishes(local_up, tmp
     cluster file): trial drivers take 0.01 CPU, so only one trial's 1-CPU worker fits beside them on
     its 2 CPUs; the sweep is capped to 1 concurrent trial instead of deadlocking."""
     c, _, _ = local_up
-    sets = [*MODEL, "data.batch_size=4", "train.val_pairs=4", "train.report_every=5", "train.checkpoint_every=5",
-            "train.sample_every=20", "train.max_failures=0", "train.steps=5", "tune.scheduler='fifo'",
-            "tune.samples=1", "tune.max_concurrent=2", f"ray.storage='{tmp_path}'",
-            'tune.space={"loss.style" = {grid = [1.0, 10.0]}}']
+    sets = [*TINY, "train.report_every=5", "train.checkpoint_every=5", "train.sample_every=20", "train.max_failures=0",
+            "train.steps=5", "tune.scheduler='fifo'", "tune.samples=1", "tune.max_concurrent=2",
+            f"ray.storage='{tmp_path}'", 'tune.space={"loss.style" = {grid = [1.0, 10.0]}}']
     env = {**raycluster.cluster_env(Path(c.token_path)), "RAY_ADDRESS": c.gcs_address}  # Train's PG cleaner
     r = subprocess.run([sys.executable, "-c", FALLBACK_DRIVER, TUNE_TOML, c.gcs_address, *sets],
                        capture_output=True, text=True, timeout=420, cwd=ROOT, env=env)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from stylegen import procs, prom
 from stylegen.metrics import TrainMetrics
+from stylegen.raycluster import free_port
 from tiny import MODEL
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,11 @@ PROM_DIR = ROOT / "infra" / "prometheus"
 STEPS, BATCH = 6, 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_prometheus(tmp: Path, **overrides) -> tuple[object, str]:
     cfg = prom.render_config(prom.load_config(PROM_DIR / "prometheus.yml"), PROM_DIR, scrape_interval="1s",
                              sd_refresh_interval="1s", **overrides)
     config_file = prom.write_config(cfg, tmp / "prometheus.yml")
-    port = _free_port()
+    port = free_port()
     proc = prom.start(config_file, tmp, port=port, log_file=tmp / "prometheus.log")
     base = f"http://127.0.0.1:{port}"
     try:
@@ -103,8 +97,8 @@ def test_prometheus_scrapes_two_ray_ranks_via_ray_discovery_file(tmp_path, monke
     import ray
 
     ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgray{os.getpid()}"  # short: Ray's socket paths
-    ray.init(num_cpus=2, _temp_dir=str(ray_tmp), _metrics_export_port=_free_port(),
-             dashboard_port=_free_port(), include_dashboard=True, log_to_driver=False)
+    ray.init(num_cpus=2, _temp_dir=str(ray_tmp), _metrics_export_port=free_port(),
+             dashboard_port=free_port(), include_dashboard=True, log_to_driver=False)
     proc = None
     try:
         discovery = ray_tmp / "prom_metrics_service_discovery.json"
@@ -154,7 +148,7 @@ def test_stylegen_prometheus_command_serves_rules_and_stops_with_it(tmp_path):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     cmd = subprocess.Popen([sys.executable, "-m", "stylegen.cli", "prometheus", "--port", str(port),
                             "--data-dir", str(tmp_path), "--ray-discovery-file", str(tmp_path / "ray.json")],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

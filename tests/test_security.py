@@ -44,7 +44,7 @@ from listeners import Listener, Row, matching, unexplained
 from stylegen.checkpoint import load_checkpoint
 from stylegen.config import Config, load_config
 from stylegen.errors import UserError
-from stylegen.raycluster import LOOPBACK_ENV
+from stylegen.raycluster import LOOPBACK_ENV, free_port
 from tiny import MODEL, cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,8 +306,6 @@ def test_in_process_ray_listeners_match_readme(tmp_path):
     reason (only the DDP run's TCPStore), every such row is still observed, and once the run is over no
     listener of that Ray accepts a connection on the machine's other address (when it has one)."""
     import json
-
-    from stylegen.raycluster import free_port
 
     rows = in_process_rows((ROOT / "README.md").read_text())
     assert len(rows) >= 8 and all(len(r.reason) > 40 for r in rows if not r.loopback)

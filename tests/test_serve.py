@@ -27,6 +27,7 @@ import browser_page
 from stylegen import procs, serve
 from stylegen.errors import UserError
 from stylegen.metrics import SERVE_SPECS, ServeMetrics, series_names
+from stylegen.raycluster import free_port
 
 TOKEN = "serve-test-token-0123456789abcdef"
 UPLOAD_CAP_MB = 1.0
@@ -205,14 +206,6 @@ def test_run_model_mixes_controls_in_one_batch():
 
 # ----------------------------------------------------------------------------- one live server
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_server(d: Path, name: str, extra: list[str], env_extra: dict[str, str] | None = None):
     """``stylegen serve`` with the TOKEN (on loopback too, to test it) in a subprocess that dies with pytest;
@@ -223,7 +216,7 @@ def running_server(d: Path, name: str, extra: list[str], env_extra: dict[str, st
     tok.write_text(TOKEN)
     tok.chmod(0o600)
     ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}{os.getpid()}"  # short: Ray's socket paths
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop(serve.TOKEN_ENV, None)
     log = d / "serve.log"

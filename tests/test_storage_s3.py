@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s3server import S3, die_with_parent, free_port, refusing_port, s3, s3_server  # noqa: F401  (fixtures)
+from s3server import S3, die_with_parent, refusing_port, s3, s3_server  # noqa: F401  (fixtures)
 from stylegen import storage
 from stylegen.checkpoint import load_checkpoint, save_checkpoint
 from stylegen.config import DataConfig, StorageConfig
@@ -24,6 +24,7 @@ from stylegen.data import shardio
 from stylegen.data.loader import build_loader, load_pairs, resolve_shards
 from stylegen.data.shard import ShardParams, build_shards, verify
 from stylegen.errors import UserError
+from stylegen.raycluster import free_port
 from tiny import ROOT
 
 RAW = ShardParams(encoding="raw", shard_size=6, val_fraction=0.25)
