@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,28 @@ def test_reused_and_repaired(cache):
     ensure_embedded(cache / VERSION)
     assert files[0].read_bytes() == good  # the damaged shard was rebuilt identically
     assert files[1].stat().st_mtime_ns == before[files[1]]
+
+
+def test_intact_shards_are_hashed_once_until_one_changes(cache, monkeypatch):
+    """The stamp of sizes and mtimes spares every later call the 72 MB of hashing; a changed shard
+    (here only its mtime) is verified again, and only its dir is."""
+    from stylegen.data import shardio
+
+    root = cache / VERSION
+    ensure_embedded(root)  # verified and stamped
+    verified = []
+    real = shardio.verify_shard
+    monkeypatch.setattr(shardio, "verify_shard", lambda url, row, *a: verified.append(Path(url)) or real(url, row, *a))
+    shards = ensure_embedded(root)
+    assert verified == []
+    shard = sorted(shards.style_dir.glob("*.tar"))[0]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    ensure_embedded(root)
+    assert verified and {p.parent for p in verified} == {shards.style_dir}
+    verified.clear()
+    ensure_embedded(root)
+    assert verified == []
 
 
 def test_staged_sources_follow_the_lists(cache, monkeypatch):
