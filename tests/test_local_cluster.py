@@ -11,11 +11,12 @@ token auth, 127.0.0.1) and used in file order:
    tests' Ray processes on this machine are never counted;
 3. a Tune sweep on a cluster without the trial_slot resource (as local-up.sh and ``ray up`` start
    them): it falls back to 0.01-CPU trial drivers and caps the concurrency instead of deadlocking;
+   its driver killed midway, then resumed to the end;
 4. a 2-rank run with its storage on s3:// (a real S3 server, tests/s3server.py), one rank per node,
    and `stylegen submit`'s preflight, which runs a task on every node;
 5. local-down.sh stops exactly the processes local-up.sh started.
 
-(Each of 1-4 used to start a cluster of its own.)
+(Each of 1-4 used to start a cluster of its own, and the killed sweep ran on another Ray.)
 """
 
 from __future__ import annotations
@@ -252,37 +253,82 @@ def test_every_listener_of_a_local_cluster_is_on_loopback_or_documented(local_up
         assert any(matching(row, lst) for lst in exposed), f"README row {row.listener!r} was not observed:\n{table}"
 
 
-FALLBACK_DRIVER = """
-import sys, ray
-from stylegen.config import load_config
-from stylegen.tune import run_sweep
-ray.init(address=sys.argv[2], logging_level="WARNING")
-try:
-    assert "trial_slot" not in ray.cluster_resources() and ray.cluster_resources()["CPU"] == 2
-    results = run_sweep(load_config(sys.argv[1], sys.argv[3:]), sweep="fb")
-    print("TRIALS", len(results), results.num_terminated, results.num_errors)
-finally:
-    ray.shutdown()
-"""
+def trials_done(sweep: Path, steps: int) -> int:
+    """Trials whose Train run has checkpointed its final step (Train's own snapshot file)."""
+    n = 0
+    for snap in sweep.glob("trial_runs/trial-*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snap.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+        n += any(r["metrics"].get("step") == steps for r in results)
+    return n
+
+
+def sweep_rows(sweep: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    return {r["trial_id"]: r for r in pq.read_table(sweep / "trials.parquet").to_pylist()}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sweep_without_trial_slot_resource_falls_back_and_finishes(local_up, tmp_path):
+def test_sweep_without_trial_slot_falls_back_then_killed_midway_resumes_and_finishes(local_up, tmp_path):
     """local-up.sh's cluster has no trial_slot resource (nor has one from ``ray up`` without our
-    cluster file): trial drivers take 0.01 CPU, so only one trial's 1-CPU worker fits beside them on
-    its 2 CPUs; the sweep is capped to 1 concurrent trial instead of deadlocking."""
+    cluster file): trial drivers take 0.01 CPU, so only one trial's 1-CPU workers fit beside them on
+    its 2 CPUs; the sweep is capped to 1 concurrent trial instead of deadlocking. Its driver is
+    SIGKILLed once the first trial is done (the cluster outlives it, as with a crashed submitter):
+    ``best`` reads the sweep as interrupted, ``--resume`` runs the other trial and none is resampled
+    or lost, and a resume with another config is refused."""
     c, _, _ = local_up
-    sets = [*TINY, "train.report_every=5", "train.checkpoint_every=5", "train.sample_every=20", "train.max_failures=0",
-            "train.steps=5", "tune.scheduler='fifo'", "tune.samples=1", "tune.max_concurrent=2",
-            f"ray.storage='{tmp_path}'", 'tune.space={"loss.style" = {grid = [1.0, 10.0]}}']
+    # one report (with its checkpoint) per trial: a trial is done when its step-5 checkpoint is
+    args = ["tune", "--config", TUNE_TOML, *[f"--set={x}" for x in [*TINY, "train.steps=5", "train.report_every=5",
+                                                                    "train.checkpoint_every=5", "train.sample_every=20",
+                                                                    "train.max_failures=0"]],
+            "--set", 'tune.space={"loss.style" = {grid = [1.0, 10.0]}}', "--scheduler", "fifo", "--samples", "1",
+            "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "sw", "--address", c.gcs_address]
     env = {**raycluster.cluster_env(Path(c.token_path)), "RAY_ADDRESS": c.gcs_address}  # Train's PG cleaner
-    r = subprocess.run([sys.executable, "-c", FALLBACK_DRIVER, TUNE_TOML, c.gcs_address, *sets],
-                       capture_output=True, text=True, timeout=420, cwd=ROOT, env=env)
+    sweep, log_path = tmp_path / "sw", tmp_path / "tune.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "stylegen.cli", *args], cwd=ROOT, stdout=log_file,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while trials_done(sweep, 5) < 1:
+            assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no trial finished in 300 s"
+            time.sleep(0.5)
+        assert trials_done(sweep, 5) < 2  # one at a time: the other has not finished
+        os.kill(proc.pid, signal.SIGKILL)  # a crash, not a polite Ctrl-C
+        proc.wait(timeout=30)
+    finally:
+        try:  # anything the killed driver started in its own process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out = log_path.read_text()
+    assert "trials take 0.01 CPU" in out and "lowered to 1" in out, out[-3000:]
+
+    def cli(*more: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stylegen.cli", *more], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT, env=env)
+
+    r = cli("best", str(sweep))  # a killed sweep reads as unfinished
+    assert r.returncode == 0 and "still running or interrupted" in r.stdout.splitlines()[0], (r.stdout, r.stderr)
+    # Ray ends the dead driver's trial and its Train run; the resume waits for their CPUs if it must
+    r = cli(*args, "--resume", timeout=360)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "TRIALS 2 2 0" in r.stdout
-    assert "lowered to 1" in r.stderr and "trials take 0.01 CPU" in r.stderr
+    rows = sweep_rows(sweep)
+    assert len(rows) == 2  # the same 2 grid points: none resampled, none lost
+    assert sorted(row["loss.style"] for row in rows.values()) == [1.0, 10.0]
+    assert all(row["status"] == "TERMINATED" and row["stop_reason"] == "completed" for row in rows.values()), rows
+    r = cli("best", str(sweep))
+    assert r.returncode == 0 and "still running" not in r.stdout
+
+    # resuming with another config is refused (its remaining trials would train differently)
+    r = cli(*args, "--set", "train.steps=6", "--resume")
+    assert r.returncode == 2 and "differs from the config the sweep started with" in r.stderr
 
 
 @pytest.mark.ray
