@@ -1,4 +1,5 @@
-"""Ray Train DDP on 2 CPU workers: in-sync ranks, different data per rank, a killed worker, a killed driver.
+"""Ray Train DDP on 2 CPU workers: in-sync ranks, different data per rank, a killed worker (then a rerun
+past torn and corrupt checkpoints), a killed driver, a SIGTERMed driver.
 
 The session's shared local Ray (``local_ray``, tests/conftest.py) runs the in-process fits and the
 ``stylegen train`` driver subprocesses (``--address``), so a killed or SIGTERMed driver is a client of
@@ -11,6 +12,7 @@ because ``ray.train.report`` keeps only rank 0's metrics. Worker death is inject
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,8 +132,9 @@ def test_two_workers_learn_in_sync_on_different_data(ray_session, reference):
     assert result.checkpoint is not None and (Path(result.checkpoint.path) / "checkpoint.pt").is_file()
 
 
-@pytest.mark.timeout(300)
-def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path):
+@pytest.mark.timeout(420)
+def test_killed_worker_resumes_from_last_checkpoint_then_torn_and_corrupt_ones_are_skipped(
+        ray_session, uninterrupted, tmp_path):
     trace, flag = tmp_path / "trace", tmp_path / "kill-once"
     flag.write_text("")
     every = 4
@@ -157,6 +160,20 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, 
         assert (after[0]["data_resume_epoch"], after[0]["data_resume_batch"]) == (1, 2)
     assert ranks[0][-1]["params_digest"] == ranks[1][-1]["params_digest"]
     assert_same_run(ranks, uninterrupted)  # same batches per step and rank, same parameters
+
+    # the same name rerun to step 20 after a crash left its storage damaged (issue 8's checkpoint faults):
+    run = tmp_path / "storage" / "killed"
+    newest = run / "step_00000016" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:2000])  # corrupted on disk (Ray's registered latest)
+    (run / "step_00000020").mkdir()
+    (run / "step_00000020" / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # upload cut short
+    (run / "step_00000024").mkdir()  # crash before any file was copied
+    shutil.rmtree(trace)
+    again = fit(tiny_cfg(*RESUME_SETS, "train.steps=20", hook_sets(trace=trace)), tmp_path, "killed")
+    assert again.error is None, again.error
+    assert again.metrics["step"] == 20
+    for rank in (0, 1):  # resumed from step 12, the newest checkpoint that loads
+        assert [(r["start_step"], r["step"]) for r in read_trace(trace)[rank]] == [(12, 16), (12, 20)]
 
 
 @pytest.mark.timeout(420)
