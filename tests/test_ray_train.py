@@ -1,5 +1,5 @@
 """Ray Train DDP on 2 CPU workers: in-sync ranks, different data per rank, a killed worker (then a rerun
-past torn and corrupt checkpoints), a killed driver, a SIGTERMed driver.
+past torn and corrupt checkpoints), reruns with another rank count, a killed driver, a SIGTERMed driver.
 
 The session's shared local Ray (``local_ray``, tests/conftest.py) runs the in-process fits and the
 ``stylegen train`` driver subprocesses (``--address``), so a killed or SIGTERMed driver is a client of
@@ -47,7 +47,8 @@ RESUME_SETS = ["loss.style=0", "train.steps=16", "train.report_every=4", "train.
 @pytest.fixture(scope="module")
 def reference(local_ray, tmp_path_factory):
     """The uninterrupted 2-worker run: (its result, its traced records per rank, rank 0's initial
-    val_content). One Train run serves the in-sync test and, as the run to equal, the resume tests."""
+    val_content, the dir of its storage). One Train run serves the in-sync test, the resume tests (as
+    the run to equal) and the rescaled reruns (as their first segment)."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     local_ray.address()
     cfg = tiny_cfg(*RESUME_SETS, hook_sets(trace=tmp / "trace"))
@@ -56,13 +57,13 @@ def reference(local_ray, tmp_path_factory):
     start = initial_val_content(cfg)  # rank 0's initial weights (DDP broadcasts them)
     result = fit(cfg, tmp, "reference")
     assert result.error is None, result.error
-    return result, read_trace(tmp / "trace"), start
+    return result, read_trace(tmp / "trace"), start, tmp
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(reference):
     """Per rank: {step: batch digest} and the final parameters of the run the resumed ones must equal."""
-    _, ranks, _ = reference
+    _, ranks, _, _ = reference
     return {r: (batches_by_step(recs), recs[-1]["params_digest"], recs[-1]["param_checksum"])
             for r, recs in ranks.items()}
 
@@ -112,7 +113,7 @@ def fit(cfg, tmp_path: Path, name: str):
 
 
 def test_two_workers_learn_in_sync_on_different_data(ray_session, reference):
-    result, ranks, start = reference
+    result, ranks, start, _ = reference
     assert result.metrics["step"] == 16
     assert sorted(ranks) == [0, 1]
     r0, r1 = ranks[0], ranks[1]
@@ -174,6 +175,30 @@ def test_killed_worker_resumes_from_last_checkpoint_then_torn_and_corrupt_ones_a
     assert again.metrics["step"] == 20
     for rank in (0, 1):  # resumed from step 12, the newest checkpoint that loads
         assert [(r["start_step"], r["step"]) for r in read_trace(trace)[rank]] == [(12, 16), (12, 20)]
+
+
+@pytest.mark.timeout(420)
+def test_reruns_with_another_rank_count_train_the_saved_epoch_again_from_its_first_batch(ray_session, reference,
+                                                                                         tmp_path):
+    """The reference run (2 workers to step 16: epoch 2 of 6-batch epochs, batch 4), the same name rerun
+    with 1 worker to step 20, then with 2 to step 24: each rerun restarts the saved epoch with the new
+    split (the stated guarantee: none of it skipped, at most the consumed batches x ranks x batch size
+    seen twice). Going on instead of restarting would reach epoch 3, batch 2 at both reruns' ends."""
+    _, ranks, _, ref_dir = reference
+    assert [(ranks[r][-1]["data"]["epoch"], ranks[r][-1]["data"]["batch"]) for r in (0, 1)] == [(2, 4)] * 2
+    trace = tmp_path / "trace"
+    for workers, steps in ((1, 20), (2, 24)):
+        cfg = tiny_cfg(*RESUME_SETS, f"ray.workers={workers}", f"train.steps={steps}", hook_sets(trace=trace))
+        result = fit(cfg, ref_dir, "reference")
+        assert result.error is None, result.error
+    recs = read_trace(trace)
+    last = {(r["start_step"], r["rank"]): r for rank in recs.values() for r in rank}  # each segment's last report
+    assert sorted(last) == [(16, 0), (20, 0), (20, 1)]
+    one = last[16, 0]  # 1 rank: epoch 2 again, 4 batches of it at step 20 (not batch 4 + 4: it restarted)
+    assert (one["world"], one["data"]["epoch"], one["data"]["batch"]) == (1, 2, 4) and "data_resume_batch" not in one
+    for r in (0, 1):  # 2 ranks again: epoch 2 from its first batch once more, in step on both ranks
+        assert (last[20, r]["world"], last[20, r]["data"]["epoch"], last[20, r]["data"]["batch"]) == (2, 2, 4)
+    assert last[20, 0]["params_digest"] == last[20, 1]["params_digest"]
 
 
 @pytest.mark.timeout(420)

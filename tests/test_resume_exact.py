@@ -3,7 +3,7 @@
 A run stopped (SIGTERM, a SIGKILLed Ray worker, a killed driver) and resumed trains on exactly
 the batches an uninterrupted run trains on, step by step (digests of every batch's bytes, recorded
 by the ``trace`` hook of tests/hooks.py), and ends with the same parameters. (The Ray killed-worker and
-killed-driver runs are in tests/test_ray_train.py.) A resume with another rank or DataLoader worker count
+killed-driver runs, and Ray reruns with another rank count, are in tests/test_ray_train.py.) A resume with another rank or DataLoader worker count
 keeps the README's guarantee (checked on sample ids); data.sampling='epoch' sees every sample once.
 """
 
@@ -196,33 +196,3 @@ def test_a_position_at_a_windows_end_resumes_without_reading_that_window(tmp_pat
     assert fresh == 2 * 2  # content and style: one window of 2 local shards each, nothing read ahead
     assert len(reads) - fresh == fresh  # the resume too: not the finished window again
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-# ----------------------------------------------------------------------------- Ray: another rank count (minutes)
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_ray_reruns_with_another_rank_count_train_the_saved_epoch_again_from_its_first_batch(tmp_path, local_ray):
-    """2 Ray workers to step 8 (epoch 1 of 6-batch epochs, batch 2), the same name rerun with 1 worker to
-    step 12, then with 2 to step 16: each rerun restarts the saved epoch with the new split (the stated
-    guarantee: none of it skipped, at most the consumed batches x ranks x batch size seen twice)."""
-    from stylegen.train.ray_worker import build_trainer
-    from test_ray_train import RESUME_SETS
-    from tiny import tiny_cfg
-
-    trace, storage = tmp_path / "trace", str(tmp_path / "storage")
-    local_ray.address()  # the session's shared local Ray (tests/conftest.py)
-    for workers, steps in ((2, 8), (1, 12), (2, 16)):
-        cfg = tiny_cfg(*RESUME_SETS, f"ray.workers={workers}", f"train.steps={steps}", hook_sets(trace=trace))
-        result = build_trainer(cfg, name="rescaled", storage=storage).fit()
-        assert result.error is None, result.error
-    recs = read_trace(trace)
-    last = {(r["start_step"], r["rank"]): r for rank in recs.values() for r in rank}  # each segment's last report
-    assert sorted(last) == [(0, 0), (0, 1), (8, 0), (12, 0), (12, 1)]
-    assert [(last[0, r]["data"]["epoch"], last[0, r]["data"]["batch"]) for r in (0, 1)] == [(1, 2)] * 2
-    one = last[8, 0]  # 1 rank: epoch 1 again, 4 batches of it at step 12 (not batch 2 + 4: it restarted)
-    assert (one["world"], one["data"]["epoch"], one["data"]["batch"]) == (1, 1, 4) and "data_resume_batch" not in one
-    for r in (0, 1):  # 2 ranks again: epoch 1 from its first batch once more, in step on both ranks
-        assert (last[12, r]["world"], last[12, r]["data"]["epoch"], last[12, r]["data"]["batch"]) == (2, 1, 4)
-    assert last[12, 0]["params_digest"] == last[12, 1]["params_digest"]
