@@ -12,6 +12,14 @@ appear in every run and ask nothing of the user (measured on Ray 2.60 in ``make 
 - ``(PlacementGroupCleaner) Detected that the Ray Train controller actor ... is dead. Cleaning up
   placement group``: Train V2 cleaning up after each run, as designed.
 
+And one block that appears in some sweeps: when the scheduler stops a trial, Tune ends its
+``fit_trial`` process while that process waits in ``ray.get`` on its Train run; Ray's C++ check
+``raylet_ipc_client_->NotifyWorkerUnblocked() Status not OK: IOError: Broken pipe``
+(``memory_store.cc``) then fails in the dying process and prints itself with a ~45-line stack trace
+(one in three ``make demo`` runs here, after "trial ... stopped early (scheduler)"). That line and
+the stack frames that follow it from the same process are dropped; any other check failure or
+trace is printed.
+
 ``drop_ray_chatter`` wraps the two ways those lines reach this process so that exactly these lines
 are dropped and everything else (our ranks' progress, any real warning, error or traceback) is
 printed as Ray prints it: the forwarding handler ``ray.init`` installs ("ray_print_logs", worker
@@ -41,14 +49,33 @@ HANDLER = "ray_print_logs"  # the name ray.init gives its forwarding handler (ra
 FILTERED = "drops_ray_chatter"  # marks a wrapped handler: drop_ray_chatter never wraps twice
 
 
+# a stopped trial's process failing Ray's check on its way out (module doc), and its trace's lines
+STOPPED_TRIAL_CHECK = re.compile(r"memory_store\.cc:\d+: .*Check failed: raylet_ipc_client_->NotifyWorkerUnblocked\(\) "
+                                 r"Status not OK: IOError: Broken pipe")
+STACK_TRACE = re.compile(r"^(\*\*\* StackTrace Information \*\*\*|\S+\([^)]*\) \[0x[0-9a-f]+\].*|\s*)$")
+
+
 def is_ray_chatter(line: str) -> bool:
     """True for a forwarded line that is one of RAY_CHATTER."""
     return any(p.search(line) for p in RAY_CHATTER)
 
 
-def without_chatter(data: dict) -> dict | None:
-    """A forwarded batch (``{"lines": [...], ...}``) without the chatter; None when nothing is left."""
-    lines = [line for line in data.get("lines", ()) if not is_ray_chatter(line)]
+def without_chatter(data: dict, in_trace: set | None = None) -> dict | None:
+    """A forwarded batch (``{"pid": ..., "lines": [...], ...}``) without the chatter; None when nothing
+    is left. ``in_trace``: the pids whose STOPPED_TRIAL_CHECK trace is being dropped, kept across
+    batches by the caller (a trace may arrive in more than one); updated here."""
+    in_trace = set() if in_trace is None else in_trace
+    pid, lines = data.get("pid"), []
+    for line in data.get("lines", ()):
+        if STOPPED_TRIAL_CHECK.search(line):
+            in_trace.add(pid)
+            continue
+        if pid in in_trace:
+            if STACK_TRACE.match(line):
+                continue
+            in_trace.discard(pid)  # the trace is over: this line is the process's own again
+        if not is_ray_chatter(line):
+            lines.append(line)
     return {**data, "lines": lines} if lines else None
 
 
@@ -56,9 +83,10 @@ def filtered(forward: Callable[..., None]) -> Callable[..., None]:
     """``forward(batch, ...)`` that never sees the chatter (the same function if it is already so)."""
     if getattr(forward, FILTERED, False):
         return forward
+    in_trace: set = set()  # pids inside a dropped trace, across this handler's batches
 
     def handler(data: dict, *args, **kwargs) -> None:
-        kept = without_chatter(data)
+        kept = without_chatter(data, in_trace)
         if kept is not None:
             forward(kept, *args, **kwargs)
 
