@@ -95,8 +95,19 @@ def main(argv: list[str] | None = None) -> int:
                [*verbose, "eval", "--checkpoint", str(export), "--pairs", pairs, "--gatys-steps", "0",
                 "--json", str(out / "eval.json")])
     print_metrics_help()
+    end_ray_output()
     print(summary(out, storage, export, example, content, style, time.perf_counter() - t0))
     return 0
+
+
+def end_ray_output() -> None:
+    """Disconnect from the demo's Ray before the summary. Ray forwards the workers' lines to this
+    process asynchronously, and a late one (a trial's rank-0 line) once printed after the summary;
+    ``ray.shutdown`` ends that stream, so the summary is the last thing printed."""
+    import ray  # heavy: imported where it is used (the phases above have imported it already)
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def shipped_eval() -> dict | None:

@@ -33,3 +33,20 @@ def test_summary_prints_paths_and_the_eval_table_with_the_shipped_and_gatys_rows
     gatys = next(v for k, v in by_label.items() if k.startswith("gatys"))
     assert gatys[2] == f"{shipped['rows']['gatys']['objective_n']:.3f}"
     assert by_label["identity (output=content)"] == ["0.000", "1.000", "1.000", "-"]
+
+
+def test_ray_is_shut_down_after_the_metrics_help_and_before_the_summary(tmp_path, monkeypatch, capsys):
+    """A line Ray forwards late cannot follow the summary: the demo disconnects from Ray first."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(demo.Phases, "run", lambda self, name, args: calls.append("phase"))
+    monkeypatch.setattr(demo, "ensure_embedded", lambda: type("S", (), {"content_dir": tmp_path, "style_dir": tmp_path}))
+    monkeypatch.setattr(demo, "example_images", lambda out: (tmp_path / "c.png", tmp_path / "s.png"))
+    monkeypatch.setattr(demo, "print_metrics_help", lambda: calls.append("metrics"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(demo, "summary", lambda *a: calls.append("summary") or "SUMMARY")
+    assert demo.main(["--out", str(tmp_path / "out")]) == 0
+    assert calls == ["phase"] * 7 + ["metrics", "ray.shutdown", "summary"]
+    assert capsys.readouterr().out.rstrip().endswith("SUMMARY")
