@@ -16,7 +16,8 @@ And one block that appears in some sweeps: when the scheduler stops a trial, Tun
 ``fit_trial`` process while that process waits in ``ray.get`` on its Train run; Ray's C++ check
 ``raylet_ipc_client_->NotifyWorkerUnblocked() Status not OK: IOError: Broken pipe``
 (``memory_store.cc``) then fails in the dying process and prints itself with a ~45-line stack trace
-(one in three ``make demo`` runs here, after "trial ... stopped early (scheduler)"). That line and
+(in 1 of the 2 unfiltered ``make demo`` runs of session 13, after "trial ... stopped early
+(scheduler)"; earlier sessions saw it too). That line and
 the stack frames that follow it from the same process are dropped; any other check failure or
 trace is printed.
 
