@@ -38,6 +38,7 @@ import pytest
 from listeners import README, SECTION, Listener, Row, listeners, matching, readme_rows, unexplained
 from s3server import client_env, objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen import raycluster
+from test_tune import cli, sweep_rows
 from tiny import DEMO, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,12 +266,6 @@ def trials_done(sweep: Path, steps: int) -> int:
     return n
 
 
-def sweep_rows(sweep: Path) -> dict[str, dict]:
-    import pyarrow.parquet as pq
-
-    return {r["trial_id"]: r for r in pq.read_table(sweep / "trials.parquet").to_pylist()}
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -310,24 +305,20 @@ def test_sweep_without_trial_slot_falls_back_then_killed_midway_resumes_and_fini
     out = log_path.read_text()
     assert "trials take 0.01 CPU" in out and "lowered to 1" in out, out[-3000:]
 
-    def cli(*more: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stylegen.cli", *more], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT, env=env)
-
-    r = cli("best", str(sweep))  # a killed sweep reads as unfinished
+    r = cli("best", str(sweep), env=env)  # a killed sweep reads as unfinished
     assert r.returncode == 0 and "still running or interrupted" in r.stdout.splitlines()[0], (r.stdout, r.stderr)
     # Ray ends the dead driver's trial and its Train run; the resume waits for their CPUs if it must
-    r = cli(*args, "--resume", timeout=360)
+    r = cli(*args, "--resume", timeout=360, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = sweep_rows(sweep)
     assert len(rows) == 2  # the same 2 grid points: none resampled, none lost
     assert sorted(row["loss.style"] for row in rows.values()) == [1.0, 10.0]
     assert all(row["status"] == "TERMINATED" and row["stop_reason"] == "completed" for row in rows.values()), rows
-    r = cli("best", str(sweep))
+    r = cli("best", str(sweep), env=env)
     assert r.returncode == 0 and "still running" not in r.stdout
 
     # resuming with another config is refused (its remaining trials would train differently)
-    r = cli(*args, "--set", "train.steps=6", "--resume")
+    r = cli(*args, "--set", "train.steps=6", "--resume", env=env)
     assert r.returncode == 2 and "differs from the config the sweep started with" in r.stderr
 
 

@@ -264,14 +264,17 @@ def _is_current(out: Path, sources: list[str], params: ShardParams) -> bool:
         return False
     try:
         stamp = _stat_stamp(out, rows)
+    except OSError:
+        return False  # a shard is missing
+    try:
         if (out / VERIFIED).read_text() == stamp:
             return True
     except OSError:
-        pass  # a missing shard or no stamp yet: the full check says which
+        pass  # no stamp yet
     if not all(shardio.verify_shard(out / r["file"], r) is None for r in rows):
         return False
     try:
-        storage.write_bytes(out / VERIFIED, _stat_stamp(out, rows).encode(), fsync=False)
+        storage.write_bytes(out / VERIFIED, stamp.encode(), fsync=False)
     except OSError:
         pass  # a read-only cache: verified all the same, hashed again next time
     return True
