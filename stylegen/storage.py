@@ -24,6 +24,7 @@ import fnmatch
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 import urllib.error
@@ -130,14 +131,24 @@ def ray_storage(url: str, cfg: StorageConfig | None = None) -> tuple[str, pafs.F
 
 # ----------------------------------------------------------------------------- errors
 
+_ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?")
+
+
+def status_codes(text: str) -> set[int]:
+    """The 3-digit numbers in an error text that can be HTTP status codes: whole numbers, not digits
+    of an address (an endpoint ``http://127.0.0.1:40312`` holds no 403)."""
+    return {int(n) for n in re.findall(r"\b[1-5]\d\d\b", _ADDRESS.sub(" ", text))}
+
+
 def explain(e: BaseException, url: str) -> str:
     """One line naming what is wrong with ``url`` and the fix (for pyarrow / urllib errors)."""
     text = " ".join(str(e).split())
     low = text.lower()
+    codes = status_codes(low)
     if "nosuchbucket" in low or "bucket does not exist" in low or ("bucket" in low and "not found" in low):
         return f"{url}: the bucket does not exist; create it or fix the bucket name"
     if any(k in low for k in ("accessdenied", "access denied", "access_denied", "invalidaccesskeyid", "signaturedoesnotmatch",
-                              "forbidden", "credentials", "403", "401", "unauthenticated")):
+                              "forbidden", "credentials", "unauthenticated")) or codes & {403, 401}:
         return (f"{url}: access denied (wrong or missing credentials); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "(or an instance role / service account; for gs:// GOOGLE_APPLICATION_CREDENTIALS)")
     if any(k in low for k in ("couldn't connect", "could not connect", "connection refused", "curlcode: 7",
@@ -146,7 +157,7 @@ def explain(e: BaseException, url: str) -> str:
         ep = os.environ.get(ENDPOINT_ENV, "")
         return (f"{url}: storage endpoint unreachable{f' ({ep})' if ep else ''}; check the endpoint "
                 "(storage.endpoint / AWS_ENDPOINT_URL) and the network")
-    if isinstance(e, FileNotFoundError) or "not found" in low or "404" in low or "nosuchkey" in low:
+    if isinstance(e, FileNotFoundError) or "not found" in low or 404 in codes or "nosuchkey" in low:
         return f"{url}: not found; check the path"
     return f"{url}: storage error ({text[:200]})"
 
@@ -155,9 +166,9 @@ def _transient(e: BaseException) -> bool:
     low = str(e).lower()
     if isinstance(e, urllib.error.HTTPError):
         return e.code == 429 or e.code >= 500
-    return any(k in low for k in ("throttl", "slowdown", "slow down", "503", "500", "502", "504",
-                                  "internalerror", "connection reset", "timed out", "timeout",
-                                  "broken pipe", "curlcode: 56", "curlcode: 52", "temporarily"))
+    return bool(status_codes(low) & {500, 502, 503, 504}) or any(
+        k in low for k in ("throttl", "slowdown", "slow down", "internalerror", "connection reset", "timed out",
+                           "timeout", "broken pipe", "curlcode: 56", "curlcode: 52", "temporarily"))
 
 
 def retry(fn, url: str, attempts: int = 5, base_delay: float = 0.2):

@@ -113,6 +113,24 @@ def test_transient_errors_are_retried_then_raised(monkeypatch):
     assert len(calls) == 1  # not transient: no retry
 
 
+
+@pytest.mark.parametrize("port", [40312, 24013, 50399, 45001])
+def test_an_endpoint_port_is_not_read_as_a_status_code(port):
+    """pyarrow's message names the endpoint: a port holding 403 or 401 once made "connection refused"
+    read as "access denied" (a flaky CI failure), one holding 500/503 made it transient."""
+    down = OSError("When getting information for key 'x' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+                   "HeadObject operation: curlCode: 7, Could not connect to server; Details: Failed to connect to "
+                   f"127.0.0.1:{port} after 0 ms: Could not connect to server (http://127.0.0.1:{port}/b/x)")
+    assert "endpoint unreachable" in storage.explain(down, "s3://b/x")
+    assert not storage._transient(down)
+    assert storage.status_codes(str(down).lower()) == set()
+    # real status codes still count, in pyarrow's and urllib's wording
+    denied = OSError(f"AWS Error UNKNOWN (HTTP status 403) during HeadObject operation (http://127.0.0.1:{port})")
+    assert "access denied" in storage.explain(denied, "s3://b/x")
+    assert storage._transient(OSError(f"HTTP status 503 from 127.0.0.1:{port}"))
+    assert "not found" in storage.explain(OSError("HTTP Error 404: Not Found"), "https://h/x")
+
+
 # ----------------------------------------------------------------------------- shards
 
 def test_shard_to_s3_verify_and_load_same_batches_as_local(tmp_path, s3):
