@@ -2,8 +2,9 @@
 
 shard to s3:// -> verify -> 2 Ray Train workers reading shards from s3:// with checkpoints on s3:// ->
 a worker SIGKILLed mid-run -> resumed from the object-store checkpoint -> a 2-trial sweep stored on
-s3:// -> `best s3://...` offline (no Ray) -> export -> stylize. (A 2-node cluster training with its
-storage on s3://, and `stylegen submit`'s per-node preflight: tests/test_local_cluster.py.)
+s3:// (one trial errored, never ranked) -> `best s3://...` offline (no Ray) -> export -> stylize.
+(A 2-node cluster training with its storage on s3://, and `stylegen submit`'s per-node preflight:
+tests/test_local_cluster.py.)
 
 Every `stylegen` command runs as a subprocess, as a user runs it: its local Ray lives and dies
 with that process group. Nothing here relies on a local disk shared with the workers.
@@ -60,33 +61,40 @@ def test_s3_chain_train_kill_resume_sweep_best_export_stylize(tmp_path, s3):
     assert best_run["checkpoint"].startswith(s3.url("runs", "chain", "step_"))
 
     # a 2-trial sweep with its storage on s3://, both trials at once on the 2 CPUs (each trial's driver
-    # holds a trial_slot, not a CPU: no deadlock)
+    # holds a trial_slot, not a CPU: no deadlock); the second one's loss weight overflows (FloatingPointError)
     r = run(["tune", "--config", TUNE_TOML, *[f"--set={x}" for x in [*TINY, *data, "train.steps=10",
                                                                       "train.report_every=5",
                                                                       "train.checkpoint_every=5",
                                                                       "train.sample_every=20",
                                                                       "train.max_failures=0"]],
-             "--set", 'tune.space={"loss.style" = {grid = [1.0, 10.0]}}', "--scheduler", "fifo",
+             "--set", 'tune.space={"loss.style" = {grid = [1.0, 1e39]}}', "--scheduler", "fifo",
              "--samples", "1", "--max-concurrent", "2", "--storage", s3.url("sweeps"), "--name", "sw"],
             env, tmp_path / "tune.log", 600)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "sweep_config.json" in {k.rsplit("/", 1)[-1] for k in objects(s3, "sweeps/sw/")}
-
     # best, offline: no Ray running, nothing of Ray or torch imported, the sweep read from the bucket
     probe = ("import json, sys, time; t = time.perf_counter(); from stylegen.cli import main; "
              f"rc = main(['best', 'sw', '--storage', {s3.url('sweeps')!r}, '--json', '--top', '2']); "
              "plain = time.perf_counter() - t; torch = 'torch' in sys.modules; "
              f"rc = rc or main(['best', 'sw', '--storage', {s3.url('sweeps')!r}, '--json', '--top', '2', "
              f"'--export', {str(tmp_path / 'best')!r}]); "
+             "from stylegen.best import read_location; "
+             f"rows = [[r.params, r.status, r.stop_reason, r.trial_id] for r in read_location({s3.url('sweeps', 'sw')!r}, "
+             "'val_score', 'min')[0]]; "
              "print(json.dumps({'rc': rc, 'plain': plain, 's': time.perf_counter() - t, 'torch_plain': torch, "
-             "'ray': 'ray' in sys.modules, 'torch': 'torch' in sys.modules}), file=sys.stderr)")
+             "'rows': rows, 'ray': 'ray' in sys.modules, 'torch': 'torch' in sys.modules}), file=sys.stderr)")
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     facts = json.loads(p.stderr.strip().splitlines()[-1])
     assert facts["rc"] == 0 and not facts["ray"], facts
     out = json.loads(p.stdout[p.stdout.rindex('{\n  "best"'):])
-    assert len(out["top"]) == 2 and out["best"]["checkpoint"].startswith(s3.url("sweeps", "sw"))
-    assert out["best"]["val_score"] == min(t["val_score"] for t in out["top"])
+    # the errored trial is marked with its reason and never ranks: the top 2 asked for hold the healthy one
+    rows = {params["loss.style"]: (status, reason, tid) for params, status, reason, tid in facts["rows"]}
+    assert sorted(rows) == [1.0, 1e39], rows
+    assert rows[1.0][:2] == ("TERMINATED", "completed") and rows[1e39][0] == "ERROR", rows
+    assert "FloatingPointError" in rows[1e39][1] and "non-finite" in rows[1e39][1], rows
+    assert [t["trial_id"] for t in out["top"]] == [rows[1.0][2]], out["top"]
+    assert out["best"]["checkpoint"].startswith(s3.url("sweeps", "sw"))
     assert not facts["torch_plain"]  # reading a sweep needs neither Ray nor torch
     print(f"best s3://.../sw (2 trials): {facts['plain']:.2f} s in a fresh process, imports included; "
           f"then with --export: {facts['s'] - facts['plain']:.2f} s more")

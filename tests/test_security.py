@@ -170,61 +170,7 @@ def test_local_ray_is_loopback_with_token_auth(monkeypatch):
 
 
 LOCAL_RAY_PROBE = """
-import json, os, sys, urllib.error, urllib.request
-import ray
-from stylegen.train.ray_worker import ensure_ray
-
-def status(url, headers):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-ensure_ray("", num_cpus=1)
-url = ray._private.worker.get_dashboard_url()
-url = url if "://" in url else "http://" + url
-token_file = os.path.join(os.environ["HOME"], ".ray", "auth_token")
-token = open(token_file).read().strip()
-print(json.dumps({"dashboard": url, "without": status(url + "/api/version", {}),
-                  "wrong": status(url + "/api/version", {"Authorization": "Bearer " + "0" * 64}),
-                  "with": status(url + "/api/version", {"Authorization": "Bearer " + token}),
-                  "mode": os.stat(token_file).st_mode & 0o777}))
-ray.shutdown()
-"""
-
-
-@pytest.mark.ray
-def test_local_ray_requires_the_token(tmp_path):
-    """What ``stylegen train`` without ``--address`` starts (``ensure_ray("")``), observed: the job API
-    on 127.0.0.1 answers 401 without the token, 403 with a wrong one, 200 with the one Ray wrote to
-    ``~/.ray/auth_token``; and ``stylegen submit`` refuses that file while it is open to others."""
-    import json
-
-    from stylegen.raycluster import find_token
-
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["dashboard"].startswith("http://127.0.0.1:"), seen
-    assert (seen["without"], seen["wrong"], seen["with"]) == (401, 403, 200), seen
-    token_file = home / ".ray" / "auth_token"
-    if seen["mode"] & 0o077:  # Ray writes it with the umask's mode (0644 under 022)
-        with pytest.raises(UserError, match=f"chmod 600 {token_file}"):
-            find_token({}, home)
-    token_file.chmod(0o600)
-    assert find_token({}, home)[1] == str(token_file)
-
-
-IN_PROCESS_RAY_PROBE = """
-import json, os, socket, sys, threading, time
+import json, os, socket, sys, threading, time, urllib.error, urllib.request
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from stylegen.train.ray_worker import ensure_ray
@@ -235,6 +181,22 @@ import ray, ray.train
 from ray.train.torch import TorchTrainer
 
 flags, other = Path(sys.argv[1]), sys.argv[3]
+
+def status(url, headers):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+dashboard = ray._private.worker.get_dashboard_url()
+url = dashboard if "://" in dashboard else "http://" + dashboard
+token_file = os.path.join(os.environ["HOME"], ".ray", "auth_token")
+token = open(token_file).read().strip()
+auth = {"dashboard": url, "without": status(url + "/api/version", {}),
+        "wrong": status(url + "/api/version", {"Authorization": "Bearer " + "0" * 64}),
+        "with": status(url + "/api/version", {"Authorization": "Bearer " + token}),
+        "mode": os.stat(token_file).st_mode & 0o777}
 
 def loop(cfg):
     import torch, torch.distributed as dist
@@ -254,7 +216,6 @@ def look():
         time.sleep(0.5)
     (flags / "stop").touch()
 
-dashboard = ray._private.worker.get_dashboard_url()
 threading.Thread(target=look, daemon=True).start()
 TorchTrainer(loop, train_loop_config={"flags": str(flags)},
              scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -270,9 +231,57 @@ for l in sorted(found, key=lambda x: (x.process, x.port)):
         except OSError:
             status = "closed"
     rows.append([l.address, l.port, l.pid, l.process, status])
-print(json.dumps({"dashboard": dashboard, "listeners": rows}))
+print(json.dumps({"dashboard": dashboard, "auth": auth, "listeners": rows}))
 ray.shutdown()
 """
+
+
+@pytest.fixture(scope="module")
+def local_ray_probe(tmp_path_factory):
+    """One run of LOCAL_RAY_PROBE, for the two tests below: the Ray that ``stylegen train``/``tune``
+    start without ``--address`` (``ensure_ray("")`` before anything imported Ray), in a fresh
+    process with its own HOME: its job API's answers with and without the token, then a 2-rank DDP
+    run on it with every listener of that Ray seen during the run. (home, seen JSON, other address)."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("local-ray")
+    home, flags = tmp / "home", tmp / "flags"
+    home.mkdir()
+    flags.mkdir()
+    other = _other_address() or ""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               # Ray's fixed defaults (44227, 44217) are taken while another Ray runs here, and then
+               # these endpoints do not start at all: free ports, so that their rows are observed
+               DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE, str(flags), str(ROOT / "tests"), other],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=330)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return home, json.loads(proc.stdout.strip().splitlines()[-1]), other
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_local_ray_requires_the_token(local_ray_probe):
+    """What ``stylegen train`` without ``--address`` starts (``ensure_ray("")``), observed: the job API
+    on 127.0.0.1 answers 401 without the token, 403 with a wrong one, 200 with the one Ray wrote to
+    ``~/.ray/auth_token``; and ``stylegen submit`` refuses that file while it is open to others."""
+    from stylegen.raycluster import find_token
+
+    home, probe, _ = local_ray_probe
+    seen = probe["auth"]
+    assert seen["dashboard"].startswith("http://127.0.0.1:"), seen
+    assert (seen["without"], seen["wrong"], seen["with"]) == (401, 403, 200), seen
+    token_file = home / ".ray" / "auth_token"
+    if seen["mode"] & 0o077:  # Ray writes it with the umask's mode (0644 under 022)
+        with pytest.raises(UserError, match=f"chmod 600 {token_file}"):
+            find_token({}, home)
+    token_file.chmod(0o600)
+    assert find_token({}, home)[1] == str(token_file)
+
+
 IN_PROCESS_HEADING = "#### Without `--address`"
 
 
@@ -300,30 +309,14 @@ def in_process_rows(text: str):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
-def test_in_process_ray_listeners_match_readme(tmp_path):
+def test_in_process_ray_listeners_match_readme(local_ray_probe):
     """The Ray that ``stylegen train``/``tune`` start without ``--address`` (``ensure_ray("")`` before
     anything imported Ray), with a 2-rank DDP run: every listener off loopback has a README row with its
     reason (only the DDP run's TCPStore), every such row is still observed, and once the run is over no
     listener of that Ray accepts a connection on the machine's other address (when it has one)."""
-    import json
-
     rows = in_process_rows((ROOT / "README.md").read_text())
     assert len(rows) >= 8 and all(len(r.reason) > 40 for r in rows if not r.loopback)
-    home, flags = tmp_path / "home", tmp_path / "flags"
-    home.mkdir()
-    flags.mkdir()
-    other = _other_address() or ""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               # Ray's fixed defaults (44227, 44217) are taken while another Ray runs here, and then
-               # these endpoints do not start at all: free ports, so that their rows are observed
-               DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, "-c", IN_PROCESS_RAY_PROBE, str(flags), str(ROOT / "tests"), other],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=330)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    _, seen, other = local_ray_probe
     found = {Listener(a, port, pid, name) for a, port, pid, name, _ in seen["listeners"]}
     table = "\n".join(f"  {a:>17} {port:5d} {name} {status}" for a, port, _, name, status in seen["listeners"])
     job_port = int(seen["dashboard"].rsplit(":", 1)[1].strip("/"))

@@ -1,5 +1,6 @@
 """`stylegen tune`: search-space errors, the no-deadlock concurrency rule, the trial label, and
-(marked ray/slow) a real sweep on this machine's CPUs: ASHA + an errored trial + best/export/stylize.
+(marked ray/slow) a real sweep on this machine's CPUs: ASHA + best/export/stylize (an errored trial:
+tests/test_s3_ray.py).
 
 The sweep runs `stylegen tune` as a subprocess (as a user would), pointed with --address at the
 session's shared local Ray (``local_ray``, tests/conftest.py: what `stylegen tune` starts without
@@ -127,17 +128,17 @@ def sweep_rows(sweep: Path) -> dict[str, dict]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_asha_errored_trial_best_export_stylize(local_ray, tmp_path, capsys):
-    """4 trials, one at a time (two with an overflowing loss weight -> FloatingPointError): ASHA stops
-    the trial that cannot learn early, errored trials are marked with their reason and never win,
-    best = lowest val_score in trials.parquet, and the exported checkpoint stylizes an image.
+def test_sweep_asha_stops_the_stuck_trial_best_export_stylize(local_ray, tmp_path, capsys):
+    """2 trials, one at a time: ASHA stops the trial that cannot learn (lr 1e-12) early, the learning
+    one (lr 3e-3) completes, best = lowest val_score in trials.parquet, and the exported checkpoint
+    stylizes an image.
 
-    Grid order (the first key varies fastest): lr 3e-3, 1e-12 with style 3, then the same two with
-    style 1e39. One trial at a time, the lr=1e-12 trial's first rung result always meets the learning
-    trial's: ASHA's decision is deterministic, not a race. (Two trials at once on 2 CPUs, without a
-    deadlock, are the sweep of tests/test_s3_ray.py.)"""
+    Grid order (the first key varies fastest): lr 3e-3, then 1e-12. One trial at a time, the
+    lr=1e-12 trial's first rung result always meets the learning trial's: ASHA's decision is
+    deterministic, not a race. (Two trials at once on 2 CPUs, without a deadlock, one of them
+    errored and never ranked: the sweep of tests/test_s3_ray.py.)"""
     t0 = time.perf_counter()
-    space = '{"optim.lr" = {grid = [3e-3, 1e-12]}, "loss.style" = {grid = [3.0, 1e39]}}'
+    space = '{"optim.lr" = {grid = [3e-3, 1e-12]}, "loss.style" = {grid = [3.0]}}'
     r = sweep_cli(local_ray, "tune", "--config", TUNE_TOML, *TINY, "--set", "train.steps=20",
                   "--set", "tune.grace_period=5", "--set", f"tune.space={space}", "--samples", "1",
                   "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "sw", timeout=420)
@@ -149,10 +150,7 @@ def test_sweep_asha_errored_trial_best_export_stylize(local_ray, tmp_path, capsy
         assert noise not in r.stdout + r.stderr, noise
     sweep = tmp_path / "sw"
     rows = sweep_rows(sweep)
-    assert len(rows) == 4
-    errored = [row for row in rows.values() if row["status"] == "ERROR"]
-    assert len(errored) == 2 and all(row["loss.style"] == 1e39 for row in errored)
-    assert all("FloatingPointError" in row["stop_reason"] and "non-finite" in row["stop_reason"] for row in errored)
+    assert len(rows) == 2
     healthy = {row["optim.lr"]: row for row in rows.values() if row["status"] == "TERMINATED"}
     assert sorted(healthy) == [1e-12, 3e-3], rows
     stuck = healthy[1e-12]
@@ -165,7 +163,7 @@ def test_sweep_asha_errored_trial_best_export_stylize(local_ray, tmp_path, capsy
     best = json.loads(out)
     expect = min(healthy, key=lambda row: row["val_score"])
     assert best["best"]["trial_id"] == expect["trial_id"]
-    assert not {row["trial_id"] for row in errored} & {t["trial_id"] for t in best["top"]}
+    assert [t["trial_id"] for t in best["top"]] == [row["trial_id"] for row in sorted(healthy, key=lambda r: r["val_score"])]
 
     exported = tmp_path / "exp"
     rc, _, err = in_process(capsys, "best", str(sweep), "--export", str(exported))
@@ -179,7 +177,7 @@ def test_sweep_asha_errored_trial_best_export_stylize(local_ray, tmp_path, capsy
     assert rc == 0, err
     assert img.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (sweep / "sweep.png").is_file()
-    print(f"sweep of 4 trials: {time.perf_counter() - t0:.0f} s")
+    print(f"sweep of 2 trials: {time.perf_counter() - t0:.0f} s")
 
 
 def test_trial_line_names_the_trial_its_params_step_and_score():
