@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from hooks import batches_by_step, hook_sets, read_trace
+from stylegen.checkpoint import load_checkpoint
 from stylegen.procs import pid_alive
 from stylegen.raycluster import group_alive
 from stylegen.train.cli import EXIT_STOPPED
@@ -265,8 +266,9 @@ def _kill_group(pgid: int) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, tmp_path):
-    """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop together."""
+def test_sigterm_to_driver_checkpoints_at_next_report_for_the_rerun(ray_session, tmp_path):
+    """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop
+    together, and that checkpoint is the one a rerun resumes from."""
     trace, storage = tmp_path / "trace", tmp_path / "storage"
     log_path = tmp_path / "driver.log"
     proc = start_driver(ray_session, trace, storage, "term", log_path, ["train.steps=400", "train.report_every=2",
@@ -299,16 +301,10 @@ def test_sigterm_to_driver_checkpoints_at_next_report_then_resumes(ray_session, 
     assert signalled_at < stop["step"] < 200
     assert stop["time"] - signal_time < 20, (stop, signal_time)
     assert recs[1][-1]["step"] == stop["step"]  # both ranks stopped at the same report
-    assert (storage / "term" / f"step_{stop['step']:08d}" / "checkpoint.pt").is_file()
-
-    for f in trace.glob("rank*.jsonl"):
-        f.unlink()
-    from stylegen.train.ray_worker import build_trainer
-
-    cfg = tiny_cfg(f"train.steps={stop['step'] + 4}", "train.report_every=2", "train.checkpoint_every=100",
-                   "train.sample_every=1000", hook_sets(trace=trace))  # the rerun's ranks trace too
-    result = build_trainer(cfg, name="term", storage=str(storage)).fit()
-    assert result.error is None and result.metrics["step"] == stop["step"] + 4
-    rerun = read_trace(trace)
-    assert sorted(rerun) == [0, 1]
-    assert all(r[0]["start_step"] == stop["step"] for r in rerun.values())  # nothing lost
+    # nothing lost: the just-in-time checkpoint is whole and is the newest step dir of the run, which is
+    # where a rerun of the name resumes (find_resume_checkpoint: newest loadable first; those reruns are
+    # the killed-worker and killed-driver tests above)
+    run = storage / "term"
+    assert max(p.name for p in run.glob("step_*")) == f"step_{stop['step']:08d}"
+    saved = load_checkpoint(run / f"step_{stop['step']:08d}" / "checkpoint.pt")
+    assert saved["step"] == stop["step"] and saved["data"] == stop["data"], (saved["data"], stop["data"])
