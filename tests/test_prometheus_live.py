@@ -2,6 +2,7 @@
 
 Prometheus runs on a free loopback port with infra/prometheus/prometheus.yml rewritten to the
 test's ports and paths (1 s scrape interval, tmp data dir) and is stopped by its Popen handle.
+The two Ray tests share one head and one Prometheus (``ray_head``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -90,41 +90,101 @@ def test_prometheus_scrapes_two_local_ranks_via_file_sd(tmp_path):
             m.close()
 
 
+# Two 'ranks' (actors in their own worker processes) recording through ray.util.metrics, driven from
+# stdin by the test: a line "STEPS BATCH" runs that many steps on both, answered "ran STEPS".
+RANK_ACTORS = """
+import sys
+import ray
+from stylegen.metrics import TrainMetrics
+
+ray.init(address=sys.argv[1], logging_level="ERROR")
+
+
+@ray.remote(num_cpus=1)
+class RankActor:
+    def __init__(self, rank):
+        self.m = TrainMetrics.create("ray", run="live-ray", rank=rank, trial="t0")
+
+    def run(self, steps, batch):
+        for _ in range(steps):
+            self.m.step(0.05, batch, 0.005, {"content": 1.0, "style": 2.0, "total": 3.0})
+
+    def url(self):
+        return self.m.url
+
+
+workers = [RankActor.remote(r) for r in (0, 1)]
+print("url", ray.get(workers[0].url.remote()), flush=True)
+for line in sys.stdin:
+    steps, batch = map(int, line.split())
+    ray.get([w.run.remote(steps, batch) for w in workers])
+    print("ran", steps, flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """For the module's two Ray tests: a token-auth head (``ray start``, its own temp dir, which holds the
+    discovery file its dashboard writes) and a Prometheus that finds its metrics endpoints through that
+    file. (cluster, environment of a driver on it, Prometheus URL). Nothing of Ray lives in this process:
+    its drivers are subprocesses, each in its own process group. (A fit in a thread of this process,
+    ended by ``ray.shutdown()``, once left a thread inside ``ray.get`` that blocked the next module's
+    ``ray.init`` for good.)"""
+    from stylegen import raycluster
+
+    tmp = tmp_path_factory.mktemp("ray-head")
+    state = tmp / "cluster"
+    c = raycluster.start_local_cluster(state, port=free_port(), dashboard_port=free_port(), num_cpus=2)
+    proc = None
+    try:
+        proc, base = _start_prometheus(tmp, local_targets=[], targets_files=[str(tmp / "none-*.json")],
+                                       ray_discovery_file=str(Path(c.temp_dir) / "prom_metrics_service_discovery.json"))
+        # RAY_ADDRESS too: Train's placement-group cleaner needs it with several Rays on one machine
+        yield c, {**raycluster.cluster_env(Path(c.token_path)), "RAY_ADDRESS": c.gcs_address}, base
+    finally:
+        if proc is not None:
+            _stop(proc)
+        raycluster.stop_local_cluster(state)
+
+
+def _kill_group(proc) -> None:
+    """A driver subprocess and whatever it started in its process group."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.prometheus
-def test_prometheus_scrapes_two_ray_ranks_via_ray_discovery_file(tmp_path, monkeypatch):
-    import ray
+@pytest.mark.timeout(300)
+def test_prometheus_scrapes_two_ray_ranks_via_ray_discovery_file(ray_head, tmp_path):
+    import subprocess
+    import sys
 
-    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"sgray{os.getpid()}"  # short: Ray's socket paths
-    ray.init(num_cpus=2, _temp_dir=str(ray_tmp), _metrics_export_port=free_port(),
-             dashboard_port=free_port(), include_dashboard=True, log_to_driver=False)
-    proc = None
+    c, env, base = ray_head
+    with open(tmp_path / "ranks.log", "wb") as err:
+        ranks = subprocess.Popen([sys.executable, "-c", RANK_ACTORS, c.gcs_address], cwd=ROOT, env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+
+    def run(steps: int) -> None:
+        ranks.stdin.write(f"{steps} {BATCH}\n")
+        ranks.stdin.flush()
+        assert ranks.stdout.readline().split() == ["ran", str(steps)], (tmp_path / "ranks.log").read_text()[-3000:]
+
     try:
-        discovery = ray_tmp / "prom_metrics_service_discovery.json"
-        proc, base = _start_prometheus(tmp_path, local_targets=[], targets_files=[str(tmp_path / "none-*.json")],
-                                       ray_discovery_file=str(discovery))
-        # defined here, not at module level: cloudpickle ships it by value (workers cannot import tests/)
-        @ray.remote(num_cpus=1)
-        class RankActor:
-            """One 'rank' in its own worker process, recording through ray.util.metrics."""
-
-            def __init__(self, rank: int):
-                self.m = TrainMetrics.create("ray", run="live-ray", rank=rank, trial="t0")
-
-            def run(self, steps: int, batch: int) -> float:
-                for _ in range(steps):
-                    self.m.step(0.05, batch, 0.005, {"content": 1.0, "style": 2.0, "total": 3.0})
-                return time.time()
-
-            def url(self) -> str:
-                return self.m.url
-
-        workers = [RankActor.remote(r) for r in (0, 1)]
-        ray.get([w.run.remote(STEPS, BATCH) for w in workers])
+        url = ranks.stdout.readline().split()
+        assert url[:1] == ["url"], (tmp_path / "ranks.log").read_text()[-3000:]
+        assert url[1].startswith("http://") and url[1].endswith("/metrics")
+        run(STEPS)
         waited = _wait_for_ranks(base, 'sum by (rank) (stylegen_train_samples_total{run="live-ray", job="ray"})',
                                  {"0": STEPS * BATCH, "1": STEPS * BATCH}, timeout=120)
-        ray.get([w.run.remote(1, BATCH) for w in workers])  # steady state: known series, one more step
+        run(1)  # steady state: known series, one more step
         steady = _wait_for_ranks(base, 'sum by (rank) (stylegen_train_samples_total{run="live-ray"})',
                                  {"0": (STEPS + 1) * BATCH, "1": (STEPS + 1) * BATCH}, timeout=60)
         log.info("ray: in Prometheus %.1f s after the first steps, %.1f s steady state (Ray export + 1 s scrape)",
@@ -133,13 +193,10 @@ def test_prometheus_scrapes_two_ray_ranks_via_ray_discovery_file(tmp_path, monke
         hist = prom.query(base, 'sum by (rank) (stylegen_train_step_duration_seconds_count{run="live-ray"})')
         assert {r["metric"]["rank"]: float(r["value"][1]) for r in hist} == {"0": steps_done, "1": steps_done}
         assert prom.query(base, '{__name__=~"ray_stylegen_.*"}') == []  # the prefix is stripped at scrape
-        url = ray.get(workers[0].url.remote())
-        assert url.startswith("http://") and url.endswith("/metrics")
+        ranks.stdin.close()
+        assert ranks.wait(timeout=60) == 0, (tmp_path / "ranks.log").read_text()[-3000:]
     finally:
-        if proc is not None:
-            _stop(proc)
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _kill_group(ranks)
 
 
 @pytest.mark.prometheus
@@ -211,35 +268,20 @@ def test_local_training_run_samples_equal_steps_times_batch(tmp_path):
 @pytest.mark.ray
 @pytest.mark.prometheus
 @pytest.mark.timeout(420)
-def test_prometheus_scrapes_a_two_worker_ray_train_run(tmp_path):
-    """Prometheus finds both ranks of a real 2-worker Ray Train run through Ray's discovery file.
-
-    Nothing of the run lives in this process: a token-auth head (``ray start``, its own temp dir,
-    which holds the discovery file its dashboard writes) and an endless ``stylegen train`` driver
-    are subprocesses, each in its own process group, stopped by PID in ``finally``. (A fit in a
-    thread of this process, ended by ``ray.shutdown()``, once left a thread inside ``ray.get``
-    that blocked the next module's ``ray.init`` for good.)
-    """
-    import signal
+def test_prometheus_scrapes_a_two_worker_ray_train_run(ray_head, tmp_path):
+    """Prometheus finds both ranks of a real 2-worker Ray Train run through Ray's discovery file: an
+    endless ``stylegen train`` driver on the module's head, stopped by its process group in ``finally``."""
     import subprocess
     import sys
 
-    from stylegen import raycluster
-
-    state = tmp_path / "cluster"
-    c = raycluster.start_local_cluster(state, port=raycluster.free_port(), dashboard_port=raycluster.free_port(),
-                                       num_cpus=2)
-    proc = driver = None
+    c, env, base = ray_head
+    driver = None
     log_path = tmp_path / "driver.log"
     try:
-        proc, base = _start_prometheus(tmp_path, local_targets=[], targets_files=[str(tmp_path / "none-*.json")],
-                                       ray_discovery_file=str(Path(c.temp_dir) / "prom_metrics_service_discovery.json"))
         sets = ["train.steps=100000", "data.batch_size=2", *MODEL, "model.channels=4",
                 "train.report_every=1000", "train.checkpoint_every=100000",
                 "train.sample_every=100000", "train.val_pairs=2", "train.threads=1", "ray.workers=2",
                 "train.max_failures=0"]
-        # RAY_ADDRESS too: Train's placement-group cleaner needs it with several Rays on one machine
-        env = {**raycluster.cluster_env(Path(c.token_path)), "RAY_ADDRESS": c.gcs_address}
         with open(log_path, "wb") as log_file:
             driver = subprocess.Popen([sys.executable, "-m", "stylegen", "train", *[f"--set={s}" for s in sets],
                                        "--address", c.gcs_address, "--storage", str(tmp_path / "runs"),
@@ -255,12 +297,5 @@ def test_prometheus_scrapes_a_two_worker_ray_train_run(tmp_path):
             seen = {r["metric"]["rank"]: float(r["value"][1]) for r in rows}
         assert set(seen) == {"0", "1"} and all(v > 0 for v in seen.values()), (seen, log_path.read_text()[-3000:])
     finally:
-        if driver is not None:  # the endless run: its whole group, then the cluster that hosts its workers
-            try:
-                os.killpg(driver.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            driver.wait(timeout=30)
-        if proc is not None:
-            _stop(proc)
-        raycluster.stop_local_cluster(state)
+        if driver is not None:  # the endless run: its whole group (Ray ends its Train run with the driver)
+            _kill_group(driver)
