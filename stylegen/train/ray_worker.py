@@ -62,20 +62,33 @@ class RaySink:
                 self.metrics.checkpoint_saved(time.perf_counter() - t0)
 
 
-class StopFlag:
-    """A 0-CPU named actor the driver owns: set on the driver's SIGTERM, read by rank 0 at reports."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def request(self) -> None:
-        self.requested = True
-
-    def is_requested(self) -> bool:
-        return self.requested
+STOP_NAMESPACE = "stylegen-stop"  # Ray's internal KV (in the GCS): a run's stop request, keyed by the run's uuid
 
 
-def interrupt_poll(rank: int, stop_actor: str | None):
+def request_stop(key: str) -> None:
+    """Ask run ``key``'s rank 0 to checkpoint at its next report and stop (the driver, on SIGTERM).
+
+    A key in Ray's internal KV (a GCS call; ``ray.experimental.internal_kv``, the store Ray's own
+    libraries keep such state in), not an actor: a named flag actor cost a Ray worker process per run.
+    """
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, b"1", namespace=STOP_NAMESPACE)
+
+
+def stop_requested(key: str) -> bool:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key, namespace=STOP_NAMESPACE) is not None
+
+
+def clear_stop(key: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(key, namespace=STOP_NAMESPACE)
+
+
+def interrupt_poll(rank: int, stop_key: str | None):
     """The loop's report-step poll under Ray: one answer that every rank agrees on.
 
     "stop": the driver got SIGTERM (``ray job stop``, a scheduler's preemption of the driver) ->
@@ -88,18 +101,15 @@ def interrupt_poll(rank: int, stop_actor: str | None):
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
-    flag = None  # the stop flag's actor handle, looked up at the first poll
     announced = threading.Event()  # the preemption was answered with its one checkpoint
 
     def poll() -> str | None:
-        nonlocal flag
         stop = False
-        if rank == 0 and stop_actor:
+        if rank == 0 and stop_key:
             try:
-                flag = flag or ray.get_actor(stop_actor)
-                stop = bool(ray.get(flag.is_requested.remote(), timeout=30))
-            except Exception as e:  # the driver (and its actor) is gone: nobody can ask us to stop
-                log.debug("stop flag %s unreadable: %s", stop_actor, e)
+                stop = stop_requested(stop_key)
+            except Exception as e:  # the GCS is unreachable right now: ask again at the next report
+                log.debug("stop request %s unreadable: %s", stop_key, e)
         if broadcast_from_rank_zero(stop):
             return "stop"
         if ray.train.get_preemption_info() is not None and not announced.is_set():
@@ -112,7 +122,7 @@ def interrupt_poll(rank: int, stop_actor: str | None):
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: ``config = {"cfg": to_dict(cfg), "run": name, "trial": trial_id, "run_dir": path|None,
-    "stop": stop-flag actor name|None}``."""
+    "stop": the run's stop-request key|None}``."""
     import ray.train
     import ray.train.torch
     import torch
@@ -201,7 +211,7 @@ def find_resume_checkpoint() -> dict | None:
 
 
 def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", callbacks: list | None = None,
-                  stop_actor: str | None = None, progress: bool = True):
+                  stop_key: str | None = None, progress: bool = True):
     """A TorchTrainer for ``cfg`` (workers/resources from ``cfg.ray``); same name + storage resumes."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -217,7 +227,7 @@ def build_trainer(cfg: Config, *, name: str, storage: str, trial: str = "", call
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run": name, "trial": trial, "run_dir": run_dir,
-                           "stop": stop_actor, "progress": progress,
+                           "stop": stop_key, "progress": progress,
                            "verbose": show_ray},
         scaling_config=ray.train.ScalingConfig(num_workers=rc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -286,8 +296,8 @@ def failure_reason(error: BaseException) -> str:
 
 
 @contextmanager
-def stop_on_sigterm(flag) -> Iterator[threading.Event]:
-    """While the run is fitted: SIGTERM to the driver sets ``flag`` (a StopFlag handle) and the yielded event.
+def stop_on_sigterm(stop_key: str) -> Iterator[threading.Event]:
+    """While the run is fitted: SIGTERM to the driver requests run ``stop_key``'s stop and sets the yielded event.
 
     The handler only sets an event (it runs inside ``ray.get``); a thread makes the Ray call. The
     previous handler is restored afterwards. A no-op outside the main thread (e.g. a Tune trial).
@@ -300,7 +310,7 @@ def stop_on_sigterm(flag) -> Iterator[threading.Event]:
     def forward() -> None:
         requested.wait()
         log.warning("SIGTERM: asking the workers to checkpoint at their next report and stop")
-        flag.request.remote()
+        request_stop(stop_key)
 
     def handler(signum, frame) -> None:  # noqa: ARG001
         requested.set()
@@ -326,15 +336,14 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bo
     import ray
     import ray.train
 
-    stop_name = f"stylegen-stop-{uuid.uuid4().hex[:12]}"
-    flag = ray.remote(num_cpus=0)(StopFlag).options(name=stop_name).remote()
+    stop_key = f"{name}-{uuid.uuid4().hex[:12]}"
     try:
-        with stop_on_sigterm(flag) as stopped:
-            result = build_trainer(cfg, name=name, storage=storage, stop_actor=stop_name, progress=progress).fit()
+        with stop_on_sigterm(stop_key) as stopped:
+            result = build_trainer(cfg, name=name, storage=storage, stop_key=stop_key, progress=progress).fit()
         return result, stopped.is_set()
     except ray.train.TrainingFailedError as e:
         reason = failure_reason(e)
-        ray.kill(flag)
+        clear_stop(stop_key)
         # Ray streams the failed workers' tracebacks to this process asynchronously; disconnecting
         # now ends that stream, so the one error line below is the last thing printed.
         ray.shutdown()
@@ -342,4 +351,4 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bo
                         "--name and --storage to resume from the last checkpoint") from None
     finally:
         if ray.is_initialized():
-            ray.kill(flag)
+            clear_stop(stop_key)
