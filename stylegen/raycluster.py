@@ -326,7 +326,7 @@ def _wait_http(url: str, token_path: Path, pid: int, timeout: float, log: Path) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not pid_alive(pid):
-            raise UserError(f"ray start exited early; see {log}")
+            raise _exited("the head", log)
         try:
             with urllib.request.urlopen(req, timeout=2) as r:
                 if r.status == 200:
@@ -337,8 +337,27 @@ def _wait_http(url: str, token_path: Path, pid: int, timeout: float, log: Path) 
     raise UserError(f"Ray did not answer on {url} within {timeout:.0f} s; see {log}")
 
 
-def _wait_nodes(dashboard_url: str, token: str, n: int, timeout: float, pid: int, log: Path) -> None:
-    """Wait until n nodes are alive (the job server answers before a worker node joins).
+class NodeStartFailed(UserError):
+    """A node's ``ray start`` gave up waiting for its raylet to register with the GCS: worth one more start."""
+
+
+REGISTRATION_TIMEOUT = "timed out during startup"  # what `ray start` says when that limit has passed
+
+
+def _exited(what: str, log: Path) -> UserError:
+    """The error for a node whose ``ray start`` has exited: NodeStartFailed when its log says Ray's
+    registration limit passed, else a UserError (a port in use, a bad flag: starting again would not help)."""
+    try:
+        tail = log.read_text(errors="replace")[-4000:]
+    except OSError:
+        tail = ""
+    kind = NodeStartFailed if REGISTRATION_TIMEOUT in tail else UserError
+    return kind(f"{what}'s ray start exited before it joined; see {log}")
+
+
+def _wait_nodes(dashboard_url: str, token: str, n: int, timeout: float, pid: int, log: Path,
+                what: str = "the worker node") -> None:
+    """Wait until n nodes are alive (the job server answers before a node's raylet has registered).
 
     pid is the joining node's `ray start --block`: when it exits (for one, Ray's own 30 s limit for a
     raylet to register with its GCS, hard-coded in ray/_private/node.py, passes on a loaded machine)
@@ -348,23 +367,28 @@ def _wait_nodes(dashboard_url: str, token: str, n: int, timeout: float, pid: int
     req = urllib.request.Request(f"{dashboard_url}/nodes?view=summary", headers=auth_headers(token))
     while time.monotonic() < deadline:
         if not pid_alive(pid):
-            raise UserError(f"the worker node's ray start exited before it joined; see {log}")
+            raise _exited(what, log)
         try:
             with urllib.request.urlopen(req, timeout=2) as r:
                 summary = json.load(r)["data"]["summary"]
-            if sum(1 for s in summary if s.get("raylet", {}).get("state") == "ALIVE") >= n:
+            if sum(1 for s in summary if s.get("raylet", {}).get("state") == "ALIVE") >= n and pid_alive(pid):
                 return
         except (urllib.error.URLError, OSError, KeyError, ValueError):
             pass
         time.sleep(0.5)
-    raise UserError(f"the worker node did not join within {timeout:.0f} s")
+    raise UserError(f"{what} did not join within {timeout:.0f} s")
 
 
 def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int = DEFAULT_PORT,
                         dashboard_port: int = DEFAULT_DASHBOARD_PORT, worker_node: bool = False,
                         num_cpus: int | None = None, worker_cpus: int = 1, token_path: str | Path | None = None,
-                        object_store_mb: int = 256, timeout: float = 90.0) -> LocalCluster:
-    """Start a token-auth head (+ optional worker node) on 127.0.0.1; state in state_dir/cluster.json."""
+                        object_store_mb: int = 256, timeout: float = 90.0, attempts: int = 2) -> LocalCluster:
+    """Start a token-auth head (+ optional worker node) on 127.0.0.1; state in state_dir/cluster.json.
+
+    Returns once every node's raylet has registered. A node whose ``ray start`` exited first (Ray's
+    hard-coded 30 s registration limit, on a loaded machine) is started over: everything stopped,
+    then up to ``attempts`` starts in all.
+    """
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     if (state / STATE_FILE).exists():
@@ -374,6 +398,20 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
                             f"{old.dashboard_url}); stop it with cluster/local-down.sh --state-dir {state}")
     tok = Path(token_path).resolve() if token_path else state / "auth_token"
     ensure_token_file(tok)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_once(state, tok, port, dashboard_port, worker_node, num_cpus, worker_cpus,
+                               object_store_mb, timeout)
+        except NodeStartFailed as e:
+            if attempt == attempts:
+                raise
+            log.warning("%s (a loaded machine?); starting the cluster once more", e)
+    raise AssertionError("unreachable")
+
+
+def _start_once(state: Path, tok: Path, port: int, dashboard_port: int, worker_node: bool, num_cpus: int | None,
+                worker_cpus: int, object_store_mb: int, timeout: float) -> LocalCluster:
+    """One try of ``start_local_cluster``: what it started is stopped again if it fails."""
     env = cluster_env(tok)
     # Our own short temp dir: the default /tmp/ray holds the 'current cluster' pointer other
     # people's ray.init(address="auto") reads, and socket paths must stay < 108 bytes.
@@ -399,6 +437,7 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
     _write_state(cluster)
     try:
         _wait_http(f"{cluster.dashboard_url}/api/version", tok, cluster.head_pid, timeout, log)
+        _wait_nodes(cluster.dashboard_url, tok.read_text().strip(), 1, timeout, cluster.head_pid, log, "the head")
         if worker_node:
             wlog = state / "worker.log"
             worker_ports = _node_ports(taken)

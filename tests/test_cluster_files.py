@@ -323,6 +323,42 @@ def test_waiting_for_a_worker_node_stops_when_its_ray_start_has_exited(tmp_path)
     assert time.monotonic() - t0 < 10
 
 
+def test_a_node_that_hit_rays_registration_limit_is_started_again_once(tmp_path, monkeypatch):
+    """`ray start` exits when its raylet has not registered within Ray's hard-coded 30 s (a loaded
+    machine): that failure, and only that one, gets one more start; a second one is raised."""
+    log = tmp_path / "head.log"
+    log.write_text("Exception: The current node timed out during startup. This could happen because ...\n")
+    assert isinstance(raycluster._exited("the head", log), raycluster.NodeStartFailed)
+    log.write_text("ValueError: Failed to bind to 127.0.0.1:6379: address already in use\n")
+    other = raycluster._exited("the head", log)
+    assert isinstance(other, raycluster.UserError) and not isinstance(other, raycluster.NodeStartFailed)
+    assert str(other) == f"the head's ray start exited before it joined; see {log}"
+
+    calls = []
+
+    def start(failures):
+        def once(*args):
+            calls.append(args)
+            if failures:
+                raise failures.pop(0)
+            return "cluster"
+        return once
+
+    monkeypatch.setattr(raycluster, "_start_once", start([raycluster.NodeStartFailed("the head's ray start exited")]))
+    assert raycluster.start_local_cluster(tmp_path / "a") == "cluster" and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(raycluster, "_start_once", start([raycluster.UserError("port in use")]))
+    with pytest.raises(raycluster.UserError, match="port in use"):
+        raycluster.start_local_cluster(tmp_path / "b")
+    assert len(calls) == 1  # not a registration timeout: not started again
+    calls.clear()
+    monkeypatch.setattr(raycluster, "_start_once", start([raycluster.NodeStartFailed("1st"),
+                                                         raycluster.NodeStartFailed("2nd")]))
+    with pytest.raises(raycluster.NodeStartFailed, match="2nd"):
+        raycluster.start_local_cluster(tmp_path / "c")
+    assert len(calls) == 2
+
+
 def test_readme_cluster_runbook_commands_parse_and_their_configs_load():
     """Every `stylegen ...` line of README's runbook is a valid command line (flags that exist), and
     each --config with its --set overrides loads: the runbook cannot drift from the CLI."""
