@@ -122,9 +122,13 @@ def _run_readonly(base: Path, cmd: list[str], wait_for: Path | None, timeout: fl
     how = _ro_available()
     if how == "unshare":
         wait = f'while [ ! -e "{wait_for}" ] && kill -0 $pid 2>/dev/null; do sleep 0.1; done; ' if wait_for else ""
+        # the kernel refuses a read-only remount (EBUSY) while the run has a file open for writing on
+        # it (a checkpoint every 2 steps): try again for up to ~5 s
+        ro = (f'n=0; until mount -o remount,bind,ro "{base}" 2>/dev/null; do n=$((n+1)); '
+              '[ $n -ge 250 ] && exit 98; sleep 0.02; done')
         script = (f'mount --bind "{base}" "{base}" || exit 97; '
                   + ('mount -o remount,bind,ro "$0" || exit 98; exec "$@"' if wait_for is None else
-                     f'"$@" & pid=$!; {wait}mount -o remount,bind,ro "{base}" || exit 98; wait $pid'))
+                     f'"$@" & pid=$!; {wait}{ro}; wait $pid'))
         cmd = ["unshare", "-m", "sh", "-c", script, str(base), *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
