@@ -3,7 +3,7 @@
 - a shard truncated while the run reads it: skipped, counted in ``data_skipped``, the run finishes;
 - a checkpoint dir left half-written by a crash during save: ignored on resume (local and Ray);
 - the newest checkpoint corrupted on disk: the previous one is used (local: test_train_local.py; Ray:
-  test_ray_train.py's killed-worker run, rerun past a corrupt, a cut-short and an empty checkpoint);
+  test_ray_train.py's killed-driver run, rerun past a cut-short checkpoint file and an empty dir);
 - the output/storage directory read-only before or during training: one clear line, exit 2 (local),
   and a failed Ray run (exit 1 with the reason) instead of a hang.
 
