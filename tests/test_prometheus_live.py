@@ -135,7 +135,11 @@ def ray_head(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ray-head")
     state = tmp / "cluster"
-    c = raycluster.start_local_cluster(state, port=free_port(), dashboard_port=free_port(), num_cpus=2)
+    with pytest.MonkeyPatch.context() as env:
+        # Ray's processes export their metrics every 10 s by default; every 2 s here, so the tests'
+        # waits for a value in Prometheus are shorter (the head passes it to its processes)
+        env.setenv("RAY_metrics_report_interval_ms", "2000")
+        c = raycluster.start_local_cluster(state, port=free_port(), dashboard_port=free_port(), num_cpus=2)
     proc = None
     try:
         proc, base = _start_prometheus(tmp, local_targets=[], targets_files=[str(tmp / "none-*.json")],
