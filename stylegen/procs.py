@@ -1,4 +1,4 @@
-"""Child processes: whether a pid still runs, and stopping a child (SIGTERM, then SIGKILL).
+"""Child processes: whether a pid still runs, stopping a child (SIGTERM, then SIGKILL), killing a group.
 
 One place for what the local cluster, ``stylegen prometheus``, ``stylegen serve`` and the
 tests' servers all do with the processes they start.
@@ -7,6 +7,7 @@ tests' servers all do with the processes they start.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL process group ``pgid`` (a child started with ``start_new_session``), if any of it is left."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:

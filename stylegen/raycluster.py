@@ -51,7 +51,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from stylegen.errors import UserError
-from stylegen.procs import pid_alive
+from stylegen.procs import kill_group, pid_alive
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -398,15 +398,13 @@ def start_local_cluster(state_dir: str | Path = DEFAULT_STATE_DIR, *, port: int 
                             f"{old.dashboard_url}); stop it with cluster/local-down.sh --state-dir {state}")
     tok = Path(token_path).resolve() if token_path else state / "auth_token"
     ensure_token_file(tok)
-    for attempt in range(1, attempts + 1):
+    args = (state, tok, port, dashboard_port, worker_node, num_cpus, worker_cpus, object_store_mb, timeout)
+    for _ in range(attempts - 1):
         try:
-            return _start_once(state, tok, port, dashboard_port, worker_node, num_cpus, worker_cpus,
-                               object_store_mb, timeout)
+            return _start_once(*args)
         except NodeStartFailed as e:
-            if attempt == attempts:
-                raise
             log.warning("%s (a loaded machine?); starting the cluster once more", e)
-    raise AssertionError("unreachable")
+    return _start_once(*args)
 
 
 def _start_once(state: Path, tok: Path, port: int, dashboard_port: int, worker_node: bool, num_cpus: int | None,
@@ -515,8 +513,7 @@ def _stop_group(pid: int, timeout: float) -> bool:
         except ChildProcessError:
             pass
         time.sleep(0.2)
-    if group_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
+    kill_group(pid)
     return True
 
 

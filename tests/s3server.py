@@ -146,7 +146,7 @@ def run(args: list[str], env: dict, log: Path, timeout: float) -> subprocess.Com
             rc = proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, 9)
+                procs.kill_group(proc.pid)
                 proc.wait()
     return subprocess.CompletedProcess(args, rc, log.read_text(errors="replace"), "")
 

@@ -311,6 +311,23 @@ def test_a_port_in_use_or_already_taken_is_never_picked(monkeypatch):
     assert raycluster.free_port(taken) not in {20001, 20002}
 
 
+def test_kill_group_ends_a_child_and_what_it_started_and_tolerates_a_gone_group():
+    from stylegen.procs import kill_group, pid_alive
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                               "print(c.pid, flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    grandchild = int(parent.stdout.readline())
+    kill_group(parent.pid)
+    assert parent.wait(timeout=10) == -9
+    deadline = time.monotonic() + 10
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(grandchild)  # the whole group, not only the process we started
+    kill_group(parent.pid)  # nothing left: no error
+
+
 def test_waiting_for_a_worker_node_stops_when_its_ray_start_has_exited(tmp_path):
     """A worker node whose `ray start` died (Ray's 30 s raylet registration limit on a loaded machine)
     never joins: the wait fails at once, naming its log, instead of waiting out the timeout."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hooks import Trace, hook_sets, trace_records
+from stylegen.procs import kill_group
 from tiny import DEMO, ROOT, tiny_cfg
 from tiny import TINY_NO_GRIDS as TINY
 
@@ -137,7 +138,7 @@ def _run_readonly(base: Path, cmd: list[str], wait_for: Path | None, timeout: fl
             out, err = proc.communicate(timeout=timeout)
             return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     finally:
-        _stop_group(proc)
+        kill_group(proc.pid)
     if wait_for is not None:
         while not wait_for.exists() and proc.poll() is None:
             time.sleep(0.1)
@@ -146,18 +147,10 @@ def _run_readonly(base: Path, cmd: list[str], wait_for: Path | None, timeout: fl
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        _stop_group(proc)
+        kill_group(proc.pid)
         for d in [base, *[p for p in base.rglob("*") if p.is_dir()]]:
             d.chmod(0o755)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """On timeout or failure: stop the process group this test started (the run and what it spawned)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.mark.timeout(120)

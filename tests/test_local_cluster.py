@@ -38,6 +38,7 @@ import pytest
 from listeners import README, SECTION, Listener, Row, listeners, matching, readme_rows, unexplained
 from s3server import client_env, objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen import raycluster
+from stylegen.procs import kill_group
 from test_tune import cli, sweep_rows
 from tiny import DEMO, TINY
 
@@ -294,10 +295,7 @@ def test_sweep_without_trial_slot_falls_back_then_killed_midway_resumes_and_fini
         os.kill(proc.pid, signal.SIGKILL)  # a crash, not a polite Ctrl-C
         proc.wait(timeout=30)
     finally:
-        try:  # anything the killed driver started in its own process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(proc.pid)  # anything the killed driver started in its own process group
     out = log_path.read_text()
     assert "trials take 0.01 CPU" in out and "lowered to 1" in out, out[-3000:]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import urllib.request
 from pathlib import Path
@@ -154,12 +153,7 @@ def ray_head(tmp_path_factory):
 
 def _kill_group(proc) -> None:
     """A driver subprocess and whatever it started in its process group."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    procs.kill_group(proc.pid)
     proc.wait(timeout=30)
 
 

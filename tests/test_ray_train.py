@@ -11,7 +11,6 @@ because ``ray.train.report`` keeps only rank 0's metrics. Worker death is inject
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from hooks import batches_by_step, hook_sets, read_trace
 from stylegen.checkpoint import load_checkpoint
-from stylegen.procs import pid_alive
+from stylegen.procs import kill_group, pid_alive
 from stylegen.raycluster import group_alive
 from stylegen.train.cli import EXIT_STOPPED
 from tiny import DEMO, ROOT, TINY, tiny_cfg
@@ -207,7 +206,7 @@ def test_killed_driver_then_same_name_resumes_past_torn_checkpoint_dirs(ray_sess
     finally:
         if proc.poll() is None:
             proc.kill()
-        _kill_group(proc.pid)
+        kill_group(proc.pid)  # what the driver left behind: only its own group
 
     first = read_trace(trace)  # complete: every rank that wrote it has exited
     last_ckpt = max(r["step"] for r in first[0] if r["checkpoint"])
@@ -249,15 +248,6 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def _kill_group(pgid: int) -> None:
-    """Stop what the killed driver left behind: only its own process group (started by this test)."""
-    if group_alive(pgid):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.timeout(420)
 def test_sigterm_to_driver_checkpoints_at_next_report_for_the_rerun(ray_session, tmp_path):
     """SIGTERM (``ray job stop``, a preempted submitter) -> rank 0 checkpoints off-interval, all ranks stop
@@ -281,7 +271,7 @@ def test_sigterm_to_driver_checkpoints_at_next_report_for_the_rerun(ray_session,
         if proc.poll() is None:
             proc.kill()
         _wait_group_gone(proc.pid, 60)
-        _kill_group(proc.pid)
+        kill_group(proc.pid)  # what the driver left behind: only its own group
     out = log_path.read_text()
     assert rc == EXIT_STOPPED, out[-2000:]  # checkpointed, not finished: not a success for a scheduler
     assert "stopped by SIGTERM" in out
