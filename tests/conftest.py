@@ -33,6 +33,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # (ENV_VARS_TO_PROPAGATE); every Ray and driver the tests start inherits it. A test that relies on the
 # 2 s pacing sets it back (tests/test_preemption.py).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Train V2 starts a node-drain watcher actor per run (1.3 CPU-s each here, ~20 runs in the suite);
+# only tests/test_preemption.py drains a node, and it turns the watcher back on for its run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 RAY_TIMEOUT_S = 600.0  # ray tests without a timeout marker of their own (the global default is in pyproject)
 THREAD_JOIN_GRACE_S = 3.0  # a thread the test asked to stop may still be finishing its last loop

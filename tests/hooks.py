@@ -9,6 +9,9 @@ imports this module as ``tests.hooks`` (Ray workers and ``python -m stylegen`` r
   ``ray.train.report`` does not keep (rank 1's metrics, pid, start step, an exact digest of the
   parameters, a digest of every batch trained since the previous report).
 - ``kill_after_step=N:FLAG``: SIGKILL this process right after step N, once: whoever deletes FLAG first dies.
+- ``await_preemption_after_step=N:DIR``: after step N, touch ``DIR/rank<R>`` and wait (at most 120 s) until
+  Ray Train tells this worker its node is preempted (``ray.train.get_preemption_info``): the test drains
+  the node while the run waits, so the next report step is N, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -91,13 +94,36 @@ def kill_after_step(arg: str):
     return hook
 
 
-def hook_sets(*, trace: Path | None = None, kill_after: tuple[int, Path] | None = None) -> str:
+def await_preemption_after_step(arg: str):
+    """``tests.hooks:await_preemption_after_step=N:DIR`` (a Ray Train worker only)."""
+    import ray.train
+
+    n, _, directory = arg.partition(":")
+    step, marks = int(n), Path(directory)
+
+    def hook(event: StepEvent) -> None:
+        if event.phase != "trained" or event.state.step != step:
+            return
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / f"rank{event.rank}").touch()
+        deadline = time.monotonic() + 120
+        while ray.train.get_preemption_info() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.warning("test: rank %d preempted: %s", event.rank, ray.train.get_preemption_info() is not None)
+
+    return hook
+
+
+def hook_sets(*, trace: Path | None = None, kill_after: tuple[int, Path] | None = None,
+              await_preemption: tuple[int, Path] | None = None) -> str:
     """The ``train.hooks=[...]`` config override that installs these hooks in another process."""
     specs = []
     if trace is not None:
         specs.append(f"tests.hooks:trace={trace}")
     if kill_after is not None:
         specs.append(f"tests.hooks:kill_after_step={kill_after[0]}:{kill_after[1]}")
+    if await_preemption is not None:
+        specs.append(f"tests.hooks:await_preemption_after_step={await_preemption[0]}:{await_preemption[1]}")
     return "train.hooks=" + json.dumps(specs)  # a JSON list of plain strings is a TOML array
 
 
