@@ -9,6 +9,8 @@ imports this module as ``tests.hooks`` (Ray workers and ``python -m stylegen`` r
   ``ray.train.report`` does not keep (rank 1's metrics, pid, start step, an exact digest of the
   parameters, a digest of every batch trained since the previous report).
 - ``kill_after_step=N:FLAG``: SIGKILL this process right after step N, once: whoever deletes FLAG first dies.
+- ``pause_after_step=N:DIR``: after step N, touch ``DIR/rank<R>`` and wait (at most 180 s) until ``DIR/go``
+  exists: the run holds still (DDP up, every actor alive) while the test looks at it.
 - ``await_preemption_after_step=N:DIR``: after step N, touch ``DIR/rank<R>`` and wait (at most 120 s) until
   Ray Train tells this worker its node is preempted (``ray.train.get_preemption_info``): the test drains
   the node while the run waits, so the next report step is N, whatever the machine's speed.
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -94,6 +97,23 @@ def kill_after_step(arg: str):
     return hook
 
 
+def pause_after_step(arg: str):
+    """``tests.hooks:pause_after_step=N:DIR``."""
+    n, _, directory = arg.partition(":")
+    step, marks = int(n), Path(directory)
+
+    def hook(event: StepEvent) -> None:
+        if event.phase != "trained" or event.state.step != step:
+            return
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / f"rank{event.rank}").touch()
+        deadline = time.monotonic() + 180
+        while not (marks / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    return hook
+
+
 def await_preemption_after_step(arg: str):
     """``tests.hooks:await_preemption_after_step=N:DIR`` (a Ray Train worker only)."""
     import ray.train
@@ -115,16 +135,29 @@ def await_preemption_after_step(arg: str):
 
 
 def hook_sets(*, trace: Path | None = None, kill_after: tuple[int, Path] | None = None,
-              await_preemption: tuple[int, Path] | None = None) -> str:
+              pause_after: tuple[int, Path] | None = None, await_preemption: tuple[int, Path] | None = None) -> str:
     """The ``train.hooks=[...]`` config override that installs these hooks in another process."""
     specs = []
     if trace is not None:
         specs.append(f"tests.hooks:trace={trace}")
     if kill_after is not None:
         specs.append(f"tests.hooks:kill_after_step={kill_after[0]}:{kill_after[1]}")
+    if pause_after is not None:
+        specs.append(f"tests.hooks:pause_after_step={pause_after[0]}:{pause_after[1]}")
     if await_preemption is not None:
         specs.append(f"tests.hooks:await_preemption_after_step={await_preemption[0]}:{await_preemption[1]}")
     return "train.hooks=" + json.dumps(specs)  # a JSON list of plain strings is a TOML array
+
+
+def wait_for_ranks(marks: Path, ranks: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Until ``ranks`` ranks wait in a ``pause_after_step``/``await_preemption_after_step`` hook's DIR; fails
+    with the run's log if it ended first."""
+    deadline = time.monotonic() + timeout
+    while len(list(marks.glob("rank*"))) < ranks:
+        tail = f"\n{log.read_text(errors='replace')[-3000:]}" if log.exists() else ""
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before {ranks} ranks waited:{tail}"
+        assert time.monotonic() < deadline, f"{ranks} ranks did not wait within {timeout} s:{tail}"
+        time.sleep(0.2)
 
 
 def read_trace(directory: Path) -> dict[int, list[dict]]:

@@ -73,7 +73,7 @@ def _listening_sockets() -> dict[int, tuple[str, int]]:
 
 def process_label(pid: int) -> str:
     """How README names a process: `gcs_server`, `raylet`, `dashboard.py`, `ray.util.client.server`,
-    `ray::DashboardAgent` (Ray's process titles), `python` (a driver)."""
+    `ray::DashboardAgent` (Ray's process titles), `python` (a driver), `stylegen` (`python -m stylegen`)."""
     argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
     first = argv[0].strip() if argv else "?"
     if first.startswith("ray::"):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,12 +138,16 @@ def images(d: Path, n: int, seed: int) -> Path:
     return d
 
 
-def run(args: list[str], env: dict, log: Path, timeout: float) -> subprocess.CompletedProcess:
-    """A stylegen command in its own process group; the group is killed if it outlives ``timeout``."""
+def run(args: list[str], env: dict, log: Path, timeout: float,
+        during: Callable[[subprocess.Popen], None] | None = None) -> subprocess.CompletedProcess:
+    """A stylegen command in its own process group; the group is killed if it outlives ``timeout`` (or if
+    ``during(process)``, called once it started, raises)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "stylegen", *args], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
+            if during is not None:
+                during(proc)
             rc = proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:

@@ -3,20 +3,20 @@ token auth, 127.0.0.1) and used in file order:
 
 1. what local-up.sh starts: the token file, the dashboard's auth, loopback-only ports, a second
    start refused;
-2. what it listens on: every TCP listener of its processes is on loopback, or is named with its
-   reason in README's "Ports and listeners" table. A driver puts an actor on each node and runs a
-   2-rank DDP (Ray Train, gloo) across them, so core workers, Train's actors, gloo and torch's
-   TCPStore are listening when we look. Listeners are read from /proc (tests/listeners.py: sockets in
-   LISTEN state owned by the process trees of the two ``ray start`` PIDs and of the driver), so other
-   tests' Ray processes on this machine are never counted;
-3. a Tune sweep on a cluster without the trial_slot resource (as local-up.sh and ``ray up`` start
+2. a Tune sweep on a cluster without the trial_slot resource (as local-up.sh and ``ray up`` start
    them): it falls back to 0.01-CPU trial drivers and caps the concurrency instead of deadlocking;
    its driver killed midway, then resumed to the end;
-4. a 2-rank run with its storage on s3:// (a real S3 server, tests/s3server.py), one rank per node,
-   and `stylegen submit`'s preflight, which runs a task on every node;
+3. a 2-rank run with its storage on s3:// (a real S3 server, tests/s3server.py), one rank per node,
+   held after step 4 while we read what it listens on: every TCP listener of the cluster's processes,
+   the driver and its actors (core workers, Train's actors, gloo, torch's TCPStore) is on loopback, or
+   is named with its reason in README's "Ports and listeners" table. Listeners are read from /proc
+   (tests/listeners.py: sockets in LISTEN state owned by the process trees of the two ``ray start``
+   PIDs and of the driver), so other tests' Ray processes on this machine are never counted;
+4. `stylegen submit`'s preflight, which runs a task on every node;
 5. local-down.sh stops exactly the processes local-up.sh started.
 
-(Each of 1-4 used to start a cluster of its own, and the killed sweep ran on another Ray.)
+(Each of 1-4 used to start a cluster of its own, and the killed sweep ran on another Ray; the listener
+look had a DDP run of its own.)
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from hooks import hook_sets, wait_for_ranks
 from listeners import README, SECTION, Listener, Row, listeners, matching, readme_rows, unexplained
 from s3server import client_env, objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen import raycluster
@@ -44,51 +45,6 @@ from tiny import DEMO, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_TOML = str(ROOT / "jobs" / "configs" / "tune.toml")
-
-DRIVER = """
-import sys, time
-from pathlib import Path
-import ray
-import ray.train
-from ray.train.torch import TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-gcs, flags, storage = sys.argv[1:4]
-ray.init(address=gcs, logging_level="ERROR")
-
-
-@ray.remote(num_cpus=0)
-class Probe:
-    def ip(self):
-        return ray.util.get_node_ip_address()
-
-
-nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-probes = [Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
-print("actor node IPs:", ray.get([p.ip.remote() for p in probes]), flush=True)
-
-
-def loop(cfg):
-    import torch
-    import torch.distributed as dist
-
-    t = torch.ones(1)
-    dist.all_reduce(t)  # the process group is up: the TCPStore and gloo's pairs listen now
-    rank = ray.train.get_context().get_world_rank()
-    Path(cfg["flags"], f"rank{rank}").write_text(str(t.item()))
-    deadline = time.monotonic() + 180
-    while not Path(cfg["flags"], "stop").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
-TorchTrainer(loop, train_loop_config={"flags": flags},
-             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1},
-                                                    placement_strategy="STRICT_SPREAD"),
-             run_config=ray.train.RunConfig(name="listeners", storage_path=storage)).fit()
-print("fit done", flush=True)
-"""
-
-
 
 # ----------------------------------------------------------------------------- README's table and /proc
 
@@ -193,64 +149,6 @@ def test_local_up_starts_a_token_cluster_on_loopback(local_up):
     assert again.returncode == 2 and "already running" in again.stderr
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
-def test_every_listener_of_a_local_cluster_is_on_loopback_or_documented(local_up, tmp_path):
-    c, _, _ = local_up
-    rows = readme_rows(README.read_text())
-    flags = tmp_path / "flags"
-    flags.mkdir()
-    t0 = time.monotonic()
-    roots = [c.head_pid, c.worker_pid]
-    driver = None
-    found: set[Listener] = set(listeners(roots))
-    try:
-        env = raycluster.cluster_env(Path(c.token_path))
-        log = tmp_path / "driver.log"
-        with open(log, "wb") as out:
-            driver = subprocess.Popen([sys.executable, "-c", DRIVER, c.gcs_address, str(flags), str(tmp_path / "runs")],
-                                      cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 240
-        while not all((flags / f"rank{r}").exists() for r in (0, 1)):
-            assert driver.poll() is None, f"driver exited ({driver.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"DDP did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        ddp_up = time.monotonic() - t0
-        for _ in range(4):  # a few looks: idle workers and Train's actors come and go
-            found |= listeners([*roots, driver.pid])
-            time.sleep(0.5)
-        (flags / "stop").touch()
-        assert driver.wait(timeout=120) == 0, log.read_text()[-3000:]
-        out = log.read_text()
-        assert "actor node IPs: ['127.0.0.1', '127.0.0.1']" in out, out[-3000:]
-    finally:
-        if driver is not None and driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    table = "\n".join(f"  {lst.address:>17} {lst.port:5d}  {lst.process}" for lst in
-                      sorted(found, key=lambda x: (x.loopback, x.process, x.port)))
-    print(f"\nlisteners of the cluster, its actors and a DDP run (DDP up after {ddp_up:.1f} s):\n{table}")
-
-    bad = unexplained(found, rows)
-    assert not bad, (f"listeners README '{SECTION}' does not account for (off loopback without a row and "
-                     f"reason, or an unnamed process):\n" + "\n".join(map(str, bad)) + f"\nall:\n{table}")
-    # every port we chose is in use by the cluster, on loopback and nowhere else
-    by_port: dict[int, set[str]] = {}
-    for lst in found:
-        by_port.setdefault(lst.port, set()).add(lst.address.removeprefix("::ffff:"))
-    for node, ports in c.ports.items():
-        for name, port in ports.items():
-            assert by_port.get(port) == {"127.0.0.1"}, (node, name, port, by_port.get(port), table)
-    # the DDP run and the actors ran: their listeners were seen
-    assert any(lst.process.startswith("ray::RayTrainWorker") for lst in found), table
-    # the table does not claim an exposure that no longer exists (Ray or torch fixed it: update README)
-    exposed = [lst for lst in found if not lst.loopback]
-    for row in (r for r in rows if not r.loopback):
-        assert any(matching(row, lst) for lst in exposed), f"README row {row.listener!r} was not observed:\n{table}"
-
-
 def trials_done(sweep: Path, steps: int) -> int:
     """Trials whose Train run has checkpointed its final step (Train's own snapshot file)."""
     n = 0
@@ -319,17 +217,34 @@ def test_sweep_without_trial_slot_falls_back_then_killed_midway_resumes_and_fini
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900, method="thread")
-def test_two_node_cluster_trains_with_storage_on_s3(tmp_path, s3, local_up):
-    """The run's storage is s3://, so rank 1's node never shares a disk path with the driver's."""
+def test_two_node_run_on_s3_and_every_listener_on_loopback_or_documented(tmp_path, s3, local_up):
+    """A 2-rank run (one rank per node) with its storage on s3://, so rank 1's node never shares a disk path
+    with the driver's. Both ranks wait after step 4 (``tests.hooks:pause_after_step``): DDP is up (torch's
+    TCPStore and gloo's pairs listen) and Train's actors are alive while every listener of the cluster, the
+    driver and its actors is read; each must be on loopback or have its row in README's table."""
     c, _, _ = local_up
     data = shard_inputs(tmp_path, s3)
     env = raycluster.cluster_env(Path(c.token_path), {**os.environ, **s3.env})
     worker_logs = Path(c.worker_temp_dir).glob
     before = set(worker_logs("session_*/logs/python-core-worker-*.log"))
+    roots, waiting, log_path = [c.head_pid, c.worker_pid], tmp_path / "waiting", tmp_path / "train.log"
+    found: set[Listener] = set(listeners(roots))
+    looked = {}
+
+    def look(proc: subprocess.Popen) -> None:
+        t0 = time.monotonic()
+        wait_for_ranks(waiting, 2, proc, log_path)
+        looked["ddp_up"] = time.monotonic() - t0
+        for _ in range(4):  # a few looks: idle workers and Train's actors come and go
+            found.update(listeners([*roots, proc.pid]))
+            time.sleep(0.5)
+        (waiting / "go").touch()
+
     sets = [*TINY, *data, "train.steps=8", "train.report_every=4", "train.checkpoint_every=4",
-            "train.sample_every=100", "train.max_failures=0", "ray.cpus_per_worker=1"]
+            "train.sample_every=100", "train.max_failures=0", "ray.cpus_per_worker=1",
+            hook_sets(pause_after=(4, waiting))]
     r = run(["train", "--config", str(DEMO), *[f"--set={x}" for x in sets], "--storage", s3.url("runs"),
-             "--name", "twonode", "--address", c.gcs_address, "--no-progress"], env, tmp_path / "train.log", 600)
+             "--name", "twonode", "--address", c.gcs_address, "--no-progress"], env, log_path, 600, during=look)
     assert r.returncode == 0, r.stdout[-3000:]
     keys = objects(s3, "runs/twonode/")
     assert "runs/twonode/step_00000008/checkpoint.pt" in keys, keys
@@ -337,6 +252,27 @@ def test_two_node_cluster_trains_with_storage_on_s3(tmp_path, s3, local_up):
     assert c.worker_temp_dir and Path(c.worker_temp_dir) != Path(c.temp_dir)
     after = set(worker_logs("session_*/logs/python-core-worker-*.log"))
     assert after - before, "no task of the run ran on the worker node"
+
+    rows = readme_rows(README.read_text())
+    table = "\n".join(f"  {lst.address:>17} {lst.port:5d}  {lst.process}" for lst in
+                      sorted(found, key=lambda x: (x.loopback, x.process, x.port)))
+    print(f"\nlisteners of the cluster, its actors and a DDP run (DDP up after {looked['ddp_up']:.1f} s):\n{table}")
+    bad = unexplained(found, rows)
+    assert not bad, (f"listeners README '{SECTION}' does not account for (off loopback without a row and "
+                     f"reason, or an unnamed process):\n" + "\n".join(map(str, bad)) + f"\nall:\n{table}")
+    # every port we chose is in use by the cluster, on loopback and nowhere else
+    by_port: dict[int, set[str]] = {}
+    for lst in found:
+        by_port.setdefault(lst.port, set()).add(lst.address.removeprefix("::ffff:"))
+    for node, ports in c.ports.items():
+        for name, port in ports.items():
+            assert by_port.get(port) == {"127.0.0.1"}, (node, name, port, by_port.get(port), table)
+    # the DDP run and the actors ran: their listeners were seen
+    assert any(lst.process.startswith("ray::RayTrainWorker") for lst in found), table
+    # the table does not claim an exposure that no longer exists (Ray or torch fixed it: update README)
+    exposed = [lst for lst in found if not lst.loopback]
+    for row in (r for r in rows if not r.loopback):
+        assert any(matching(row, lst) for lst in exposed), f"README row {row.listener!r} was not observed:\n{table}"
 
 
 @pytest.mark.ray

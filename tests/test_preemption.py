@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from hooks import hook_sets, trace_records
+from hooks import hook_sets, trace_records, wait_for_ranks
 from stylegen import raycluster
 from tiny import DEMO, ROOT, TINY
 
@@ -62,10 +61,7 @@ def test_drained_node_gets_a_just_in_time_checkpoint(tmp_path):
             proc = subprocess.Popen([sys.executable, "-m", "stylegen", "train", "--config", str(DEMO), *args,
                                      "--address", c.gcs_address, "--storage", str(storage), "--name", "reclaim",
                                      "--no-progress"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240  # both workers wait after step DRAIN_AT
-        while time.monotonic() < deadline and proc.poll() is None and len(list(waiting.glob("rank*"))) < 2:
-            time.sleep(0.2)
-        assert proc.poll() is None and len(list(waiting.glob("rank*"))) == 2, log_path.read_text()[-3000:]
+        wait_for_ranks(waiting, 2, proc, log_path)  # both workers wait after step DRAIN_AT
         drained = subprocess.run([sys.executable, "-c", DRAIN, c.gcs_address], env=env, capture_output=True,
                                  text=True, timeout=120)
         assert drained.returncode == 0, drained.stderr[-2000:]
