@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,8 +98,8 @@ def kill_after_step(arg: str):
     return hook
 
 
-def pause_after_step(arg: str):
-    """``tests.hooks:pause_after_step=N:DIR``."""
+def _hold_after_step(arg: str, released: Callable[[Path], bool], limit_s: float):
+    """After step N of ``N:DIR``: touch ``DIR/rank<R>``, then wait (at most ``limit_s``) until ``released(DIR)``."""
     n, _, directory = arg.partition(":")
     step, marks = int(n), Path(directory)
 
@@ -107,31 +108,24 @@ def pause_after_step(arg: str):
             return
         marks.mkdir(parents=True, exist_ok=True)
         (marks / f"rank{event.rank}").touch()
-        deadline = time.monotonic() + 180
-        while not (marks / "go").exists() and time.monotonic() < deadline:
+        deadline = time.monotonic() + limit_s
+        while not released(marks) and time.monotonic() < deadline:
             time.sleep(0.05)
+        log.warning("test: rank %d held after step %d, released: %s", event.rank, step, released(marks))
 
     return hook
+
+
+def pause_after_step(arg: str):
+    """``tests.hooks:pause_after_step=N:DIR``."""
+    return _hold_after_step(arg, lambda marks: (marks / "go").exists(), 180)
 
 
 def await_preemption_after_step(arg: str):
     """``tests.hooks:await_preemption_after_step=N:DIR`` (a Ray Train worker only)."""
     import ray.train
 
-    n, _, directory = arg.partition(":")
-    step, marks = int(n), Path(directory)
-
-    def hook(event: StepEvent) -> None:
-        if event.phase != "trained" or event.state.step != step:
-            return
-        marks.mkdir(parents=True, exist_ok=True)
-        (marks / f"rank{event.rank}").touch()
-        deadline = time.monotonic() + 120
-        while ray.train.get_preemption_info() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        log.warning("test: rank %d preempted: %s", event.rank, ray.train.get_preemption_info() is not None)
-
-    return hook
+    return _hold_after_step(arg, lambda _: ray.train.get_preemption_info() is not None, 120)
 
 
 def hook_sets(*, trace: Path | None = None, kill_after: tuple[int, Path] | None = None,
