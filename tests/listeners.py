@@ -1,7 +1,7 @@
 """Listening TCP sockets of process trees, read from /proc, and README's "Ports and listeners" table.
 
-Used by tests/test_local_cluster.py (a local cluster's processes) and tests/test_security.py (the
-processes of a CLI's own local Ray).
+Used by tests/test_local_cluster.py (a local cluster's processes) and tests/test_s3_ray.py (the
+processes of a CLI's own local Ray: README's in-process table).
 """
 
 from __future__ import annotations
@@ -159,3 +159,51 @@ def unexplained(found: set[Listener], rows: list[Row]) -> list[Listener]:
         if not ok:
             bad.append(lst)
     return bad
+
+
+# ----------------------------------------------------------------------------- the in-process table
+
+IN_PROCESS_HEADING = "#### Without `--address`"
+
+
+def in_process_rows(text: str) -> list[Row]:
+    """The table under README's IN_PROCESS_HEADING (the Ray a CLI starts itself), as Rows."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(IN_PROCESS_HEADING))
+    rows = []
+    for ln in lines[start + 1:]:
+        if not ln.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if cells[0] != "Listener" and set("".join(cells)) - set("-: "):
+            assert len(cells) == 5, ln
+            rows.append(Row(cells[0], tuple(re.findall(r"`([^`]+)`", cells[2])), cells[3].startswith("127.0.0.1"),
+                            cells[4]))
+    return rows
+
+
+def other_address() -> str | None:
+    """This machine's non-loopback IPv4 address, if it has one (a UDP connect sends no packet)."""
+    candidates = []
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+            candidates.append(s.getsockname()[0])
+    except OSError:
+        pass
+    try:
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        pass
+    return next((a for a in candidates if not a.startswith("127.") and a != "0.0.0.0"), None)
+
+
+def accepts(address: str, port: int) -> bool:
+    """Does anything accept a TCP connection on address:port (3 s)?"""
+    try:
+        socket.create_connection((address, port), timeout=3).close()
+        return True
+    except OSError:
+        return False

@@ -8,6 +8,13 @@ tests/test_local_cluster.py.)
 
 Every `stylegen` command runs as a subprocess, as a user runs it: its local Ray lives and dies
 with that process group. Nothing here relies on a local disk shared with the workers.
+
+The training run is also where the Ray that `stylegen train` starts without `--address` is checked
+(issue 8's security items; tests/test_security.py's other checks): it runs with a HOME of its own, so
+its token is the one that Ray writes for it. While both ranks wait after step 4 (DDP up), its job API
+must answer 401 without the token, 403 with a wrong one and 200 with it; every listener of its
+process tree must be named in README's in-process table; and only the DDP run's TCPStore may accept
+a connection on the machine's other address.
 """
 
 from __future__ import annotations
@@ -16,11 +23,19 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
-from hooks import hook_sets, read_trace
+from hooks import hook_sets, read_trace, wait_for_ranks
+from listeners import Listener, accepts, in_process_rows, listeners, matching, other_address, unexplained
 from s3server import objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
+from stylegen.data.embedded import default_root
+from stylegen.errors import UserError
+from stylegen.raycluster import find_token, free_port
 from tiny import DEMO, ROOT, TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -35,14 +50,25 @@ def test_s3_chain_train_kill_resume_sweep_best_export_stylize(tmp_path, s3):
     env = {**os.environ, **s3.env}
     env.pop("RAY_ADDRESS", None)
 
-    # 2 workers, shards and checkpoints on s3://, one worker SIGKILLed after step 10
-    trace, flag = tmp_path / "trace", tmp_path / "kill-once"
+    # 2 workers, shards and checkpoints on s3://, one worker SIGKILLed after step 10; held after step 4
+    # while its local Ray is looked at (the module doc)
+    trace, flag, held, home = tmp_path / "trace", tmp_path / "kill-once", tmp_path / "held", tmp_path / "home"
     flag.write_text("")
+    home.mkdir()
+    train_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    train_env.update(HOME=str(home), STYLEGEN_CACHE=str(default_root().parent), RAY_USAGE_STATS_ENABLED="0",
+                     # Ray's fixed defaults (44227, 44217) are taken while another Ray runs here, and then
+                     # these endpoints do not start at all: free ports, so that their rows are observed
+                     DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
+    seen: dict = {"listeners": set()}
     sets = [*TINY, *data, "train.steps=16", "train.report_every=4", "train.checkpoint_every=4",
-            "train.sample_every=100", "train.max_failures=1", hook_sets(trace=trace, kill_after=(10, flag))]
+            "train.sample_every=100", "train.max_failures=1",
+            hook_sets(trace=trace, kill_after=(10, flag), pause_after=(4, held))]
     r = run(["train", "--config", str(DEMO), *[f"--set={x}" for x in sets], "--storage", s3.url("runs"),
-             "--name", "chain", "--no-progress"], env, tmp_path / "train.log", 600)
+             "--name", "chain", "--no-progress"], train_env, tmp_path / "train.log", 600,
+            during=lambda proc: look_at_local_ray(proc, held, home, tmp_path / "train.log", seen))
     assert r.returncode == 0, r.stdout[-3000:]
+    check_local_ray(seen, home)
     assert not flag.exists(), "the fault hook never fired"
     for rank, recs in read_trace(trace).items():
         pids = list(dict.fromkeys(x["pid"] for x in recs))
@@ -109,3 +135,62 @@ def test_s3_chain_train_kill_resume_sweep_best_export_stylize(tmp_path, s3):
         assert r.returncode == 0, r.stdout
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def _status(url: str, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def look_at_local_ray(proc: subprocess.Popen, held: Path, home: Path, log: Path, seen: dict) -> None:
+    """While both ranks are held: the listeners of the driver's process tree (its local Ray, the run's
+    actors), the job API's answers, and what the machine's other address accepts; then release them."""
+    wait_for_ranks(held, 2, proc, log)
+    for _ in range(4):  # a few looks: idle workers and Train's actors come and go
+        seen["listeners"] |= listeners([proc.pid])
+        time.sleep(0.5)
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    seen["job_api"] = {}
+    for lst in seen["listeners"]:
+        if lst.process == "dashboard.py":  # the job API, or the dashboard's own /metrics
+            url = f"http://127.0.0.1:{lst.port}/api/version"
+            seen["job_api"][lst.port] = (_status(url, None), _status(url, "0" * 64), _status(url, token))
+    other = other_address()
+    seen["other_open"] = {lst for lst in seen["listeners"] if other and accepts(other, lst.port)}
+    (held / "go").touch()
+
+
+def check_local_ray(seen: dict, home: Path) -> None:
+    found: set[Listener] = seen["listeners"]
+    table = "\n".join(f"  {x.address:>17} {x.port:5d}  {x.process}" for x in sorted(found, key=lambda x: (x.process, x.port)))
+    print(f"\nlisteners of `stylegen train`'s own Ray and its run (held after step 4):\n{table}\njob API answers "
+          f"(no token, wrong, right) by dashboard.py port: {seen['job_api']}; open on the other address: "
+          f"{sorted((x.process, x.port) for x in seen['other_open'])}")
+    # the job API needs the token Ray wrote to this HOME: 401 without, 403 with a wrong one
+    job = [port for port, answers in seen["job_api"].items() if answers == (401, 403, 200)]
+    assert len(job) == 1, (seen["job_api"], table)
+    assert {x.address for x in found if x.port == job[0]} == {"127.0.0.1"}, table
+    token_file = home / ".ray" / "auth_token"
+    if token_file.stat().st_mode & 0o077:  # Ray writes it with the umask's mode (0644 under 022): submit refuses it
+        try:
+            find_token({}, home)
+            raise AssertionError("find_token accepted a token file open to others")
+        except UserError as e:
+            assert f"chmod 600 {token_file}" in str(e)
+    token_file.chmod(0o600)
+    assert find_token({}, home)[1] == str(token_file)
+    # every listener is named in README's in-process table; only the TCPStore binds beyond loopback
+    rows = in_process_rows((ROOT / "README.md").read_text())
+    assert len(rows) >= 8 and all(len(r.reason) > 40 for r in rows if not r.loopback)
+    assert any(x.process.startswith("ray::RayTrainWorker") for x in found), table
+    assert unexplained(found, rows) == [], f"listeners README's in-process table does not name:\n{table}"
+    exposed = [x for x in found if not x.loopback]
+    for row in (r for r in rows if not r.loopback):
+        assert any(matching(row, x) for x in exposed), f"README row {row.listener!r} was not observed:\n{table}"
+    # from another machine, only the DDP run's TCPStore (README's one exposed row) can be reached
+    assert all(x.process.startswith("ray::RayTrainWorker") and not x.loopback for x in seen["other_open"]), (
+        seen["other_open"], table)

@@ -3,9 +3,9 @@
 - local ``/metrics`` endpoints, ``stylegen prometheus`` and a local Ray's dashboard bind 127.0.0.1 by
   default, and a new local Ray has token auth on;
 - a local ``/metrics`` bound beyond loopback logs one warning that it is unauthenticated;
-- the Ray that ``stylegen train``/``tune`` start without ``--address`` listens where README's
-  in-process table says, port by port (``ray``; the loopback cluster of ``local-up.sh``:
-  tests/test_local_cluster.py);
+- the Ray that ``stylegen train``/``tune`` start without ``--address`` requires its token and listens
+  where README's in-process table says, port by port: observed on a real ``stylegen train`` run in
+  tests/test_s3_ray.py (the loopback cluster of ``local-up.sh``: tests/test_local_cluster.py);
 - checkpoints load with ``weights_only=True``: a pickle payload is refused and never runs; every
   deserialiser in ``stylegen/``, ``jobs/`` and ``benchmarks/`` is a safe one (static check, import
   aliases resolved), except the one audited ``Tuner.restore`` of ``tune --resume``, which runs only
@@ -40,11 +40,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from listeners import Listener, Row, matching, unexplained
+from listeners import other_address
 from stylegen.checkpoint import load_checkpoint
 from stylegen.config import Config, load_config
 from stylegen.errors import UserError
-from stylegen.raycluster import LOOPBACK_ENV, free_port
+from stylegen.raycluster import LOOPBACK_ENV
 from tiny import MODEL, cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,22 +55,6 @@ CANARY = "canary-7f3a9c1e5b2d4f60a8e1c3b5d7f9a2c4"  # a fake Ray token
 
 
 # ----------------------------------------------------------------------------- loopback by default
-
-def _other_address() -> str | None:
-    """This machine's non-loopback IPv4 address, if it has one (a UDP connect sends no packet)."""
-    candidates = []
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
-            candidates.append(s.getsockname()[0])
-    except OSError:
-        pass
-    try:
-        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
-    except OSError:
-        pass
-    return next((a for a in candidates if not a.startswith("127.") and a != "0.0.0.0"), None)
-
 
 def test_metrics_endpoint_binds_loopback_by_default(monkeypatch):
     from stylegen.metrics import TrainMetrics
@@ -85,7 +69,7 @@ def test_metrics_endpoint_binds_loopback_by_default(monkeypatch):
         with urllib.request.urlopen(url, timeout=5) as r:
             body = r.read()
         assert b"stylegen_train_samples_total" in body and CANARY.encode() not in body
-        other = _other_address()
+        other = other_address()
         if other is not None:  # the same port on the machine's other address: nothing listens
             with pytest.raises(OSError):
                 socket.create_connection((other, port), timeout=2).close()
@@ -142,7 +126,7 @@ def test_configs_and_prometheus_bind_loopback():
 def test_local_ray_is_loopback_with_token_auth(monkeypatch):
     """``ensure_ray`` without an address starts Ray on 127.0.0.1 with Ray's defaults for the dashboard
     (127.0.0.1) and auth (token on for a new local cluster): checked on the arguments, Ray not started.
-    That those defaults really turn auth on: test_local_ray_requires_the_token (``ray``)."""
+    That those defaults really turn auth on: the training run of tests/test_s3_ray.py (``ray``)."""
     import inspect
 
     import ray
@@ -167,168 +151,6 @@ def test_local_ray_is_loopback_with_token_auth(monkeypatch):
     assert "_system_config" not in kw or "AUTH_MODE" not in kw["_system_config"]
     env_vars = kw.get("runtime_env", {}).get("env_vars", {})
     assert "RAY_AUTH_MODE" not in env_vars and "RAY_AUTH_MODE" not in os.environ
-
-
-LOCAL_RAY_PROBE = """
-import json, os, socket, sys, threading, time, urllib.error, urllib.request
-from pathlib import Path
-sys.path.insert(0, sys.argv[2])
-from stylegen.train.ray_worker import ensure_ray
-from listeners import listeners
-assert "ray" not in sys.modules  # as in the CLI: ensure_ray imports Ray
-ensure_ray("", num_cpus=2)  # what stylegen train/tune do without --address
-import ray, ray.train
-from ray.train.torch import TorchTrainer
-
-flags, other = Path(sys.argv[1]), sys.argv[3]
-
-def status(url, headers):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-dashboard = ray._private.worker.get_dashboard_url()
-url = dashboard if "://" in dashboard else "http://" + dashboard
-token_file = os.path.join(os.environ["HOME"], ".ray", "auth_token")
-token = open(token_file).read().strip()
-auth = {"dashboard": url, "without": status(url + "/api/version", {}),
-        "wrong": status(url + "/api/version", {"Authorization": "Bearer " + "0" * 64}),
-        "with": status(url + "/api/version", {"Authorization": "Bearer " + token}),
-        "mode": os.stat(token_file).st_mode & 0o777}
-
-def loop(cfg):
-    import torch, torch.distributed as dist
-    dist.all_reduce(torch.ones(1))  # the process group is up: TCPStore and gloo listen now
-    Path(cfg["flags"], f"rank{ray.train.get_context().get_world_rank()}").write_text("up")
-    deadline = time.monotonic() + 120
-    while not Path(cfg["flags"], "stop").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-found = set()
-def look():
-    deadline = time.monotonic() + 200
-    while not all((flags / f"rank{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    for _ in range(4):  # a few looks: idle workers and Train's actors come and go
-        found.update(listeners([os.getpid()]))
-        time.sleep(0.5)
-    (flags / "stop").touch()
-
-threading.Thread(target=look, daemon=True).start()
-TorchTrainer(loop, train_loop_config={"flags": str(flags)},
-             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-             run_config=ray.train.RunConfig(name="listeners", storage_path=str(flags / "runs"))).fit()
-(flags / "stop").touch()
-rows = []
-for l in sorted(found, key=lambda x: (x.process, x.port)):
-    status = None
-    if other:  # does anything accept a connection on the machine's other address (the cluster is still up)?
-        try:
-            socket.create_connection((other, l.port), timeout=3).close()
-            status = "open"
-        except OSError:
-            status = "closed"
-    rows.append([l.address, l.port, l.pid, l.process, status])
-print(json.dumps({"dashboard": dashboard, "auth": auth, "listeners": rows}))
-ray.shutdown()
-"""
-
-
-@pytest.fixture(scope="module")
-def local_ray_probe(tmp_path_factory):
-    """One run of LOCAL_RAY_PROBE, for the two tests below: the Ray that ``stylegen train``/``tune``
-    start without ``--address`` (``ensure_ray("")`` before anything imported Ray), in a fresh
-    process with its own HOME: its job API's answers with and without the token, then a 2-rank DDP
-    run on it with every listener of that Ray seen during the run. (home, seen JSON, other address)."""
-    import json
-
-    tmp = tmp_path_factory.mktemp("local-ray")
-    home, flags = tmp / "home", tmp / "flags"
-    home.mkdir()
-    flags.mkdir()
-    other = _other_address() or ""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               # Ray's fixed defaults (44227, 44217) are taken while another Ray runs here, and then
-               # these endpoints do not start at all: free ports, so that their rows are observed
-               DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE, str(flags), str(ROOT / "tests"), other],
-                          env=env, cwd=tmp, capture_output=True, text=True, timeout=330)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return home, json.loads(proc.stdout.strip().splitlines()[-1]), other
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(400)
-def test_local_ray_requires_the_token(local_ray_probe):
-    """What ``stylegen train`` without ``--address`` starts (``ensure_ray("")``), observed: the job API
-    on 127.0.0.1 answers 401 without the token, 403 with a wrong one, 200 with the one Ray wrote to
-    ``~/.ray/auth_token``; and ``stylegen submit`` refuses that file while it is open to others."""
-    from stylegen.raycluster import find_token
-
-    home, probe, _ = local_ray_probe
-    seen = probe["auth"]
-    assert seen["dashboard"].startswith("http://127.0.0.1:"), seen
-    assert (seen["without"], seen["wrong"], seen["with"]) == (401, 403, 200), seen
-    token_file = home / ".ray" / "auth_token"
-    if seen["mode"] & 0o077:  # Ray writes it with the umask's mode (0644 under 022)
-        with pytest.raises(UserError, match=f"chmod 600 {token_file}"):
-            find_token({}, home)
-    token_file.chmod(0o600)
-    assert find_token({}, home)[1] == str(token_file)
-
-
-IN_PROCESS_HEADING = "#### Without `--address`"
-
-
-def in_process_rows(text: str):
-    """The table under README's IN_PROCESS_HEADING, as tests/listeners.py's Rows."""
-    import re
-
-    lines = text.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith(IN_PROCESS_HEADING))
-    rows = []
-    for ln in lines[start + 1:]:
-        if not ln.startswith("|"):
-            if rows:
-                break
-            continue
-        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
-        if cells[0] != "Listener" and set("".join(cells)) - set("-: "):
-            assert len(cells) == 5, ln
-            rows.append(Row(cells[0], tuple(re.findall(r"`([^`]+)`", cells[2])), cells[3].startswith("127.0.0.1"),
-                            cells[4]))
-    return rows
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
-def test_in_process_ray_listeners_match_readme(local_ray_probe):
-    """The Ray that ``stylegen train``/``tune`` start without ``--address`` (``ensure_ray("")`` before
-    anything imported Ray), with a 2-rank DDP run: every listener off loopback has a README row with its
-    reason (only the DDP run's TCPStore), every such row is still observed, and once the run is over no
-    listener of that Ray accepts a connection on the machine's other address (when it has one)."""
-    rows = in_process_rows((ROOT / "README.md").read_text())
-    assert len(rows) >= 8 and all(len(r.reason) > 40 for r in rows if not r.loopback)
-    _, seen, other = local_ray_probe
-    found = {Listener(a, port, pid, name) for a, port, pid, name, _ in seen["listeners"]}
-    table = "\n".join(f"  {a:>17} {port:5d} {name} {status}" for a, port, _, name, status in seen["listeners"])
-    job_port = int(seen["dashboard"].rsplit(":", 1)[1].strip("/"))
-    assert {lst.address for lst in found if lst.port == job_port} == {"127.0.0.1"}, table
-    assert any(lst.process.startswith("ray::RayTrainWorker") for lst in found), table
-    assert unexplained(found, rows) == [], f"listeners README's in-process table does not name:\n{table}"
-    exposed = [lst for lst in found if not lst.loopback]
-    for row in (r for r in rows if not r.loopback):
-        assert any(matching(row, lst) for lst in exposed), f"README row {row.listener!r} was not observed:\n{table}"
-    if other:  # after the run (its TCPStore gone) nothing of this Ray is reachable from another machine
-        reachable = {(name, port) for a, port, _, name, status in seen["listeners"] if status == "open"}
-        assert not reachable, table
 
 
 # ----------------------------------------------------------------------------- checkpoints
