@@ -71,6 +71,11 @@ def _listening_sockets() -> dict[int, tuple[str, int]]:
     return out
 
 
+def exposed_ports() -> set[int]:
+    """Ports that any process in this network namespace listens on beyond loopback."""
+    return {port for addr, port in _listening_sockets().values() if not Listener(addr, port, 0, "").loopback}
+
+
 def process_label(pid: int) -> str:
     """How README names a process: `gcs_server`, `raylet`, `dashboard.py`, `ray.util.client.server`,
     `ray::DashboardAgent` (Ray's process titles), `python` (a driver), `stylegen` (`python -m stylegen`)."""
