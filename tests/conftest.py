@@ -31,7 +31,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the tiny runs here report every ~0.5 s, so the poll paced them. 0.25 s took a 20-step 2-worker fit
 # from 28-31 s to 20-24 s (quiet machine). Ray propagates it from a driver to its controller and workers
 # (ENV_VARS_TO_PROPAGATE); every Ray and driver the tests start inherits it. No test relies on the 2 s
-# pacing (the drained-node test of tests/test_local_cluster.py holds its ranks at the step the drain must land on instead).
+# pacing (the drained-node test of tests/test_local_cluster.py holds its ranks at the step the drain
+# must land on instead).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Train V2 starts a node-drain watcher actor per run (1.3 CPU-s each here, ~20 runs in the suite);
 # only tests/test_local_cluster.py drains a node, and that test turns the watcher back on for its run.

@@ -10,8 +10,12 @@ import fnmatch
 import os
 import re
 import socket
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from stylegen.raycluster import auth_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -152,6 +156,12 @@ def matching(row: Row, lst: Listener) -> bool:
     return any(fnmatch.fnmatchcase(lst.process, pattern) for pattern in row.processes)
 
 
+def unobserved(found: set[Listener], rows: list[Row]) -> list[Row]:
+    """Rows that claim an exposure (not loopback) that no listener in ``found`` shows any more."""
+    exposed = [lst for lst in found if not lst.loopback]
+    return [row for row in rows if not row.loopback and not any(matching(row, lst) for lst in exposed)]
+
+
 def unexplained(found: set[Listener], rows: list[Row]) -> list[Listener]:
     """Listeners the README does not account for: off loopback without a non-loopback row (with a
     reason) for their process, or on loopback from a process no row names."""
@@ -203,6 +213,16 @@ def other_address() -> str | None:
     except OSError:
         pass
     return next((a for a in candidates if not a.startswith("127.") and a != "0.0.0.0"), None)
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    """The HTTP status of a GET of ``url`` (with ``token`` as the bearer token, if given)."""
+    req = urllib.request.Request(url, headers=auth_headers(token))
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def accepts(address: str, port: int) -> bool:

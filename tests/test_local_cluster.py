@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 from hooks import hook_sets, read_trace, wait_for_ranks
-from listeners import README, SECTION, Listener, Row, listeners, matching, readme_rows, unexplained
+from listeners import README, SECTION, Listener, Row, http_status, listeners, readme_rows, unexplained, unobserved
 from s3server import client_env, objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen import raycluster
 from stylegen.procs import kill_group
@@ -113,15 +113,6 @@ def local_up(tmp_path_factory, s3_server):
             _script("local-down.sh", "--state-dir", str(state), timeout=120)
 
 
-def _get(url: str, token: str | None = None) -> int:
-    req = urllib.request.Request(url, headers=raycluster.auth_headers(token))
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_local_up_starts_a_token_cluster_on_loopback(local_up):
@@ -136,9 +127,9 @@ def test_local_up_starts_a_token_cluster_on_loopback(local_up):
     base = c.dashboard_url
     with urllib.request.urlopen(f"{base}/api/authentication_mode", timeout=5) as r:
         assert json.load(r)["authentication_mode"] == "token"
-    assert _get(f"{base}/api/version") == 401
-    assert _get(f"{base}/api/version", "0" * 64) == 403
-    assert _get(f"{base}/api/version", token) == 200
+    assert http_status(f"{base}/api/version") == 401
+    assert http_status(f"{base}/api/version", "0" * 64) == 403
+    assert http_status(f"{base}/api/version", token) == 200
     from ray._private.services import get_node_ip_address
 
     ip = get_node_ip_address()  # this process has no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: routable
@@ -272,9 +263,7 @@ def test_two_node_run_on_s3_and_every_listener_on_loopback_or_documented(tmp_pat
     # the DDP run and the actors ran: their listeners were seen
     assert any(lst.process.startswith("ray::RayTrainWorker") for lst in found), table
     # the table does not claim an exposure that no longer exists (Ray or torch fixed it: update README)
-    exposed = [lst for lst in found if not lst.loopback]
-    for row in (r for r in rows if not r.loopback):
-        assert any(matching(row, lst) for lst in exposed), f"README row {row.listener!r} was not observed:\n{table}"
+    assert unobserved(found, rows) == [], f"README rows no longer observed:\n{table}"
 
 
 @pytest.mark.ray

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from hooks import hook_sets, read_trace, wait_for_ranks
-from listeners import (Listener, accepts, exposed_ports, in_process_rows, listeners, matching, other_address,
-                       unexplained)
+from listeners import (Listener, accepts, exposed_ports, http_status, in_process_rows, listeners, other_address,
+                       unexplained, unobserved)
 from s3server import objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen.data.embedded import default_root
 from stylegen.errors import UserError
@@ -138,15 +137,6 @@ def test_s3_chain_train_kill_resume_sweep_best_export_stylize(tmp_path, s3):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
-def _status(url: str, token: str | None) -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 def look_at_local_ray(proc: subprocess.Popen, held: Path, home: Path, log: Path, seen: dict) -> None:
     """While both ranks are held: the listeners of the driver's process tree (its local Ray, the run's
     actors), the job API's answers, and what the machine's other address accepts; then release them."""
@@ -159,7 +149,7 @@ def look_at_local_ray(proc: subprocess.Popen, held: Path, home: Path, log: Path,
     for lst in seen["listeners"]:
         if lst.process == "dashboard.py":  # the job API, or the dashboard's own /metrics
             url = f"http://127.0.0.1:{lst.port}/api/version"
-            seen["job_api"][lst.port] = (_status(url, None), _status(url, "0" * 64), _status(url, token))
+            seen["job_api"][lst.port] = (http_status(url), http_status(url, "0" * 64), http_status(url, token))
     other = other_address()
     # a port that another process (another test's Ray) listens on beyond loopback answers for that process
     foreign = exposed_ports() - {lst.port for lst in seen["listeners"] if not lst.loopback}
@@ -170,7 +160,8 @@ def look_at_local_ray(proc: subprocess.Popen, held: Path, home: Path, log: Path,
 
 def check_local_ray(seen: dict, home: Path) -> None:
     found: set[Listener] = seen["listeners"]
-    table = "\n".join(f"  {x.address:>17} {x.port:5d}  {x.process}" for x in sorted(found, key=lambda x: (x.process, x.port)))
+    table = "\n".join(f"  {x.address:>17} {x.port:5d}  {x.process}"
+                      for x in sorted(found, key=lambda x: (x.process, x.port)))
     print(f"\nlisteners of `stylegen train`'s own Ray and its run (held after step 4):\n{table}\njob API answers "
           f"(no token, wrong, right) by dashboard.py port: {seen['job_api']}; open on the other address: "
           f"{sorted((x.process, x.port) for x in seen['other_open'])}")
@@ -180,11 +171,8 @@ def check_local_ray(seen: dict, home: Path) -> None:
     assert {x.address for x in found if x.port == job[0]} == {"127.0.0.1"}, table
     token_file = home / ".ray" / "auth_token"
     if token_file.stat().st_mode & 0o077:  # Ray writes it with the umask's mode (0644 under 022): submit refuses it
-        try:
+        with pytest.raises(UserError, match=re.escape(f"chmod 600 {token_file}")):
             find_token({}, home)
-            raise AssertionError("find_token accepted a token file open to others")
-        except UserError as e:
-            assert f"chmod 600 {token_file}" in str(e)
     token_file.chmod(0o600)
     assert find_token({}, home)[1] == str(token_file)
     # every listener is named in README's in-process table; only the TCPStore binds beyond loopback
@@ -192,9 +180,7 @@ def check_local_ray(seen: dict, home: Path) -> None:
     assert len(rows) >= 8 and all(len(r.reason) > 40 for r in rows if not r.loopback)
     assert any(x.process.startswith("ray::RayTrainWorker") for x in found), table
     assert unexplained(found, rows) == [], f"listeners README's in-process table does not name:\n{table}"
-    exposed = [x for x in found if not x.loopback]
-    for row in (r for r in rows if not r.loopback):
-        assert any(matching(row, x) for x in exposed), f"README row {row.listener!r} was not observed:\n{table}"
+    assert unobserved(found, rows) == [], f"README rows no longer observed:\n{table}"
     # from another machine, only the DDP run's TCPStore (README's one exposed row) can be reached
     assert all(x.process.startswith("ray::RayTrainWorker") and not x.loopback for x in seen["other_open"]), (
         seen["other_open"], table)

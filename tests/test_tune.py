@@ -144,7 +144,8 @@ def test_sweep_asha_stops_the_stuck_trial_best_export_stylize(local_ray, tmp_pat
                   "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "sw", timeout=420)
     assert r.returncode == 0, r.stderr[-3000:]
     # a quiet driver (no -v): our trial lines, not Tune's header box nor Ray's own chatter (raylogs.py;
-    # the preemption watcher's warning: the drained-node test of tests/test_local_cluster.py, the one test that runs the watcher)
+    # the preemption watcher's warning: the drained-node test of tests/test_local_cluster.py, the one
+    # test that runs the watcher)
     assert "trial 00000 started" in r.stderr
     for noise in ("Configuration for experiment", "View detailed results", "tensorboard --logdir",
                   "PYTHON worker processes have been started", "Cleaning up placement group"):
