@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m stylegen.demo --out $(OUT)
 
 # The full suite (what CI runs), on 2 pytest-xdist workers: the Ray tests mostly wait on process start-up
-# and polls, so two workers help even on 2 cores (8.9-9.5 min in the latest clean-clone runs here, vs
+# and polls, so two workers help even on 2 cores (8.4-9.5 min in the latest clean-clone runs here, vs
 # 24.9 serially). Each worker takes whole
 # files (a module fixture is built once; tests/test_xdist.py says why not --dist loadgroup), the files
 # with the most ray/slow tests first (tests/conftest.py). The 20 slowest are printed at the end.
