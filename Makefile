@@ -36,7 +36,7 @@ test: $(STAMP)
 FAST_TESTS := tests/test_config.py tests/test_losses.py tests/test_models.py tests/test_features.py \
 	tests/test_step.py tests/test_loader.py tests/test_metrics.py tests/test_infra.py tests/test_cluster_files.py \
 	tests/test_security.py tests/test_stylize.py tests/test_shard.py tests/test_files.py tests/test_best.py \
-	tests/test_tune.py tests/test_submit.py tests/test_demo.py tests/test_serve.py tests/test_raylogs.py \
+	tests/test_tune.py tests/test_submit.py tests/test_demo.py tests/test_serve.py tests/test_raylogs.py tests/test_ray_sink.py \
 	tests/test_bench_ddp.py tests/test_xdist.py
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray and not slow and not prometheus" --durations=5 $(FAST_TESTS) $(PYTEST_ARGS)

@@ -134,7 +134,8 @@ class TrainConfig:
     out: str = _f("runs/local", "local mode: output directory (checkpoints, samples)")
     checkpoint_every: int = _f(100, "steps between checkpoints", lo=1)
     sample_every: int = _f(100, "steps between result grids (an 'epoch' of the original project)", lo=1)
-    report_every: int = _f(20, "steps between metric reports (ray.train.report is a barrier)", lo=1)
+    report_every: int = _f(20, "steps between metric reports (ray.train.report is a barrier; under Ray keep "
+                                "reports over 2 s apart, Train's controller poll)", lo=1)
     val_pairs: int = _f(8, "fixed validation (content, style) pairs for grids and val_score", lo=1, hi=1024)
     keep_checkpoints: int = _f(3, "checkpoints kept (best by val_score under Ray; newest locally)", lo=1)
     max_failures: int = _f(1, "Ray Train worker-group restarts allowed", lo=-1)

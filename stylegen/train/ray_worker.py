@@ -34,18 +34,45 @@ from stylegen.train.step import build_state, checkpoint_state, compiled, restore
 log = logging.getLogger(__name__)
 
 
+# Train V2's controller takes one report per poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default)
+# from a 1-slot queue: a report made sooner after the previous one waits until the next poll.
+POLL_ENV, DEFAULT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0
+SLOW_REPORT_S = 1.0  # a metrics-only report that waits longer than this is worth one warning
+
+
+def slow_report_hint(waited_s: float, since_last_s: float, poll_s: float, report_every: int) -> str | None:
+    """The warning for a metrics-only ``ray.train.report`` that blocked ``waited_s`` seconds, made
+    ``since_last_s`` after the previous report returned; None when it was quick or not Train's poll."""
+    if waited_s < SLOW_REPORT_S or since_last_s >= poll_s:
+        return None
+    return (f"ray.train.report waited {waited_s:.1f} s: reports came {since_last_s:.1f} s apart, closer than "
+            f"Train's controller takes them ({POLL_ENV}={poll_s:g} s), so training stalls at every report; "
+            f"raise train.report_every (now {report_every}) until reports are over {poll_s:g} s apart")
+
+
 class RaySink:
     """Every rank reports (``report`` is a barrier); only rank 0 attaches a checkpoint."""
 
     def __init__(self, cfg: Config, rank: int, run_dir: Path | None, metrics: TrainMetrics | None = None):
         self.rank, self.run_dir, self.metrics = rank, run_dir, metrics
         self.cfg_dict = to_dict(cfg)
+        self.report_every = cfg.train.report_every
+        self.poll_s = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
+        self.last_report = time.perf_counter()
+        self.warned = False  # one warning per run: the cause does not change between reports
 
     def report(self, state, metrics, checkpoint, grid_index, val_pairs):
         import ray.train
 
         if not checkpoint or self.rank != 0:
+            t0 = time.perf_counter()
+            since_last = t0 - self.last_report
             ray.train.report(metrics, checkpoint=None)
+            self.last_report = time.perf_counter()
+            hint = slow_report_hint(self.last_report - t0, since_last, self.poll_s, self.report_every)
+            if hint and self.rank == 0 and not self.warned:
+                self.warned = True
+                log.warning("%s", hint)
             return
         with tempfile.TemporaryDirectory(prefix="stylegen-ckpt-") as tmp:
             t0 = time.perf_counter()
@@ -58,6 +85,7 @@ class RaySink:
             # step-named dirs let a restarted worker find a checkpoint Ray had not registered yet
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{state.step:08d}")
+            self.last_report = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.checkpoint_saved(time.perf_counter() - t0)
 
