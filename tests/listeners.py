@@ -132,6 +132,12 @@ def readme_rows(text: str) -> list[Row]:
     lines = text.splitlines()
     start = next((i for i, ln in enumerate(lines) if re.match(rf"#+ {SECTION}\s*$", ln)), None)
     assert start is not None, f"README.md has no '{SECTION}' heading"
+    return _table_rows(lines, start, SECTION)
+
+
+def _table_rows(lines: list[str], start: int, what: str) -> list[Row]:
+    """The first table after the heading at ``lines[start]`` and before the next heading of its level
+    or above, as Rows (header and separator rows skipped)."""
     level = len(lines[start]) - len(lines[start].lstrip("#"))
     rows: list[Row] = []
     for ln in lines[start + 1:]:
@@ -145,9 +151,9 @@ def readme_rows(text: str) -> list[Row]:
         cells = [c.strip() for c in ln.strip().strip("|").split("|")]
         if cells[0] == "Listener" or set("".join(cells)) <= set("-: "):
             continue
-        assert len(cells) == 5, f"README '{SECTION}' row needs 5 cells: {ln!r}"
+        assert len(cells) == 5, f"README '{what}' row needs 5 cells: {ln!r}"
         processes = tuple(re.findall(r"`([^`]+)`", cells[2]))
-        assert processes, f"README '{SECTION}' row names no `process`: {ln!r}"
+        assert processes, f"README '{what}' row names no `process`: {ln!r}"
         rows.append(Row(cells[0], processes, cells[3].startswith("127.0.0.1"), cells[4]))
     return rows
 
@@ -160,6 +166,12 @@ def unobserved(found: set[Listener], rows: list[Row]) -> list[Row]:
     """Rows that claim an exposure (not loopback) that no listener in ``found`` shows any more."""
     exposed = [lst for lst in found if not lst.loopback]
     return [row for row in rows if not row.loopback and not any(matching(row, lst) for lst in exposed)]
+
+
+def format_listeners(found: set[Listener]) -> str:
+    """One line per listener (address, port, process), exposed ones first: for failure messages."""
+    return "\n".join(f"  {x.address:>17} {x.port:5d}  {x.process}"
+                     for x in sorted(found, key=lambda x: (x.loopback, x.process, x.port)))
 
 
 def unexplained(found: set[Listener], rows: list[Row]) -> list[Listener]:
@@ -184,19 +196,9 @@ IN_PROCESS_HEADING = "#### Without `--address`"
 def in_process_rows(text: str) -> list[Row]:
     """The table under README's IN_PROCESS_HEADING (the Ray a CLI starts itself), as Rows."""
     lines = text.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith(IN_PROCESS_HEADING))
-    rows = []
-    for ln in lines[start + 1:]:
-        if not ln.startswith("|"):
-            if rows:
-                break
-            continue
-        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
-        if cells[0] != "Listener" and set("".join(cells)) - set("-: "):
-            assert len(cells) == 5, ln
-            rows.append(Row(cells[0], tuple(re.findall(r"`([^`]+)`", cells[2])), cells[3].startswith("127.0.0.1"),
-                            cells[4]))
-    return rows
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(IN_PROCESS_HEADING)), None)
+    assert start is not None, f"README.md has no '{IN_PROCESS_HEADING}' heading"
+    return _table_rows(lines, start, IN_PROCESS_HEADING)
 
 
 def other_address() -> str | None:

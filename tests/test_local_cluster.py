@@ -38,7 +38,8 @@ from pathlib import Path
 import pytest
 
 from hooks import hook_sets, read_trace, wait_for_ranks
-from listeners import README, SECTION, Listener, Row, http_status, listeners, readme_rows, unexplained, unobserved
+from listeners import (README, SECTION, Listener, Row, format_listeners, http_status, listeners, readme_rows,
+                       unexplained, unobserved)
 from s3server import client_env, objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen import raycluster
 from stylegen.procs import kill_group
@@ -247,8 +248,7 @@ def test_two_node_run_on_s3_and_every_listener_on_loopback_or_documented(tmp_pat
     assert after - before, "no task of the run ran on the worker node"
 
     rows = readme_rows(README.read_text())
-    table = "\n".join(f"  {lst.address:>17} {lst.port:5d}  {lst.process}" for lst in
-                      sorted(found, key=lambda x: (x.loopback, x.process, x.port)))
+    table = format_listeners(found)
     print(f"\nlisteners of the cluster, its actors and a DDP run (DDP up after {looked['ddp_up']:.1f} s):\n{table}")
     bad = unexplained(found, rows)
     assert not bad, (f"listeners README '{SECTION}' does not account for (off loopback without a row and "

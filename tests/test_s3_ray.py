@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from hooks import hook_sets, read_trace, wait_for_ranks
-from listeners import (Listener, accepts, exposed_ports, http_status, in_process_rows, listeners, other_address,
-                       unexplained, unobserved)
+from listeners import (Listener, accepts, exposed_ports, format_listeners, http_status, in_process_rows, listeners,
+                       other_address, unexplained, unobserved)
 from s3server import objects, run, s3, s3_server, shard_inputs  # noqa: F401  (fixtures)
 from stylegen.data.embedded import default_root
 from stylegen.errors import UserError
@@ -160,8 +160,7 @@ def look_at_local_ray(proc: subprocess.Popen, held: Path, home: Path, log: Path,
 
 def check_local_ray(seen: dict, home: Path) -> None:
     found: set[Listener] = seen["listeners"]
-    table = "\n".join(f"  {x.address:>17} {x.port:5d}  {x.process}"
-                      for x in sorted(found, key=lambda x: (x.process, x.port)))
+    table = format_listeners(found)
     print(f"\nlisteners of `stylegen train`'s own Ray and its run (held after step 4):\n{table}\njob API answers "
           f"(no token, wrong, right) by dashboard.py port: {seen['job_api']}; open on the other address: "
           f"{sorted((x.process, x.port) for x in seen['other_open'])}")
