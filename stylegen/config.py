@@ -112,6 +112,9 @@ class LossConfig:
                                   "(each costs a generator forward + backward)",
                                   lo=0.0, hi=1.0, lo_open=True)
     normalize: bool = _f(True, "divide content/style/gram by the batch's trivial answers' losses (scale-free, as eval scores)")
+    normalize_per: str = _f("batch", "with normalize: 'batch' divides the batch's mean losses by the trivial answers' "
+                            "(as eval scores a pair set); 'sample' divides each pair's by its own, then averages "
+                            "(every pair counts alike, also pairs already close in style)", choices=("batch", "sample"))
     content_layer: str = _f(CONTENT_LAYER, "VGG layer for the content loss", choices=LAYERS)
     style_layers: list[str] = _f(list(STYLE_LAYERS), "VGG layers for style losses")
 

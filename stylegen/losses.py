@@ -132,14 +132,48 @@ def loss_terms(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor,
         sc, cc = style_feats[cfg.content_layer], content_feats[cfg.content_layer]
         if sc.shape[-2:] != cc.shape[-2:]:  # a style image of another size: compare at the content's grid
             sc = F.interpolate(sc, size=cc.shape[-2:], mode="bilinear", align_corners=False)
-        refs = {"content": content_loss(sc, cc), "style": style_loss_meanstd(c_style, s_style)}
-        if gram:
-            refs["gram"] = style_loss_gram(c_style, s_style)
-        for k, ref in refs.items():
-            terms[k] = terms[k] / ref.detach().clamp_min(1e-12)
+        if getattr(cfg, "normalize_per", "batch") == "sample":
+            _normalise_per_sample(terms, out_feats, content_feats, sc, cc, o_style, s_style, c_style, cfg.content_layer)
+        else:
+            refs = {"content": content_loss(sc, cc), "style": style_loss_meanstd(c_style, s_style)}
+            if gram:
+                refs["gram"] = style_loss_gram(c_style, s_style)
+            for k, ref in refs.items():
+                terms[k] = terms[k] / ref.detach().clamp_min(1e-12)
     if fake_logits is not None:
         terms["adversarial"] = g_adv_loss(fake_logits)
     return terms
+
+
+def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, ...) x2 -> (B,) float32 mean squared difference per sample."""
+    return (a.float() - b.float()).square().flatten(1).mean(1)
+
+
+def _per_sample_style(out_feats, style_feats) -> torch.Tensor:
+    """style_loss_meanstd per sample, (B,): its batch mean is ``style_loss_meanstd``."""
+    total = 0
+    for o, s in zip(out_feats, style_feats, strict=True):
+        om, os_ = calc_mean_std(o)
+        sm, ss = calc_mean_std(s)
+        total = total + _per_sample_mse(om, sm) + _per_sample_mse(os_, ss)
+    return total
+
+
+def _normalise_per_sample(terms, out_feats, content_feats, sc, cc, o_style, s_style, c_style, content_layer,
+                          floor: float = 0.1) -> None:
+    """terms["content"], terms["style"] := mean over samples of each sample's loss / that sample's
+    trivial answer's, the reference floored at ``floor`` x its batch mean (a pair whose content is
+    already the style cannot take the batch over). gram keeps the batch normalisation."""
+    with torch.no_grad():
+        refs = {"content": _per_sample_mse(sc, cc), "style": _per_sample_style(c_style, s_style)}
+    losses = {"content": _per_sample_mse(out_feats[content_layer], content_feats[content_layer]),
+              "style": _per_sample_style(o_style, s_style)}
+    for k, ref in refs.items():
+        ref = torch.maximum(ref, floor * ref.mean()).clamp_min(1e-12)
+        terms[k] = (losses[k] / ref).mean()
+    if "gram" in terms:
+        terms["gram"] = terms["gram"] / style_loss_gram(c_style, s_style).detach().clamp_min(1e-12)
 
 
 def weighted_total(terms: Mapping[str, torch.Tensor], cfg) -> torch.Tensor:

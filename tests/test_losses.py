@@ -160,3 +160,41 @@ def test_normalized_terms_score_trivial_answers_one():
     assert ident["content"].item() == 0 and ident["style"].item() == pytest.approx(1.0, rel=1e-5)
     assert ident["gram"].item() == pytest.approx(1.0, rel=1e-5)
     assert copy["content"].item() == pytest.approx(1.0, rel=1e-5) and copy["style"].item() == 0
+
+
+def test_per_sample_normalisation_weighs_every_pair_alike(vgg):
+    """normalize_per='sample': each pair's loss over its own trivial answer's, then the mean; a pair
+    styled perfectly and one left as its content score style 0.5 whatever their scales (the batch
+    rule weighs them by their references instead), and the trivial answers still score 1.0."""
+    torch.manual_seed(0)
+    c, s = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    s[1] = c[1] * 0.9 + 0.05  # pair 1 is close in style already: a small reference
+    per = LossConfig(normalize=True, normalize_per="sample", gram=0.0)
+    batch = LossConfig(normalize=True, gram=0.0)
+    half = torch.stack([s[0], c[1]])  # pair 0 copies its style, pair 1 returns its content
+    assert loss_terms(half, c, s, vgg, per)["style"].item() == pytest.approx(0.5, rel=1e-5)
+    fc, fs = vgg(c, ["relu1_1", "relu2_1", "relu3_1", "relu4_1"]), vgg(s, ["relu1_1", "relu2_1", "relu3_1", "relu4_1"])
+    ref1 = style_loss_meanstd([f[1:] for f in fc.values()], [f[1:] for f in fs.values()])
+    ref_all = style_loss_meanstd(list(fc.values()), list(fs.values()))
+    assert loss_terms(half, c, s, vgg, batch)["style"].item() == pytest.approx((ref1 / 2 / ref_all).item(), rel=1e-4)
+    ident, copy = loss_terms(c, c, s, vgg, per), loss_terms(s, c, s, vgg, per)
+    assert ident["style"].item() == pytest.approx(1.0, rel=1e-5) and ident["content"].item() == 0
+    assert copy["content"].item() == pytest.approx(1.0, rel=1e-5) and copy["style"].item() == 0
+
+
+def test_per_sample_reference_is_floored():
+    """A pair whose content already is its style (reference 0) counts at 0.1x the batch's mean
+    reference instead of dividing by ~0."""
+    torch.manual_seed(1)
+    vgg = VGGFeatures("random")
+    c, s = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    s[1] = c[1]
+    per = LossConfig(normalize=True, normalize_per="sample", gram=0.0)
+    out = torch.stack([c[0], s[0]])  # pair 0 left as content (ratio 1); pair 1 given pair 0's style
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1"]
+    fo, fs, fc = vgg(out, layers), vgg(s, layers), vgg(c, layers)
+    loss1 = style_loss_meanstd([f[1:] for f in fo.values()], [f[1:] for f in fs.values()])
+    ref0 = style_loss_meanstd([f[:1] for f in fc.values()], [f[:1] for f in fs.values()])
+    floor = 0.1 * ref0 / 2  # the batch mean of (ref0, 0), times 0.1
+    got = loss_terms(out, c, s, vgg, per)["style"].item()
+    assert math.isfinite(got) and got == pytest.approx(((1 + loss1 / floor) / 2).item(), rel=1e-4)
