@@ -152,6 +152,10 @@ class TrainConfig:
     cpu_channels_last: bool = _f(True, "channels_last (NHWC) generator, VGG and batches on CPU too: oneDNN's native "
                                  "layout, 1.2-1.3x faster train steps here (benchmarks/bench_model.py: channels_last)")
     threads: int = _f(0, "torch threads per process; 0 = leave torch's default", lo=0, hi=256)
+    init: str = _f("", "fine-tune: a new run starts from this checkpoint's generator weights ('pretrained' = the "
+                   "shipped model; or a checkpoint file, dir or run dir, local or s3://) with a fresh optimiser and "
+                   "schedule at step 0; '' = random init. A run resuming from its own checkpoints ignores it; every "
+                   "Ray worker reads it, so on a multi-node cluster use object storage or 'pretrained'")
     peak_flops: float = _f(0.0, "peak FLOP/s of one worker's device, for MFU; 0 = a default by device type "
                            "(known GPUs' dense bf16 peak, 153.6 GFLOP/s fp32 per CPU thread)", lo=0.0)
     hooks: list[str] = _f([], "step hooks, a test/extension point (empty in production): each 'pkg.module:factory' "

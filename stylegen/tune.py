@@ -355,7 +355,9 @@ def quiet_tune_header(quiet: bool) -> Iterator[None]:
 def run_sweep(cfg: Config, *, sweep: str, resume: bool = False, trust_storage: bool = False):
     """Run (or resume) the sweep; returns the ResultGrid. Writes the sweep report into the sweep dir."""
     from stylegen.train.ray_worker import ensure_ray  # lazy: torch; not for `stylegen --help`
+    from stylegen.train.step import with_init_resolved  # lazy: torch
 
+    cfg = with_init_resolved(cfg)  # trials run in their own working dirs: an absolute path, checked once here
     storage = absolute(cfg.ray.storage)
     if is_remote(storage):
         check_access(storage, cfg.storage, write=True, what="--storage")
@@ -376,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     unfinished = len(results) - errors - results.num_terminated
     print(f"sweep {sweep}: {len(results)} trials, {errors} errored" + (f", {unfinished} unfinished" if unfinished else ""))
     if unfinished:  # Ctrl-C / SIGTERM: Tune saved its state
-        print(f"sweep interrupted: continue it with the same command plus --resume")
+        print("sweep interrupted: continue it with the same command plus --resume")
     where = join(cfg.ray.storage, sweep) if is_remote(cfg.ray.storage) else local_path(cfg.ray.storage) / sweep
     try:
         print_best(where, metric=cfg.tune.metric, mode=cfg.tune.mode)

@@ -132,6 +132,28 @@ def test_two_workers_learn_in_sync_on_different_data(ray_session, reference):
     assert result.checkpoint is not None and (Path(result.checkpoint.path) / "checkpoint.pt").is_file()
 
 
+def test_train_init_starts_every_rank_from_its_weights(ray_session, reference, tmp_path):
+    """train.init under Ray: the driver resolves and checks it (``with_init_resolved``, as ``fit`` and
+    ``run_sweep`` do), both ranks start from its weights at step 0 (lr ~0: still them after a step)."""
+    import torch
+
+    from stylegen.train.step import with_init_resolved
+
+    _, _, _, ref_dir = reference
+    source_run = ref_dir / "storage" / "reference"
+    source = load_checkpoint(source_run)
+    cfg = with_init_resolved(tiny_cfg("train.steps=1", "train.report_every=1", "train.checkpoint_every=1",
+                                      "optim.lr=1e-12", f"train.init={source_run}", hook_sets(trace=tmp_path / "trace")))
+    assert cfg.train.init.endswith(f"step_{source['step']:08d}/checkpoint.pt")
+    result = fit(cfg, tmp_path, "init")
+    assert result.error is None, result.error
+    ranks = read_trace(tmp_path / "trace")
+    assert [r["start_step"] for r in ranks[0]] == [r["start_step"] for r in ranks[1]] == [0]
+    assert ranks[0][-1]["params_digest"] == ranks[1][-1]["params_digest"]
+    tuned = load_checkpoint(Path(result.checkpoint.path))["generator"]
+    assert all(torch.allclose(tuned[k].float(), source["generator"][k].float(), atol=1e-6) for k in tuned)
+
+
 @pytest.mark.timeout(420)
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path):
     trace, flag = tmp_path / "trace", tmp_path / "kill-once"

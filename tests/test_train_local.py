@@ -227,3 +227,49 @@ def test_report_lines_log_one_line_per_report(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
     assert all("val_score" in line and "img/s" in line and "eta" in line for line in lines)
+
+
+def test_train_init_fine_tunes_from_a_checkpoint_and_a_resume_ignores_it(tmp_path):
+    """train.init: a new run starts at step 0 from another run's generator weights (lr ~0: still them
+    after a step; a run without it starts elsewhere); rerun, it resumes from its own checkpoint."""
+    from stylegen.checkpoint import load_checkpoint
+
+    src, out, trace = tmp_path / "src", tmp_path / "ft", tmp_path / "trace"
+    run(tiny_cfg("train.steps=4", "train.report_every=4", "train.checkpoint_every=4"), src, trace)
+    source = load_checkpoint(src)["generator"]
+    still = ["train.steps=1", "train.report_every=1", "train.checkpoint_every=1", "optim.lr=1e-12"]
+    (trace / "rank0.jsonl").unlink()
+    run(tiny_cfg(*still, f"train.init={src}"), out, trace)
+    assert [r["start_step"] for r in trace_records(trace)] == [0]
+    tuned = load_checkpoint(out)["generator"]
+    assert all(torch.allclose(tuned[k].float(), source[k].float(), atol=1e-6) for k in source)
+    run(tiny_cfg(*still), tmp_path / "fresh", trace)
+    fresh = load_checkpoint(tmp_path / "fresh")["generator"]
+    assert not all(torch.allclose(fresh[k].float(), source[k].float(), atol=1e-3) for k in source)
+    (trace / "rank0.jsonl").unlink()
+    run(tiny_cfg("train.steps=2", "train.report_every=1", "train.checkpoint_every=1", f"train.init={tmp_path / 'gone'}"),
+        out, trace)  # resumes from step 1: the (missing) init is not read
+    assert [r["start_step"] for r in trace_records(trace)] == [1]
+
+
+def test_train_init_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
+    """A missing train.init, or one saved from another model config, is one UserError line before any
+    training; 'pretrained' and a relative path resolve to absolute files (a worker's cwd differs)."""
+    from stylegen.errors import UserError
+    from stylegen.train.step import with_init_resolved
+
+    with pytest.raises(UserError, match=r"train\.init: checkpoint .*nope.* not found"):
+        with_init_resolved(tiny_cfg(f"train.init={tmp_path / 'nope'}"))
+    shipped = with_init_resolved(load_config_shipped("train.init=pretrained"))
+    assert Path(shipped.train.init).is_absolute() and Path(shipped.train.init).name == "pretrained.pt"
+    with pytest.raises(UserError, match=r"does not fit this run's model .*model\.channels=48.*or drop train\.init"):
+        with_init_resolved(tiny_cfg("train.init=pretrained"))
+    monkeypatch.chdir(ROOT)
+    rel = with_init_resolved(load_config_shipped("train.init=stylegen/assets/pretrained.pt"))
+    assert rel.train.init == shipped.train.init
+
+
+def load_config_shipped(*overrides: str):
+    from stylegen.config import load_config
+
+    return load_config(str(ROOT / "jobs" / "configs" / "pretrained.toml"), list(overrides))

@@ -33,8 +33,8 @@ from stylegen.grids import save_grid
 from stylegen.images import to_float
 from stylegen.models import eval_mode, unwrap
 from stylegen.metrics import TrainMetrics
-from stylegen.train.step import (TrainState, build_state, checkpoint_state, compiled, pick_device, restore_state,
-                                 train_step, validate)
+from stylegen.train.step import (TrainState, build_state, checkpoint_state, compiled, init_generator, pick_device,
+                                 restore_state, train_step, validate)
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +363,9 @@ def run_local(cfg: Config, out: Path, *, progress: bool = True, metrics_backend:
     if ckpt is not None:
         restore_state(state, ckpt)
         log.info("resuming from step %d in %s", state.step, out)
+    elif cfg.train.init:
+        init_generator(state.generator, cfg.train.init)
+        log.info("fine-tuning from %s (train.init)", cfg.train.init)
     vgg = compiled(build_features(cfg.features).to(device), cfg.train)
     backend = metrics_backend or ("prometheus" if cfg.metrics.enabled else "none")
     metrics = TrainMetrics.create(backend, run=out.name, rank=0, host=cfg.metrics.host, port=cfg.metrics.port)

@@ -29,7 +29,7 @@ from stylegen.raycluster import loopback_local_ray
 from stylegen.raylogs import drop_ray_chatter, verbose
 from stylegen.storage import ENDPOINT_ENV, ray_storage
 from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
-from stylegen.train.step import build_state, checkpoint_state, compiled, restore_state
+from stylegen.train.step import build_state, checkpoint_state, compiled, init_generator, restore_state, with_init_resolved
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,10 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         restore_state(state, ckpt)
         log.info("rank %d resuming from step %d", rank, state.step)
+    elif cfg.train.init:  # every rank loads it; DDP would broadcast rank 0's weights anyway
+        init_generator(state.generator, cfg.train.init)
+        if rank == 0:
+            log.info("fine-tuning from %s (train.init)", cfg.train.init)
     if world > 1:  # every rank must restore the same checkpoint (they list the same storage)
         steps = torch.tensor([state.step, -state.step], dtype=torch.int64)
         torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
@@ -360,6 +364,7 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bo
     """
     import uuid
 
+    cfg = with_init_resolved(cfg)  # before Ray starts: a wrong train.init fails here, absolute for every worker
     ensure_ray(address)  # first: it imports Ray (a local Ray's listeners on loopback, see its doc)
     import ray
     import ray.train

@@ -7,10 +7,12 @@ either bare modules or ``DistributedDataParallel`` wrappers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -215,6 +217,51 @@ def validate(generator: nn.Module, vgg: nn.Module, content_u8: torch.Tensor, sty
         row = score_generator(generator, vgg, content_u8, style_u8, device, batch=batch, cache=cache)
     return {"val_content": row["content"], "val_style": row["style"], "val_content_n": row["content_n"],
             "val_style_n": row["style_n"], "val_score": row["objective_n"]}
+
+
+def init_source(init: str) -> str:
+    """``train.init`` -> the checkpoint file it names, absolute (a worker's working dir is not the
+    driver's) or a URL; 'pretrained' = the model shipped in the package. UserError when missing."""
+    from stylegen import storage
+    from stylegen.checkpoint import resolve_checkpoint_path
+    from stylegen.loading import shipped_checkpoint
+
+    if init == "pretrained":
+        return str(shipped_checkpoint())
+    try:
+        path = resolve_checkpoint_path(init)
+    except UserError as e:
+        raise UserError(f"train.init: {e}") from None
+    return path if storage.is_remote(path) else str(Path(path).resolve())
+
+
+def with_init_resolved(cfg: Config) -> Config:
+    """``cfg`` with ``train.init`` resolved by ``init_source`` and checked against the model config
+    (the driver's check before any worker starts); unchanged when it is ''."""
+    if not cfg.train.init:
+        return cfg
+    source = init_source(cfg.train.init)
+    init_generator(build_generator(cfg), source)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=source))
+
+
+def init_generator(generator: nn.Module, source: str) -> None:
+    """Load the generator weights of checkpoint ``source`` (``train.init``) into ``generator`` (a fresh
+    run's, maybe DDP-wrapped): a fine-tuning run starts there at step 0 with its own optimiser,
+    schedule and data position."""
+    from stylegen.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(init_source(source))
+    weights = ckpt.get("generator")
+    g = unwrap(generator)
+    problem = state_dict_mismatch(g.state_dict(), weights) if isinstance(weights, dict) else "no generator weights"
+    if problem:
+        model = (ckpt.get("config") or {}).get("model") or {}
+        keys = ", ".join(f"model.{k}={v!r}" for k, v in model.items() if k in ("fusion", "channels", "res_blocks",
+                                                                                 "adain_levels", "vgg_adain"))
+        raise UserError(f"train.init {source!r} does not fit this run's model ({problem}); set the model keys as "
+                        f"that checkpoint's ({keys or 'its config is missing'}) or drop train.init")
+    g.load_state_dict(weights)
 
 
 def checkpoint_state(state: TrainState, cfg_dict: dict, metrics: dict[str, float]) -> dict:
