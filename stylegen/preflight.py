@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from stylegen import storage
 from stylegen.config import Config, from_dict, load_config, to_dict

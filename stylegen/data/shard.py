@@ -36,7 +36,7 @@ import numpy as np
 
 from stylegen import storage
 from stylegen.data import shardio
-from stylegen.data.sources import ImageFile, NpzFile, Skip, SkipInput, discover, load_npz, open_rgb, crop_box, render
+from stylegen.data.sources import ImageFile, NpzFile, SkipInput, discover, load_npz, open_rgb, crop_box, render
 from stylegen.errors import UserError
 
 log = logging.getLogger(__name__)
