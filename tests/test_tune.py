@@ -190,3 +190,35 @@ def test_trial_line_names_the_trial_its_params_step_and_score():
     assert trial_line("at", "03823_00001", {"step": 30, "val_score": 0.81234}, 60) == \
         "trial 00001 at step 30/60 val_score 0.8123"
     assert trial_line("failed at", "x_00002", {}, 60) == "trial 00002 failed at"
+
+
+def test_sweep_resolves_and_checks_train_init_before_ray(monkeypatch, tmp_path):
+    """Trials run in their own working dirs: ``run_sweep`` hands them train.init as an absolute path,
+    and a wrong one is one UserError before Ray starts."""
+    import stylegen.train.ray_worker as ray_worker
+    import stylegen.tune as tune
+    from stylegen.config import load_config, with_overrides
+    from stylegen.errors import UserError
+
+    root = Path(__file__).resolve().parents[1]
+    seen, started = {}, []
+
+    class Captured(Exception):
+        pass
+
+    def capture(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        raise Captured
+
+    monkeypatch.setattr(ray_worker, "ensure_ray", lambda address: started.append(address))
+    monkeypatch.setattr(tune, "build_tuner", capture)
+    monkeypatch.chdir(root)
+    cfg = load_config(str(root / "jobs" / "configs" / "pretrained.toml"),
+                      ["train.init=stylegen/assets/pretrained.pt", f"ray.storage={tmp_path}"])
+    with pytest.raises(Captured):
+        tune.run_sweep(cfg, sweep="s")
+    assert seen["cfg"].train.init == str(root / "stylegen" / "assets" / "pretrained.pt")
+    started.clear()
+    with pytest.raises(UserError, match=r"train\.init: checkpoint 'nope' not found"):
+        tune.run_sweep(with_overrides(cfg, {"train.init": "nope"}), sweep="s")
+    assert not started
