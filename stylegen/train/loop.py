@@ -364,8 +364,7 @@ def run_local(cfg: Config, out: Path, *, progress: bool = True, metrics_backend:
         restore_state(state, ckpt)
         log.info("resuming from step %d in %s", state.step, out)
     elif cfg.train.init:
-        init_generator(state.generator, cfg.train.init)
-        log.info("fine-tuning from %s (train.init)", cfg.train.init)
+        log.info("fine-tuning from %s (train.init)", init_generator(state.generator, cfg.train.init))
     vgg = compiled(build_features(cfg.features).to(device), cfg.train)
     backend = metrics_backend or ("prometheus" if cfg.metrics.enabled else "none")
     metrics = TrainMetrics.create(backend, run=out.name, rank=0, host=cfg.metrics.host, port=cfg.metrics.port)

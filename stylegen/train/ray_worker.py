@@ -170,9 +170,9 @@ def train_loop_per_worker(config: dict) -> None:
         restore_state(state, ckpt)
         log.info("rank %d resuming from step %d", rank, state.step)
     elif cfg.train.init:  # every rank loads it; DDP would broadcast rank 0's weights anyway
-        init_generator(state.generator, cfg.train.init)
+        path = init_generator(state.generator, cfg.train.init)
         if rank == 0:
-            log.info("fine-tuning from %s (train.init)", cfg.train.init)
+            log.info("fine-tuning from %s (train.init)", path)
     if world > 1:  # every rank must restore the same checkpoint (they list the same storage)
         steps = torch.tensor([state.step, -state.step], dtype=torch.int64)
         torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)

@@ -245,13 +245,14 @@ def with_init_resolved(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=source))
 
 
-def init_generator(generator: nn.Module, source: str) -> None:
+def init_generator(generator: nn.Module, source: str) -> str:
     """Load the generator weights of checkpoint ``source`` (``train.init``) into ``generator`` (a fresh
     run's, maybe DDP-wrapped): a fine-tuning run starts there at step 0 with its own optimiser,
-    schedule and data position."""
+    schedule and data position. Returns the file read."""
     from stylegen.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(init_source(source))
+    path = init_source(source)
+    ckpt = load_checkpoint(path)
     weights = ckpt.get("generator")
     g = unwrap(generator)
     problem = state_dict_mismatch(g.state_dict(), weights) if isinstance(weights, dict) else "no generator weights"
@@ -262,6 +263,7 @@ def init_generator(generator: nn.Module, source: str) -> None:
         raise UserError(f"train.init {source!r} does not fit this run's model ({problem}); set the model keys as "
                         f"that checkpoint's ({keys or 'its config is missing'}) or drop train.init")
     g.load_state_dict(weights)
+    return path
 
 
 def checkpoint_state(state: TrainState, cfg_dict: dict, metrics: dict[str, float]) -> dict:
