@@ -250,6 +250,15 @@ def test_train_init_fine_tunes_from_a_checkpoint_and_a_resume_ignores_it(tmp_pat
     run(tiny_cfg("train.steps=2", "train.report_every=1", "train.checkpoint_every=1", f"train.init={tmp_path / 'gone'}"),
         out, trace)  # resumes from step 1: the (missing) init is not read
     assert [r["start_step"] for r in trace_records(trace)] == [1]
+    # the Ray driver's check (fit): a run dir holding a checkpoint resumes, so a missing init is dropped
+    # unread; a new run's is an error before Ray starts
+    from stylegen.errors import UserError
+    from stylegen.train.step import with_init_resolved
+
+    gone = tiny_cfg(f"train.init={tmp_path / 'gone'}")
+    assert with_init_resolved(gone, str(out)).train.init == ""
+    with pytest.raises(UserError, match="train.init"):
+        with_init_resolved(gone, str(tmp_path / "new-run"))
 
 
 def test_train_init_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):

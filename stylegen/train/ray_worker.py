@@ -28,6 +28,7 @@ from stylegen.metrics import TrainMetrics
 from stylegen.raycluster import loopback_local_ray
 from stylegen.raylogs import drop_ray_chatter, verbose
 from stylegen.storage import ENDPOINT_ENV, ray_storage
+from stylegen.storage import absolute as storage_absolute, join as storage_join
 from stylegen.train.loop import LoopContext, grid_tensors, load_hooks, training_loop
 from stylegen.train.step import build_state, checkpoint_state, compiled, init_generator, restore_state, with_init_resolved
 
@@ -364,7 +365,8 @@ def fit(cfg: Config, *, name: str, storage: str, address: str = "", progress: bo
     """
     import uuid
 
-    cfg = with_init_resolved(cfg)  # before Ray starts: a wrong train.init fails here, absolute for every worker
+    # before Ray starts: a wrong train.init fails here, absolute for every worker; a resumed run ignores it
+    cfg = with_init_resolved(cfg, storage_join(storage_absolute(storage), name))
     ensure_ray(address)  # first: it imports Ray (a local Ray's listeners on loopback, see its doc)
     import ray
     import ray.train

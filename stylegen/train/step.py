@@ -235,11 +235,22 @@ def init_source(init: str) -> str:
     return path if storage.is_remote(path) else str(Path(path).resolve())
 
 
-def with_init_resolved(cfg: Config) -> Config:
+def with_init_resolved(cfg: Config, run_dir: str = "") -> Config:
     """``cfg`` with ``train.init`` resolved by ``init_source`` and checked against the model config
-    (the driver's check before any worker starts); unchanged when it is ''."""
+    (the driver's check before any worker starts); unchanged when it is ''. When ``run_dir`` (the
+    run's storage dir) already holds a checkpoint the run resumes from it: train.init is dropped
+    unread (it may be gone by now)."""
     if not cfg.train.init:
         return cfg
+    if run_dir:
+        from stylegen.checkpoint import resolve_checkpoint_path
+
+        try:
+            resolve_checkpoint_path(run_dir)
+        except UserError:
+            pass  # no checkpoint yet: a new run, which starts from train.init
+        else:
+            return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=""))
     source = init_source(cfg.train.init)
     init_generator(build_generator(cfg), source)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=source))
