@@ -41,7 +41,7 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     from stylegen.config import DataConfig, load_config
     from stylegen.data.loader import build_loader, load_pairs
     from stylegen.evaluate import json_safe, evaluate, format_table
-    from stylegen.train.step import TrainState, train_step
+    from stylegen.train.step import TrainState, cpu_bf16_for, train_step
 
     cfg = load_config(cfg_path, overrides)
     if cfg.train.threads:
@@ -60,10 +60,11 @@ def train_reference(cfg_path: str | None, overrides: list[str], out: Path, *, st
     deadline = time.perf_counter() + minutes * 60 if minutes else float("inf")
     bar = tqdm(total=steps or None, unit="step", dynamic_ncols=True)
     t0, epoch = time.perf_counter(), 0
+    cpu_bf16 = cpu_bf16_for(cfg.train.cpu_bf16, device)
     while state.step < total and time.perf_counter() < deadline:
         for content, style in build_loader(cfg.data, split="train", rank=0, world_size=1, epoch_seed=epoch):
             terms = train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                               total_steps=total, device=device, amp=False, cpu_bf16=cfg.train.cpu_bf16)
+                               total_steps=total, device=device, amp=False, cpu_bf16=cpu_bf16)
             bar.update(1)
             bar.set_postfix(loss=f"{terms['total']:.3g}")
             if minutes and state.step == 20 and not steps:

@@ -58,7 +58,7 @@ from stylegen.config import Config, LossConfig  # noqa: E402
 from stylegen.stats import adain, calc_mean_std  # noqa: E402
 from stylegen.features import VGGFeatures  # noqa: E402
 from stylegen.models.generator import build_generator  # noqa: E402
-from stylegen.train.step import build_state, train_step  # noqa: E402
+from stylegen.train.step import build_state, cpu_bf16_for, train_step  # noqa: E402
 
 
 def _rate(fn, n_img: int, iters: int) -> float:
@@ -207,6 +207,7 @@ def recipe_rows(args, only: list[str]) -> None:
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(str(root / "jobs" / "configs" / "pretrained.toml"), ["features.weights=random"])
+    cfg.train.cpu_bf16 = cpu_bf16_for(cfg.train.cpu_bf16, torch.device("cpu"))  # as a training run would
     threads = args.recipe_threads or cfg.train.threads or torch.get_num_threads()
     # a VGG per layout: train_step puts its VGG in channels_last when that lever is on
     vgg_nchw, vgg_nhwc = VGGFeatures("random"), VGGFeatures("random")

@@ -261,7 +261,7 @@ def measure(ck: Check, pool, device, batch: int, *, amp: bool = True, compile_wh
 
     from stylegen.features import build_features
     from stylegen.flops import count_flops, default_peak_flops, mfu
-    from stylegen.train.step import build_state, compiled, train_step
+    from stylegen.train.step import build_state, compiled, cpu_bf16_for, train_step
 
     args = ck.args
     # generator+vgg with inductor is the production path (train.compile); other backends (the dry run's
@@ -280,7 +280,7 @@ def measure(ck: Check, pool, device, batch: int, *, amp: bool = True, compile_wh
         if compile_what == "generator+vgg":
             state.generator = torch.compile(state.generator, **kw)
     batches = host_batches(pool, batch, device)
-    cpu_bf16 = amp and cfg.train.cpu_bf16
+    cpu_bf16 = amp and cpu_bf16_for(cfg.train.cpu_bf16, device)
 
     def step(i: int) -> dict:
         c, s = batches[i % len(batches)]
@@ -417,7 +417,7 @@ def sec_short_run(ck: Check, pool, device, weights: str) -> None:
     import torch
 
     from stylegen.features import build_features
-    from stylegen.train.step import build_state, train_step
+    from stylegen.train.step import build_state, cpu_bf16_for, train_step
 
     args = ck.args
     steps, b = args.short_steps, args.short_batch
@@ -427,6 +427,7 @@ def sec_short_run(ck: Check, pool, device, weights: str) -> None:
     g = torch.Generator().manual_seed(1)
     fixed = host_batches(pool, b, device, n=1)[0]
     losses = []
+    cpu_bf16 = cpu_bf16_for(cfg.train.cpu_bf16, device)
     t0 = time.perf_counter()
     for i in range(steps):
         if args.dry_run:
@@ -435,7 +436,7 @@ def sec_short_run(ck: Check, pool, device, weights: str) -> None:
             c = pool[0][torch.randint(len(pool[0]), (b,), generator=g)]
             s = pool[1][torch.randint(len(pool[1]), (b,), generator=g)]
         terms = train_step(state, vgg, c, s, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=steps,
-                           device=device, amp=True, cpu_bf16=cfg.train.cpu_bf16)
+                           device=device, amp=True, cpu_bf16=cpu_bf16)
         losses.append(terms["total"])
         if i == 0 or i == steps - 1 or (i + 1) % 50 == 0:
             log.info("short run step %d/%d: loss %.4f", i + 1, steps, terms["total"])

@@ -147,8 +147,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the generator and the loss VGG (inductor): 2.1x the eager bf16 step on "
                        "an H200 at batch 256 after ~50 s of compiling (benchmarks/gpu_check.py); 0.6x on this "
                        "2-core CPU after minutes of compiling: leave it off on CPU")
-    cpu_bf16: bool = _f(False, "bf16 autocast on CPU too: ~1.7x faster steps on CPUs with AVX512-BF16 or AMX, "
-                        "much slower without (benchmarks/bench_model.py measures it); losses stay float32")
+    cpu_bf16: bool = _f(False, "bf16 autocast on CPU too: ~1.7x faster steps on CPUs with AVX512-BF16 or AMX; "
+                        "on a CPU without oneDNN bf16 kernels (AVX2 only: ~10x slower) the run warns and trains in "
+                        "float32 (benchmarks/bench_model.py measures it); losses stay float32")
     cpu_channels_last: bool = _f(True, "channels_last (NHWC) generator, VGG and batches on CPU too: oneDNN's native "
                                  "layout, 1.2-1.3x faster train steps here (benchmarks/bench_model.py: channels_last)")
     threads: int = _f(0, "torch threads per process; 0 = leave torch's default", lo=0, hi=256)

@@ -33,8 +33,8 @@ from stylegen.grids import save_grid
 from stylegen.images import to_float
 from stylegen.models import eval_mode, unwrap
 from stylegen.metrics import TrainMetrics
-from stylegen.train.step import (TrainState, build_state, checkpoint_state, compiled, init_generator, pick_device,
-                                 restore_state, train_step, validate)
+from stylegen.train.step import (TrainState, build_state, checkpoint_state, compiled, cpu_bf16_for, init_generator,
+                                 pick_device, restore_state, train_step, validate)
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
     meter = ThroughputMeter()
     step_flops = 0  # counted at the first step
     peak = tc.peak_flops or default_peak_flops(ctx.device, tc.threads)
+    cpu_bf16 = cpu_bf16_for(tc.cpu_bf16, ctx.device)
     skipped_before = 0  # corrupt samples/shards skipped in earlier epochs
     start_step = state.step
     t_start = time.perf_counter()
@@ -193,7 +194,7 @@ def training_loop(cfg: Config, state: TrainState, vgg: torch.nn.Module, ctx: Loo
                 resume = None
             def step_once():
                 return train_step(state, vgg, content, style, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                                  total_steps=tc.steps, device=ctx.device, amp=tc.amp, cpu_bf16=tc.cpu_bf16)
+                                  total_steps=tc.steps, device=ctx.device, amp=tc.amp, cpu_bf16=cpu_bf16)
             if step_flops:
                 terms = step_once()
             else:  # the first step of this process is counted once (FLOPs do not change between steps)
