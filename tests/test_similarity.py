@@ -85,7 +85,9 @@ def test_style_sim_self_one_same_texture_close_other_texture_far():
     ea, ea2, eb = e[:1], e[1:2], e[2:]
     assert cosine(ea, ea) == pytest.approx(1.0, abs=1e-12)
     assert cosine(ea, ea2) > 0.98                      # measured 0.995
-    assert cosine(ea, eb) < cosine(ea, ea2) - 0.05     # measured 0.90
+    # measured 0.941 (unfused QDQ graph; onnxruntime's fused int8 kernels gave 0.947 on an AVX2 CPU, 0.90 on
+    # the earlier dev machines: the reason style_predictor runs the graph unfused)
+    assert cosine(ea, eb) < cosine(ea, ea2) - 0.05
     assert cosine(torch.cat([ea, ea]), torch.cat([ea2, eb])) == pytest.approx((cosine(ea, ea2) + cosine(ea, eb)) / 2)
     # uint8 and float images in [0, 1] give the same bottlenecks (the package reads uint8)
     u8 = (a.float() * 255).round().to(torch.uint8)
