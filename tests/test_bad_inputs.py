@@ -446,6 +446,12 @@ CASES: dict[str, Case] = {
     "train: resume from another model's checkpoint": Case(
         lambda i, w, u: ["train", "--local", "--out", _copy(i / "other_run", w / "run"), *TINY],
         "saved from another model config"),
+    "train: train.hooks module not importable": Case(
+        lambda i, w, u: ["train", "--local", "--out", str(w / "out"), *TINY, "--set", 'train.hooks=["no_such_pkg.m:f"]'],
+        "train.hooks: cannot import 'no_such_pkg.m'"),
+    "train: train.hooks factory missing": Case(
+        lambda i, w, u: ["train", "--local", "--out", str(w / "out"), *TINY, "--set", 'train.hooks=["stylegen.errors:nope"]'],
+        "train.hooks: module 'stylegen.errors' has no 'nope'"),
     "train: --out under a regular file": Case(
         lambda i, w, u: ["train", "--local", "--out", str(i / "a_file" / "run"), *TINY], "cannot write"),
     # --- flag values

@@ -71,7 +71,16 @@ def load_hooks(specs: list[str]) -> tuple[Hook, ...]:
     for spec in specs:
         target, _, arg = spec.partition("=")
         module, _, name = target.partition(":")
-        hooks.append(getattr(importlib.import_module(module), name)(arg))
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except ImportError as e:
+            raise UserError(f"train.hooks: cannot import {module!r} ({e}): the module must be importable in the "
+                            "training process (on PYTHONPATH, e.g. run from the repo root with PYTHONPATH=.; under "
+                            "Ray, inside the job's working_dir)") from None
+        except AttributeError:
+            raise UserError(f"train.hooks: module {module!r} has no {name!r}: use 'pkg.module:factory' with a "
+                            "factory defined in that module") from None
+        hooks.append(factory(arg))
     return tuple(hooks)
 
 
