@@ -158,7 +158,7 @@ class TrainConfig:
                    "schedule at step 0; '' = random init. A run resuming from its own checkpoints ignores it; every "
                    "Ray worker reads it, so on a multi-node cluster use object storage or 'pretrained'")
     peak_flops: float = _f(0.0, "peak FLOP/s of one worker's device, for MFU; 0 = a default by device type "
-                           "(known GPUs' dense bf16 peak, 153.6 GFLOP/s fp32 per CPU thread)", lo=0.0)
+                           "(known GPUs' dense bf16 peak; per CPU thread 153.6 GFLOP/s fp32 with AVX-512, 76.8 with AVX2)", lo=0.0)
     hooks: list[str] = _f([], "step hooks, a test/extension point (empty in production): each 'pkg.module:factory' "
                           "or 'pkg.module:factory=ARG' is imported in every training process and factory(ARG) "
                           "returns a callable that gets each StepEvent (stylegen/train/loop.py); the tests' "

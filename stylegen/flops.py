@@ -7,7 +7,8 @@ generator's forward and backward (identity samples included), every VGG pass of 
 FLOPs per multiply-add); elementwise work is not, as in the usual MFU definition.
 
 MFU = achieved FLOP/s of a worker / that worker's peak (``train.peak_flops``, or a default by
-device: the dense bf16 tensor-core peak of known GPUs, a rough fp32 figure per thread on CPU).
+device: the dense bf16 tensor-core peak of known GPUs, a rough fp32 figure per thread on CPU by its
+vector width).
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ T = TypeVar("T")
 # Dense (not sparse) bf16 peak FLOP/s from the vendors' datasheets, matched on the device name.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
                   "V100": 125e12, "T4": 65e12}
-# One CPU core with AVX-512: 2 FMA units x 16 fp32 lanes x 2 FLOPs x 2.4 GHz = 153.6 GFLOP/s (fp32 peak; a
-# rough default per torch thread: set train.peak_flops for your CPU). Measured here: the demo's tiny
-# model ran its convs at 75 GFLOP/s on one thread (MFU 49 % against this peak).
-CPU_FLOPS_PER_THREAD = 153.6e9
+
+
+def cpu_flops_per_thread(capability: str | None = None) -> float:
+    """A rough fp32 peak of one CPU core: 2 FMA units x fp32 lanes x 2 FLOPs x 2.4 GHz, the lanes by torch's
+    CPU capability (``torch.backends.cpu.get_cpu_capability()``): 16 with AVX-512 (153.6 GFLOP/s), 8 with
+    AVX2 (76.8), 4 otherwise. Set train.peak_flops for your CPU. Measured on an AVX-512 machine: the demo's
+    tiny model ran its convs at 75 GFLOP/s on one thread (MFU 49 %)."""
+    cap = capability if capability is not None else torch.backends.cpu.get_cpu_capability()
+    lanes = 16 if cap.startswith("AVX512") else 8 if cap == "AVX2" else 4
+    return 2 * lanes * 2 * 2.4e9
 
 
 def count_flops(fn: Callable[[], T]) -> tuple[T, int]:
@@ -44,7 +51,7 @@ def default_peak_flops(device: torch.device, threads: int) -> float:
             if key in name:
                 return peak
         return 100e12  # an unknown GPU: set train.peak_flops
-    return CPU_FLOPS_PER_THREAD * max(threads or torch.get_num_threads(), 1)
+    return cpu_flops_per_thread() * max(threads or torch.get_num_threads(), 1)
 
 
 def mfu(flops_per_s: float, peak_flops: float) -> float:

@@ -228,3 +228,16 @@ def test_flops_are_counted_by_hand_for_a_conv_and_the_loop_reports_mfu_against_t
     # one step runs at least VGG over content, style and output, and the output's backward through it
     step_flops = reports[-1]["flops_per_s"] * 2 / reports[-1]["img_per_s"]  # FLOP/s / steps/s, 1 worker
     assert step_flops >= 4 * vgg_fwd, (step_flops, vgg_fwd)
+
+
+def test_cpu_peak_follows_the_vector_width_torch_reports():
+    import torch
+
+    from stylegen.flops import cpu_flops_per_thread, default_peak_flops
+
+    assert cpu_flops_per_thread("AVX512") == pytest.approx(153.6e9)
+    assert cpu_flops_per_thread("AVX512_BF16") == pytest.approx(153.6e9)
+    assert cpu_flops_per_thread("AVX2") == pytest.approx(76.8e9)
+    assert cpu_flops_per_thread("DEFAULT") == pytest.approx(38.4e9)
+    here = cpu_flops_per_thread(torch.backends.cpu.get_cpu_capability())
+    assert default_peak_flops(torch.device("cpu"), 3) == pytest.approx(3 * here)
