@@ -11,7 +11,7 @@ within 5 % (docs/quality.md, "Refining the output").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,9 +21,11 @@ from stylegen.losses import content_loss, style_loss_meanstd
 
 def gatys_stylize(content: torch.Tensor, style: torch.Tensor, vgg, *, steps: int = 200,
                   content_layer: str = CONTENT_LAYER, style_layers: Sequence[str] = STYLE_LAYERS,
-                  style_weight: float = 10.0, lr: float = 0.05, init: torch.Tensor | None = None) -> torch.Tensor:
+                  style_weight: float = 10.0, lr: float = 0.05, init: torch.Tensor | None = None,
+                  on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """content (B,3,H,W), style (B or 1,3,h,w) in [0, 1] -> stylized (B,3,H,W) in [0, 1], detached.
-    ``init`` (B,3,H,W) in [0, 1]: the starting image (default the content)."""
+    ``init`` (B,3,H,W) in [0, 1]: the starting image (default the content). ``on_step(k, image)``,
+    if given, sees the image after each step k = 1..steps (benchmarks/bench_refine.py)."""
     style_layers = list(style_layers)
     with torch.no_grad():
         c_target = vgg(content, [content_layer])[content_layer]
@@ -35,7 +37,7 @@ def gatys_stylize(content: torch.Tensor, style: torch.Tensor, vgg, *, steps: int
     opt = torch.optim.Adam([logits], lr=lr)
     layers = list(dict.fromkeys([*style_layers, content_layer]))
     with torch.enable_grad():
-        for _ in range(steps):
+        for k in range(1, steps + 1):
             x = torch.sigmoid(logits)
             f = vgg(x, layers)
             loss = content_loss(f[content_layer], c_target) + style_weight * style_loss_meanstd(
@@ -43,6 +45,8 @@ def gatys_stylize(content: torch.Tensor, style: torch.Tensor, vgg, *, steps: int
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if on_step is not None:
+                on_step(k, torch.sigmoid(logits).detach())
     return torch.sigmoid(logits).detach()
 
 

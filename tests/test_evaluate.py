@@ -163,7 +163,7 @@ def test_eval_same_pairs_every_run(tmp_path, capsys):
         assert outs[0][key]["content"] == outs[1][key]["content"]
 
 
-@pytest.mark.parametrize("case", ["random bytes", "missing", "pairs 0", "bad shards"])
+@pytest.mark.parametrize("case", ["random bytes", "missing", "pairs 0", "bad shards", "refine -1"])
 def test_eval_bad_input_one_line_no_json(case, tmp_path, capsys):
     ck, _ = make_checkpoint(tmp_path / "ckpt.pt")
     argv = ["--checkpoint", str(ck), "--features", "random", "--gatys-steps", "0"]
@@ -174,6 +174,8 @@ def test_eval_bad_input_one_line_no_json(case, tmp_path, capsys):
         argv[1] = str(tmp_path / "nope")
     elif case == "pairs 0":
         argv += ["--pairs", "0"]
+    elif case == "refine -1":
+        argv += ["--refine", "-1"]
     else:
         argv += ["--content-shards", str(tmp_path / "no-such-shards")]
     out = tmp_path / "out.json"
