@@ -250,7 +250,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", type=parse_refine, default=0, metavar="N",
                    help="then optimise each output for N Adam steps on the training objective (content + style "
                         "loss of the model's VGG19) toward its style: closer to the optimisation ceiling on styles "
-                        "the model never saw, ~0.5 s a step for 64x64 on a CPU core pair; one --style only; "
+                        "the model never saw (N = 20: a few seconds for 64x64 on 2 CPU cores); one --style only; "
                         "default 0 (off)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--metrics-textfile", metavar="PATH",
