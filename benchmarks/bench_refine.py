@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-log = logging.getLogger("bench_refine")
 
 
 def trajectory(vgg, content, style, init, weight: float, lr: float, steps: list[int]) -> dict[int, tuple]:
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from stylegen.evaluate import GATYS_LR, load_eval_pairs
     from stylegen.features import VGGFeatures
     from stylegen.images import to_float
-    from stylegen.objective import generate, score
+    from stylegen.objective import generate, objective_style_weight, score
 
     path = resolve_checkpoint_path(args.checkpoint)
     generator, cfg = generator_from_state(load_checkpoint(path), str(path))
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                cfg.data.image_size)
     c, s = to_float(cu8), to_float(su8)
     refs = score(vgg, c, s, {})
-    w = refs["style_copy"]["content"] / max(refs["identity"]["style"], 1e-12)  # as stylegen eval's gatys row
+    w = objective_style_weight(refs)  # as stylegen eval's gatys row
     with torch.inference_mode():
         model_out = generate(generator, c, s).clone()
     steps = sorted(set(args.steps))

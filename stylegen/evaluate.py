@@ -103,7 +103,7 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
     import torch
 
     from stylegen.gatys import gatys_stylize  # lazy: torch; not for `stylegen --help`
-    from stylegen.objective import generate, psnr, score  # lazy: torch; not for `stylegen --help`
+    from stylegen.objective import generate, objective_style_weight, psnr, score  # lazy: torch, not for --help
 
     generator.eval()
     c, s = to_float(content_u8, device), to_float(style_u8, device)
@@ -112,8 +112,7 @@ def evaluate(generator, vgg, content_u8, style_u8, *, gatys_steps: int = GATYS_S
         recon = generate(generator, c, c, batch=batch)
     outputs = {"model": out}
     refs = score(vgg, c, s, {}, batch=batch)
-    # Optimise the reported objective itself: content/c_ref + style/s_ref  ∝  content + (c_ref/s_ref)·style.
-    w = refs["style_copy"]["content"] / max(refs["identity"]["style"], 1e-12)
+    w = objective_style_weight(refs)  # optimise the reported objective itself
     seconds: dict[str, float | None] = {}
     for key, steps, init in (("gatys", gatys_steps, None), ("refined", refine_steps, out)):
         if steps > 0:

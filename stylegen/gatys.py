@@ -17,6 +17,7 @@ import torch
 
 from stylegen.config import CONTENT_LAYER, STYLE_LAYERS
 from stylegen.losses import content_loss, style_loss_meanstd
+from stylegen.objective import objective_style_weight, score
 
 
 def gatys_stylize(content: torch.Tensor, style: torch.Tensor, vgg, *, steps: int = 200,
@@ -50,24 +51,10 @@ def gatys_stylize(content: torch.Tensor, style: torch.Tensor, vgg, *, steps: int
     return torch.sigmoid(logits).detach()
 
 
-def objective_style_weight(vgg, content: torch.Tensor, style: torch.Tensor, *, content_layer: str = CONTENT_LAYER,
-                           style_layers: Sequence[str] = STYLE_LAYERS) -> float:
-    """The ``style_weight`` under which ``gatys_stylize`` optimises ``stylegen eval``'s objective_n for
-    these pairs: content/c_ref + style/s_ref  ∝  content + (c_ref/s_ref)·style, where c_ref is the
-    style copy's content loss and s_ref the identity's (the content's) style loss."""
-    style_layers = list(style_layers)
-    layers = list(dict.fromkeys([*style_layers, content_layer]))
-    with torch.no_grad():
-        fc = vgg(content, layers)
-        fs = {k: v.expand(content.shape[0], *v.shape[1:]) for k, v in vgg(style, layers).items()}
-        c_ref = content_loss(fs[content_layer], fc[content_layer])
-        s_ref = style_loss_meanstd([fc[n] for n in style_layers], [fs[n] for n in style_layers])
-    return float(c_ref) / max(float(s_ref), 1e-12)
-
-
 def refine(output: torch.Tensor, content: torch.Tensor, style: torch.Tensor, vgg, steps: int,
            lr: float = 0.1) -> torch.Tensor:
-    """A generator's ``output`` (B,3,H,W) for (content, style) after ``steps`` Adam steps on the pairs'
-    objective (``objective_style_weight``), started from the output; floats in [0, 1], detached."""
-    w = objective_style_weight(vgg, content, style)
+    """A generator's ``output`` (B,3,H,W) for (content, style) (B,3,H,W) after ``steps`` Adam steps on
+    the pairs' objective (``stylegen.objective.objective_style_weight``), started from the output;
+    floats in [0, 1], detached."""
+    w = objective_style_weight(score(vgg, content, style, {}))
     return gatys_stylize(content, style, vgg, steps=steps, style_weight=w, lr=lr, init=output)

@@ -52,6 +52,13 @@ def _terms(fo: Feats, fc: Feats, fs: Feats) -> dict[str, float]:
             **{k: float(style_loss_meanstd([a], [b])) for k, a, b in zip(LAYER_KEYS, o, s, strict=True)}}
 
 
+def objective_style_weight(refs: Mapping[str, Mapping[str, float]]) -> float:
+    """The style weight under which content + w·style is proportional to objective_n = content/c_ref +
+    style/s_ref, from ``score``'s reference rows: w = c_ref/s_ref, the style copy's content loss over the
+    identity's (the content's) style loss. The Gatys row and ``--refine`` optimise with it."""
+    return refs["style_copy"]["content"] / max(refs["identity"]["style"], 1e-12)
+
+
 def normalise(losses: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
     """Mean losses per row (must include rows 'identity' and 'style_copy') -> rows with *_n keys.
 

