@@ -37,6 +37,13 @@ suffer most from thread contention); 1 thread measures the models' compute cost.
   ``(x - mean_c) / std_c * std_s + mean_s``, forward + backward over the recipe generator's AdaIN sites
   (48, 96, 192 channels at 64, 32, 16 px; VGG relu4_1 512 at 8 px), bf16 features as under autocast.
   Not a lever of recipe_step: both of its sides use ``stats.adain``.
+- conv_ceiling: how far the recipe step (every lever on) is from these cores' limit at equal math.
+  Every convolution one step runs (generator and VGG, each call's shapes, layout and which
+  gradients it needs, recorded by hooks) is timed alone: forward, input gradient, weight gradient.
+  ours = the step's convolutions in GFLOP/s, baseline = a 2048x2048 matmul in GFLOP/s (the step's
+  dtype, same threads), ratio = ours / baseline. Also printed: the convolutions' share of the step's
+  wall time and ``bound``, the speed-up the step would get if every convolution ran at the matmul's
+  rate and everything else cost nothing (step time / (step FLOPs / matmul rate)).
 """
 
 from __future__ import annotations
@@ -53,6 +60,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adain_reference import AdaINReference  # noqa: E402
+
+from collections import Counter  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from stylegen.config import Config, LossConfig  # noqa: E402
 from stylegen.stats import adain, calc_mean_std  # noqa: E402
@@ -178,12 +190,15 @@ def main() -> int:
         print(f"{name}: ours={mo:.1f} baseline={mr:.1f} ratio={mo / mr:.2f}", flush=True)
     if not only or any(x.startswith(("recipe", "lever")) for x in only):
         recipe_rows(args, only)
+    if not only or any("conv_ceiling".startswith(x) for x in only):
+        conv_ceiling_row(args)
     return 0
 
 
 def recipe_trainer(cfg: Config, vgg, levers: dict, threads: int):
-    """(step function, batch) of the recipe's train step with ``levers`` (TrainState flags and the
-    generator's batch_encoder) set; every call runs one step at ``threads`` torch threads."""
+    """The step function (its TrainState as ``.state``) of the recipe's train step with ``levers``
+    (TrainState flags and the generator's batch_encoder) set; every call runs one step at ``threads``
+    torch threads."""
     state = build_state(cfg, torch.device("cpu"))
     state.channels_last, state.batched_vgg = levers["channels_last"], levers["batched_vgg"]
     state.generator.batch_encoder = levers["batch_encoder"]
@@ -198,6 +213,7 @@ def recipe_trainer(cfg: Config, vgg, levers: dict, threads: int):
         torch.set_num_threads(threads)
         train_step(state, vgg, c8, s8, loss_cfg=cfg.loss, optim_cfg=cfg.optim, total_steps=cfg.train.steps,
                    device=torch.device("cpu"), amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)
+    f.state = state
     return f
 
 
@@ -241,6 +257,102 @@ def recipe_rows(args, only: list[str]) -> None:
         o_ms, b_ms = 1e3 * statistics.median(co), 1e3 * statistics.median(cb)
         print(f"{name}: ours={mo:.1f} baseline={mb:.1f} ratio={mo / mb:.2f} (steps/min); "
               f"cpu ms/step ours={o_ms:.0f} baseline={b_ms:.0f} cpu_ratio={b_ms / o_ms:.2f}", flush=True)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+
+
+ConvKey = tuple  # (module, input shape, channels_last, needs input grad, needs weight grad)
+
+
+def conv_calls(fn, modules: list[nn.Module]) -> Counter:
+    """``Counter`` of the ``nn.Conv2d`` calls one ``fn()`` makes inside ``modules``, keyed by
+    (module, input shape, channels_last, needs input grad, needs weight grad)."""
+    calls: Counter = Counter()
+
+    def hook(mod, inp, _out):
+        x = inp[0]
+        grad = torch.is_grad_enabled()
+        calls[(mod, tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+               grad and x.requires_grad, grad and mod.weight.requires_grad)] += 1
+
+    handles = [m.register_forward_hook(hook) for mod in modules for m in mod.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def conv_passes(key: ConvKey, dtype: torch.dtype) -> list[tuple[str, int, object]]:
+    """[(pass, FLOPs, timed function)] of one recorded call: forward, and the input / weight gradients
+    it needs (2 FLOPs per multiply-add each, as torch.utils.flop_counter counts them)."""
+    mod, shape, channels_last, dx, dw = key
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+    pad = mod.padding
+    if mod.padding_mode != "zeros":  # nn.Conv2d pads first, then convolves without padding
+        x, pad = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode), (0, 0)
+    w = mod.weight.detach().to(dtype).contiguous(memory_format=fmt)
+    y = F.conv2d(x, w, None, mod.stride, pad, mod.dilation, mod.groups)
+    g = torch.randn_like(y)
+    flops = 2 * y.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+
+    def grad(mask):
+        return lambda: torch.ops.aten.convolution_backward(g, x, w, None, list(mod.stride), list(pad),
+                                                           list(mod.dilation), False, [0, 0], mod.groups, mask)
+    passes = [("forward", flops, lambda: F.conv2d(x, w, None, mod.stride, pad, mod.dilation, mod.groups))]
+    passes += [("input_grad", flops, grad([True, False, False]))] if dx else []
+    passes += [("weight_grad", flops, grad([False, True, False]))] if dw else []
+    return passes
+
+
+def _median_s(fn, repeats: int, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        times.append((time.perf_counter() - t) / iters)
+    return statistics.median(times)
+
+
+def conv_ceiling_row(args) -> None:
+    """The conv_ceiling row (see the module doc) for the shipped recipe's step, every lever on."""
+    from stylegen.config import load_config
+    from stylegen.flops import count_flops
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "jobs" / "configs" / "pretrained.toml"), ["features.weights=random"])
+    cfg.train.cpu_bf16 = cpu_bf16_for(cfg.train.cpu_bf16, torch.device("cpu"))
+    threads = args.recipe_threads or cfg.train.threads or torch.get_num_threads()
+    dtype = torch.bfloat16 if cfg.train.cpu_bf16 else torch.float32
+    vgg = VGGFeatures("random")
+    step = recipe_trainer(cfg, vgg, {"channels_last": True, "batched_vgg": True, "batch_encoder": True}, threads)
+    step()  # the first step puts the VGG in channels_last
+    calls = conv_calls(step, [step.state.generator, vgg])
+    _, step_flops = count_flops(step)
+    torch.set_num_threads(threads)
+    step_s = _median_s(step, args.repeats, 1)
+    per_pass: Counter = Counter()
+    conv_s = conv_flops = 0.0
+    for key, n in calls.items():
+        for name, flops, fn in conv_passes(key, dtype):
+            t = _median_s(fn, args.repeats, 2)
+            per_pass[name] += n * t
+            conv_s += n * t
+            conv_flops += n * flops
+    a = torch.randn(2048, 2048, dtype=dtype)
+    mm = 2 * 2048 ** 3 / _median_s(lambda: a @ a, args.repeats, 3)
+    ours = conv_flops / conv_s
+    print(f"# conv_ceiling: recipe step, every lever on, {threads} thread(s), {dtype}; {len(calls)} distinct "
+          f"conv calls, {sum(calls.values())} a step; ms a step: " +
+          ", ".join(f"{k} {1e3 * v:.0f}" for k, v in per_pass.items()), flush=True)
+    print(f"conv_ceiling: ours={ours / 1e9:.1f} baseline={mm / 1e9:.1f} ratio={ours / mm:.2f} (GFLOP/s: step convs "
+          f"/ matmul); conv share of the step {conv_s / step_s:.2f} ({1e3 * conv_s:.0f} of {1e3 * step_s:.0f} ms); "
+          f"step {step_flops / 1e9:.1f} GFLOP, of it convs {conv_flops / 1e9:.1f}; "
+          f"bound={step_s * mm / step_flops:.2f}",
+          flush=True)
     torch.set_num_threads(args.threads or torch.get_num_threads())
 
 
